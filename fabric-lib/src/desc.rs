@@ -1,0 +1,396 @@
+//! Engine addresses and memory descriptors, and their byte and text forms.
+//!
+//! Peers exchange these over any channel (a store, HTTP, a file), so decoding treats its input as
+//! untrusted: every length is bounded, a CRC32 trailer catches corruption, and any defect becomes
+//! [`Error::Decode`].
+
+use base64::Engine as _;
+
+use crate::error::{Error, Result};
+
+/// Most domains one engine may have.
+pub const MAX_DOMAINS: usize = 16;
+const MAX_NAME: usize = 1024;
+const MAX_PROVIDER: usize = 64;
+const VERSION: u8 = 1;
+const ADDR_MAGIC: &[u8; 4] = b"STad";
+const DESC_MAGIC: &[u8; 4] = b"STmd";
+const ADDR_TEXT: &str = "stolon-addr1:";
+const DESC_TEXT: &str = "stolon-mem1:";
+
+/// How to reach one domain (one NIC endpoint) of an engine.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DomainAddr {
+    /// Full libfabric provider string, e.g. `tcp;ofi_rxm`.
+    pub provider: String,
+    /// The endpoint's raw address (`fi_getname`).
+    pub name: Vec<u8>,
+    /// Remote addresses on this domain are virtual addresses, not offsets.
+    pub virt_addr: bool,
+    /// Key of the engine's small scratch region that receives immediate-only writes.
+    pub scratch_key: u64,
+    /// Address of that scratch region (as a remote address: 0 when offsets are used).
+    pub scratch_addr: u64,
+}
+
+/// The address of an engine: one entry per domain.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PeerAddr {
+    /// Random identity of the engine instance (a restarted peer gets a new one).
+    pub engine_id: u64,
+    pub domains: Vec<DomainAddr>,
+}
+
+/// What a peer needs to write into a registered region: owner, bounds and per-domain keys.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MemDesc {
+    pub owner: PeerAddr,
+    pub region_id: u64,
+    /// Virtual address of the first byte on the owner.
+    pub base: u64,
+    pub len: u64,
+    /// Remote key on each of the owner's domains.
+    pub keys: Vec<u64>,
+}
+
+impl MemDesc {
+    /// The remote address to post for `offset` bytes into the region on the owner's domain `d`.
+    pub fn remote_addr(&self, d: usize, offset: u64) -> u64 {
+        if self.owner.domains[d].virt_addr {
+            self.base + offset
+        } else {
+            offset
+        }
+    }
+
+    /// Checks that `[offset, offset+len)` lies inside the region.
+    pub fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(Error::OutOfBounds(format!(
+                "remote range [{offset}, {offset}+{len}) exceeds the {}-byte region",
+                self.len
+            ))),
+        }
+    }
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn new(magic: &[u8; 4]) -> Self {
+        let mut v = Vec::with_capacity(128);
+        v.extend_from_slice(magic);
+        v.push(VERSION);
+        Writer(v)
+    }
+    fn u8(&mut self, x: u8) {
+        self.0.push(x);
+    }
+    fn u16(&mut self, x: u16) {
+        self.0.extend_from_slice(&x.to_le_bytes());
+    }
+    fn u64(&mut self, x: u64) {
+        self.0.extend_from_slice(&x.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u16(b.len() as u16);
+        self.0.extend_from_slice(b);
+    }
+    fn finish(mut self) -> Vec<u8> {
+        let crc = crc32fast::hash(&self.0);
+        self.0.extend_from_slice(&crc.to_le_bytes());
+        self.0
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8], magic: &[u8; 4], what: &'static str) -> Result<Self> {
+        let err = |why: &str| Error::Decode { what, why: why.to_string() };
+        if buf.len() < 9 {
+            return Err(err("too short"));
+        }
+        if &buf[..4] != magic {
+            return Err(err("wrong magic bytes (not a stolon value of this kind)"));
+        }
+        if buf[4] != VERSION {
+            return Err(err(&format!("unsupported version {}", buf[4])));
+        }
+        let (body, crc) = buf.split_at(buf.len() - 4);
+        if crc32fast::hash(body).to_le_bytes() != crc {
+            return Err(err("checksum mismatch (corrupted or truncated)"));
+        }
+        Ok(Reader { buf: body, pos: 5, what })
+    }
+    fn err(&self, why: String) -> Error {
+        Error::Decode { what: self.what, why }
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.buf.len() - self.pos < n {
+            return Err(self.err(format!("truncated at byte {}", self.pos)));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn bytes(&mut self, max: usize) -> Result<&'a [u8]> {
+        let n = self.u16()? as usize;
+        if n > max {
+            return Err(self.err(format!("field of {n} bytes exceeds {max}")));
+        }
+        self.take(n)
+    }
+    fn end(&self) -> Result<()> {
+        if self.pos != self.buf.len() {
+            return Err(self.err(format!("{} trailing bytes", self.buf.len() - self.pos)));
+        }
+        Ok(())
+    }
+}
+
+impl PeerAddr {
+    fn write(&self, w: &mut Writer) {
+        w.u64(self.engine_id);
+        w.u8(self.domains.len() as u8);
+        for d in &self.domains {
+            w.bytes(d.provider.as_bytes());
+            w.bytes(&d.name);
+            w.u8(d.virt_addr as u8);
+            w.u64(d.scratch_key);
+            w.u64(d.scratch_addr);
+        }
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self> {
+        let engine_id = r.u64()?;
+        let n = r.u8()? as usize;
+        if n == 0 || n > MAX_DOMAINS {
+            return Err(r.err(format!("{n} domains (must be 1..={MAX_DOMAINS})")));
+        }
+        let mut domains = Vec::with_capacity(n);
+        for _ in 0..n {
+            let provider = std::str::from_utf8(r.bytes(MAX_PROVIDER)?)
+                .map_err(|_| r.err("provider name is not UTF-8".into()))?
+                .to_string();
+            let name = r.bytes(MAX_NAME)?.to_vec();
+            if name.is_empty() {
+                return Err(r.err("empty endpoint name".into()));
+            }
+            let virt_addr = match r.u8()? {
+                0 => false,
+                1 => true,
+                x => return Err(r.err(format!("bad flag {x}"))),
+            };
+            let scratch_key = r.u64()?;
+            let scratch_addr = r.u64()?;
+            domains.push(DomainAddr { provider, name, virt_addr, scratch_key, scratch_addr });
+        }
+        Ok(PeerAddr { engine_id, domains })
+    }
+
+    /// The byte form.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut w = Writer::new(ADDR_MAGIC);
+        self.write(&mut w);
+        w.finish()
+    }
+
+    /// Decodes the byte form.
+    pub fn from_bytes(b: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(b, ADDR_MAGIC, "address")?;
+        let a = Self::read(&mut r)?;
+        r.end()?;
+        Ok(a)
+    }
+
+    /// The text form (`stolon-addr1:` + URL-safe base64).
+    pub fn to_text(&self) -> String {
+        format!("{ADDR_TEXT}{}", b64().encode(self.to_bytes()))
+    }
+
+    /// Decodes the text form.
+    pub fn from_text(s: &str) -> Result<Self> {
+        Self::from_bytes(&decode_text(s, ADDR_TEXT, "address")?)
+    }
+}
+
+impl MemDesc {
+    /// The byte form.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut w = Writer::new(DESC_MAGIC);
+        self.owner.write(&mut w);
+        w.u64(self.region_id);
+        w.u64(self.base);
+        w.u64(self.len);
+        for k in &self.keys {
+            w.u64(*k);
+        }
+        w.finish()
+    }
+
+    /// Decodes the byte form.
+    pub fn from_bytes(b: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(b, DESC_MAGIC, "memory descriptor")?;
+        let owner = PeerAddr::read(&mut r)?;
+        let region_id = r.u64()?;
+        let base = r.u64()?;
+        let len = r.u64()?;
+        if base.checked_add(len).is_none() {
+            return Err(r.err(format!("region [{base:#x}, +{len}) overflows")));
+        }
+        let keys = (0..owner.domains.len()).map(|_| r.u64()).collect::<Result<Vec<_>>>()?;
+        r.end()?;
+        Ok(MemDesc { owner, region_id, base, len, keys })
+    }
+
+    /// The text form (`stolon-mem1:` + URL-safe base64).
+    pub fn to_text(&self) -> String {
+        format!("{DESC_TEXT}{}", b64().encode(self.to_bytes()))
+    }
+
+    /// Decodes the text form.
+    pub fn from_text(s: &str) -> Result<Self> {
+        Self::from_bytes(&decode_text(s, DESC_TEXT, "memory descriptor")?)
+    }
+}
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+}
+
+fn decode_text(s: &str, prefix: &str, what: &'static str) -> Result<Vec<u8>> {
+    let body = s
+        .trim()
+        .strip_prefix(prefix)
+        .ok_or_else(|| Error::Decode { what, why: format!("text does not start with {prefix:?}") })?;
+    b64().decode(body).map_err(|e| Error::Decode { what, why: format!("bad base64: {e}") })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn addr_strategy() -> impl Strategy<Value = PeerAddr> {
+        let dom = (
+            "[a-z;_]{1,20}",
+            proptest::collection::vec(any::<u8>(), 1..64),
+            any::<bool>(),
+            any::<u64>(),
+            any::<u64>(),
+        )
+            .prop_map(|(provider, name, virt_addr, scratch_key, scratch_addr)| DomainAddr {
+                provider,
+                name,
+                virt_addr,
+                scratch_key,
+                scratch_addr,
+            });
+        (any::<u64>(), proptest::collection::vec(dom, 1..=4))
+            .prop_map(|(engine_id, domains)| PeerAddr { engine_id, domains })
+    }
+
+    fn desc_strategy() -> impl Strategy<Value = MemDesc> {
+        (addr_strategy(), any::<u64>(), 0u64..1 << 48, 0u64..1 << 40, any::<u64>()).prop_map(
+            |(owner, region_id, base, len, k)| {
+                let keys = (0..owner.domains.len() as u64).map(|i| k.wrapping_add(i)).collect();
+                MemDesc { owner, region_id, base, len, keys }
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn addr_round_trips(a in addr_strategy()) {
+            prop_assert_eq!(PeerAddr::from_bytes(&a.to_bytes()).unwrap(), a.clone());
+            prop_assert_eq!(PeerAddr::from_text(&a.to_text()).unwrap(), a);
+        }
+
+        #[test]
+        fn desc_round_trips(d in desc_strategy()) {
+            prop_assert_eq!(MemDesc::from_bytes(&d.to_bytes()).unwrap(), d.clone());
+            prop_assert_eq!(MemDesc::from_text(&d.to_text()).unwrap(), d);
+        }
+
+        #[test]
+        fn corrupted_desc_is_an_error(d in desc_strategy(), pos in any::<prop::sample::Index>(),
+                                      flip in 1u8..=255) {
+            let mut b = d.to_bytes();
+            let i = pos.index(b.len());
+            b[i] ^= flip;
+            let r = matches!(MemDesc::from_bytes(&b), Err(Error::Decode { .. }));
+            prop_assert!(r, "corruption not detected");
+        }
+
+        #[test]
+        fn truncated_addr_is_an_error(a in addr_strategy(), cut in any::<prop::sample::Index>()) {
+            let b = a.to_bytes();
+            let n = cut.index(b.len());
+            let r = matches!(PeerAddr::from_bytes(&b[..n]), Err(Error::Decode { .. }));
+            prop_assert!(r, "truncation not detected");
+        }
+
+        #[test]
+        fn random_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = MemDesc::from_bytes(&b);
+            let _ = PeerAddr::from_bytes(&b);
+        }
+    }
+
+    #[test]
+    fn an_address_is_not_a_descriptor() {
+        let a = PeerAddr {
+            engine_id: 1,
+            domains: vec![DomainAddr {
+                provider: "tcp;ofi_rxm".into(),
+                name: vec![1, 2, 3],
+                virt_addr: false,
+                scratch_key: 7,
+                scratch_addr: 0,
+            }],
+        };
+        assert!(matches!(MemDesc::from_bytes(&a.to_bytes()), Err(Error::Decode { .. })));
+        assert!(MemDesc::from_text(&a.to_text()).is_err());
+    }
+
+    #[test]
+    fn remote_addr_follows_the_addressing_mode() {
+        let mut d = MemDesc {
+            owner: PeerAddr {
+                engine_id: 1,
+                domains: vec![DomainAddr {
+                    provider: "shm".into(),
+                    name: vec![1],
+                    virt_addr: true,
+                    scratch_key: 0,
+                    scratch_addr: 0,
+                }],
+            },
+            region_id: 1,
+            base: 0x1000,
+            len: 100,
+            keys: vec![5],
+        };
+        assert_eq!(d.remote_addr(0, 10), 0x100a);
+        d.owner.domains[0].virt_addr = false;
+        assert_eq!(d.remote_addr(0, 10), 10);
+        assert!(d.check_range(90, 10).is_ok());
+        assert!(matches!(d.check_range(91, 10), Err(Error::OutOfBounds(_))));
+        assert!(matches!(d.check_range(u64::MAX, 2), Err(Error::OutOfBounds(_))));
+    }
+}

@@ -1,0 +1,705 @@
+//! The public engine: configuration, registration, submission, counters, stop.
+
+use std::any::Any;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::callbacks::{CallbackSink, CallbackThread};
+use crate::desc::{MemDesc, PeerAddr, MAX_DOMAINS};
+use crate::error::{Error, Result};
+use crate::imm::ImmCounter;
+use crate::libfabric::{DomainAttrs, DomainSpec};
+use crate::shard::{OpPlan, PagedSpec, ScatterItem, ShardParams, Sharding};
+use crate::transfer::{Transfer, TransferState};
+use crate::worker::{Op, OpKind, Request, TransferReq, Trigger, Worker, WorkerConfig};
+
+/// How to build an engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The domains of the group (1..=16; 1-4 NICs per GPU in practice).
+    pub domains: Vec<DomainSpec>,
+    /// Default spreading of transfers over the domains.
+    pub sharding: Sharding,
+    /// A single write is split over domains only into shards of at least this many bytes.
+    pub min_shard_bytes: u64,
+    /// Largest single libfabric operation (defaults to the smallest provider max_msg_size,
+    /// capped at 1 GiB).
+    pub max_op_bytes: Option<u64>,
+    /// Default deadline of a transfer.
+    pub timeout: Duration,
+    /// Receive buffers posted per domain for messages.
+    pub recv_buffers: usize,
+    /// Send buffers shared by all domains.
+    pub send_buffers: usize,
+    /// Largest message for send/recv.
+    pub max_message_bytes: usize,
+    /// Pin the worker thread to this CPU.
+    pub worker_cpu: Option<usize>,
+    /// How long an idle worker keeps spinning before it starts to sleep.
+    pub spin: Duration,
+    /// Longest sleep of an idle worker between polls of its completion queues.
+    pub max_sleep: Duration,
+}
+
+impl EngineConfig {
+    /// `n` domains of `provider` on its default interface, with default settings.
+    pub fn new(provider: &str, n: usize) -> Self {
+        EngineConfig {
+            domains: (0..n).map(|_| DomainSpec::new(provider)).collect(),
+            sharding: Sharding::RoundRobin,
+            min_shard_bytes: 1 << 20,
+            max_op_bytes: None,
+            timeout: Duration::from_secs(30),
+            recv_buffers: 64,
+            send_buffers: 64,
+            max_message_bytes: 64 << 10,
+            worker_cpu: None,
+            spin: Duration::from_millis(20),
+            max_sleep: Duration::from_micros(500),
+        }
+    }
+}
+
+/// Per-domain counters.
+#[derive(Debug, Default)]
+pub struct DomainStats {
+    pub bytes_written: AtomicU64,
+    pub write_ops: AtomicU64,
+    pub messages_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub messages_received: AtomicU64,
+    pub imms_received: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// A snapshot of [`DomainStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub bytes_written: u64,
+    pub write_ops: u64,
+    pub messages_sent: u64,
+    pub bytes_sent: u64,
+    pub messages_received: u64,
+    pub imms_received: u64,
+    pub errors: u64,
+}
+
+impl DomainStats {
+    fn snapshot(&self) -> StatsSnapshot {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            bytes_written: l(&self.bytes_written),
+            write_ops: l(&self.write_ops),
+            messages_sent: l(&self.messages_sent),
+            bytes_sent: l(&self.bytes_sent),
+            messages_received: l(&self.messages_received),
+            imms_received: l(&self.imms_received),
+            errors: l(&self.errors),
+        }
+    }
+}
+
+/// Received messages, waiting for `recv` or handed to a callback.
+pub(crate) struct MessageQueue {
+    q: Mutex<(VecDeque<Vec<u8>>, bool)>,
+    cv: Condvar,
+    callback: Mutex<Option<Arc<dyn Fn(Vec<u8>) + Send + Sync>>>,
+    sink: CallbackSink,
+}
+
+impl MessageQueue {
+    pub(crate) fn push(&self, msg: Vec<u8>) {
+        if let Some(cb) = self.callback.lock().unwrap().clone() {
+            self.sink.submit(Box::new(move || cb(msg)));
+            return;
+        }
+        self.q.lock().unwrap().0.push_back(msg);
+        self.cv.notify_one();
+    }
+
+    pub(crate) fn stop(&self) {
+        self.q.lock().unwrap().1 = true;
+        self.cv.notify_all();
+    }
+
+    fn pop(&self, timeout: Duration) -> Result<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.q.lock().unwrap();
+        loop {
+            if let Some(m) = g.0.pop_front() {
+                return Ok(m);
+            }
+            if g.1 {
+                return Err(Error::Stopped);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout(timeout));
+            }
+            g = self.cv.wait_timeout(g, deadline - now).unwrap().0;
+        }
+    }
+}
+
+/// State shared by the engine handle and its worker.
+pub(crate) struct Shared {
+    pub imm: ImmCounter,
+    pub messages: MessageQueue,
+    pub stats: Vec<DomainStats>,
+    pub next_key: AtomicU64,
+}
+
+/// A registered local region. Cloning shares it; it is unregistered when the last clone (and
+/// every transfer using it) is gone, or explicitly with [`TransferEngine::unregister`].
+#[derive(Clone)]
+pub struct MemoryRegion {
+    pub(crate) inner: Arc<RegionInner>,
+}
+
+pub(crate) struct RegionInner {
+    id: u64,
+    ptr: usize,
+    len: u64,
+    engine_id: u64,
+    desc: MemDesc,
+    revoked: AtomicBool,
+    tx: Sender<Request>,
+    _owner: Option<Box<dyn Any + Send + Sync>>,
+}
+
+impl Drop for RegionInner {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Request::Unregister { id: self.id });
+    }
+}
+
+impl MemoryRegion {
+    /// What a peer needs to write here.
+    pub fn descriptor(&self) -> &MemDesc {
+        &self.inner.desc
+    }
+    /// Address of the first byte.
+    pub fn ptr(&self) -> usize {
+        self.inner.ptr
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.inner.len
+    }
+    /// Whether the region is empty.
+    pub fn is_empty(&self) -> bool {
+        self.inner.len == 0
+    }
+    /// Whether [`TransferEngine::unregister`] was called.
+    pub fn is_revoked(&self) -> bool {
+        self.inner.revoked.load(Ordering::Acquire)
+    }
+}
+
+/// A transfer engine: one domain group driven by one worker thread.
+///
+/// Thread safety: every method takes `&self` and may be called from any thread; submissions are
+/// queued to the worker. Cleanup: [`TransferEngine::stop`] (or drop) fails what is in flight
+/// with [`Error::Stopped`], joins the worker and closes every libfabric object.
+pub struct TransferEngine {
+    config: EngineConfig,
+    params: ShardParams,
+    addr: PeerAddr,
+    attrs: Vec<DomainAttrs>,
+    tx: Sender<Request>,
+    shared: Arc<Shared>,
+    peers: Mutex<HashMap<PeerAddr, u32>>,
+    rotation: AtomicUsize,
+    next_region: AtomicU64,
+    stopped: AtomicBool,
+    worker: Mutex<Option<JoinHandle<()>>>,
+    callbacks: Mutex<Option<CallbackThread>>,
+    sink: CallbackSink,
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+impl TransferEngine {
+    /// Opens every domain and starts the worker.
+    pub fn new(config: EngineConfig) -> Result<Self> {
+        let n = config.domains.len();
+        if n == 0 || n > MAX_DOMAINS {
+            return Err(Error::Config(format!("{n} domains (must be 1..={MAX_DOMAINS})")));
+        }
+        if config.max_message_bytes == 0 || config.recv_buffers == 0 || config.send_buffers == 0 {
+            return Err(Error::Config("message buffers must be non-empty".into()));
+        }
+        let callbacks = CallbackThread::start();
+        let sink = callbacks.sink();
+        let shared = Arc::new(Shared {
+            imm: ImmCounter::new(sink.clone()),
+            messages: MessageQueue {
+                q: Mutex::new((VecDeque::new(), false)),
+                cv: Condvar::new(),
+                callback: Mutex::new(None),
+                sink: sink.clone(),
+            },
+            stats: (0..n).map(|_| DomainStats::default()).collect(),
+            next_key: AtomicU64::new(1 + (random_u64() & 0xffff) * 0x10000),
+        });
+        let (tx, rx) = mpsc::channel();
+        let wcfg = WorkerConfig {
+            spin: config.spin,
+            max_sleep: config.max_sleep,
+            recv_buffers: config.recv_buffers,
+            send_buffers: config.send_buffers,
+            max_message: config.max_message_bytes,
+            cpu: config.worker_cpu,
+        };
+        // Domains are opened on the worker thread, which owns them from then on.
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let specs = config.domains.clone();
+        let wshared = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("stolon-worker".into())
+            .spawn(move || match Worker::open(&specs, rx, wshared, wcfg) {
+                Ok((w, addrs, attrs)) => {
+                    let _ = ready_tx.send(Ok((addrs, attrs)));
+                    w.run();
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .map_err(|e| Error::Config(format!("cannot spawn worker: {e}")))?;
+        let (domain_addrs, attrs) = match ready_rx.recv() {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = handle.join();
+                return Err(Error::Config("worker died while opening domains".into()));
+            }
+        };
+        let max_op = config
+            .max_op_bytes
+            .unwrap_or_else(|| attrs.iter().map(|a| a.max_msg_size as u64).min().unwrap_or(0))
+            .min(1 << 30);
+        let params = ShardParams::new(n, config.min_shard_bytes, max_op)?;
+        let addr = PeerAddr { engine_id: random_u64(), domains: domain_addrs };
+        Ok(TransferEngine {
+            config,
+            params,
+            addr,
+            attrs,
+            tx,
+            shared,
+            peers: Mutex::new(HashMap::new()),
+            rotation: AtomicUsize::new(0),
+            next_region: AtomicU64::new(1),
+            stopped: AtomicBool::new(false),
+            worker: Mutex::new(Some(handle)),
+            callbacks: Mutex::new(Some(callbacks)),
+            sink,
+        })
+    }
+
+    /// This engine's address, to give to peers.
+    pub fn address(&self) -> &PeerAddr {
+        &self.addr
+    }
+
+    /// What each domain's provider granted.
+    pub fn domain_attrs(&self) -> &[DomainAttrs] {
+        &self.attrs
+    }
+
+    /// The sharding parameters in force.
+    pub fn shard_params(&self) -> ShardParams {
+        self.params
+    }
+
+    /// The configuration the engine was built with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The receiver-side immediate counter.
+    pub fn imm_counter(&self) -> &ImmCounter {
+        &self.shared.imm
+    }
+
+    /// Per-domain counters.
+    pub fn stats(&self) -> Vec<StatsSnapshot> {
+        self.shared.stats.iter().map(DomainStats::snapshot).collect()
+    }
+
+    fn send_req(&self, req: Request) -> Result<()> {
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(Error::Stopped);
+        }
+        self.tx.send(req).map_err(|_| Error::Stopped)
+    }
+
+    /// Registers `len` bytes at `ptr`; `owner` is kept alive as long as the region is.
+    ///
+    /// # Safety
+    /// The memory must stay valid and not move while the region (or any transfer using it) is
+    /// alive. Passing the object that owns the memory as `owner` is the usual way to ensure it.
+    pub unsafe fn register(
+        &self,
+        ptr: usize,
+        len: u64,
+        owner: Option<Box<dyn Any + Send + Sync>>,
+    ) -> Result<MemoryRegion> {
+        if ptr == 0 && len > 0 {
+            return Err(Error::InvalidArgument("null pointer".into()));
+        }
+        let id = self.next_region.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.send_req(Request::Register { id, ptr, len: len as usize, reply })?;
+        let keys = rx.recv().map_err(|_| Error::Stopped)??;
+        let desc = MemDesc { owner: self.addr.clone(), region_id: id, base: ptr as u64, len, keys };
+        Ok(MemoryRegion {
+            inner: Arc::new(RegionInner {
+                id,
+                ptr,
+                len,
+                engine_id: self.addr.engine_id,
+                desc,
+                revoked: AtomicBool::new(false),
+                tx: self.tx.clone(),
+                _owner: owner,
+            }),
+        })
+    }
+
+    /// Registers an owned buffer; the region keeps it.
+    pub fn register_buffer(&self, buf: Box<[u8]>) -> Result<MemoryRegion> {
+        let (ptr, len) = (buf.as_ptr() as usize, buf.len() as u64);
+        // SAFETY: the boxed slice's heap memory does not move when the box moves, and the box is
+        // owned by the region.
+        unsafe { self.register(ptr, len, Some(Box::new(buf))) }
+    }
+
+    /// Revokes a region: later submissions using it fail; the registration is closed once the
+    /// transfers that use it have completed.
+    pub fn unregister(&self, region: &MemoryRegion) {
+        region.inner.revoked.store(true, Ordering::Release);
+    }
+
+    fn check_local(&self, region: &MemoryRegion, off: u64, len: u64) -> Result<()> {
+        if region.inner.engine_id != self.addr.engine_id {
+            return Err(Error::Unregistered("the region belongs to another engine".into()));
+        }
+        if region.is_revoked() {
+            return Err(Error::Unregistered(format!(
+                "region {} was unregistered",
+                region.inner.id
+            )));
+        }
+        match off.checked_add(len) {
+            Some(end) if end <= region.inner.len => Ok(()),
+            _ => Err(Error::OutOfBounds(format!(
+                "local range [{off}, {off}+{len}) exceeds the {}-byte region",
+                region.inner.len
+            ))),
+        }
+    }
+
+    /// Checks that `peer` can be reached by this engine's domains.
+    fn check_peer(&self, peer: &PeerAddr) -> Result<()> {
+        let r = peer.domains.len();
+        for (d, local) in self.addr.domains.iter().enumerate() {
+            let remote = &peer.domains[d % r];
+            if remote.provider != local.provider {
+                return Err(Error::DomainMismatch(format!(
+                    "local domain {d} is {} but the peer's domain {} is {}",
+                    local.provider,
+                    d % r,
+                    remote.provider
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The worker's id for a peer, adding it on first use.
+    fn peer_id(&self, peer: &PeerAddr) -> Result<u32> {
+        let mut peers = self.peers.lock().unwrap();
+        if let Some(&id) = peers.get(peer) {
+            return Ok(id);
+        }
+        self.check_peer(peer)?;
+        let id = peers.len() as u32;
+        self.send_req(Request::AddPeer { id, addr: peer.clone() })?;
+        peers.insert(peer.clone(), id);
+        Ok(id)
+    }
+
+    fn rotation(&self) -> usize {
+        self.rotation.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn write_ops(
+        &self,
+        plans: &[OpPlan],
+        src: &MemoryRegion,
+        dsts: &[&MemDesc],
+        peers: &[u32],
+        imm: Option<u32>,
+    ) -> Vec<Op> {
+        plans
+            .iter()
+            .map(|p| {
+                let dst = dsts[p.dst];
+                let rd = p.domain % dst.owner.domains.len();
+                Op {
+                    domain: p.domain,
+                    peer: peers[p.dst],
+                    kind: OpKind::Write {
+                        region: src.inner.id,
+                        src: src.inner.ptr + p.src_off as usize,
+                        len: p.len as usize,
+                        raddr: dst.remote_addr(rd, p.dst_off),
+                        rkey: dst.keys[rd],
+                        imm,
+                    },
+                }
+            })
+            .collect()
+    }
+
+    fn submit(
+        &self,
+        ops: Vec<Op>,
+        keep: Vec<Arc<RegionInner>>,
+        payload: Option<Vec<u8>>,
+        imm_counts: Vec<usize>,
+        timeout: Option<Duration>,
+    ) -> Result<Transfer> {
+        let state = TransferState::new(self.sink.clone());
+        let deadline = Instant::now() + timeout.unwrap_or(self.config.timeout);
+        let t = Transfer { state: state.clone(), imm_counts: imm_counts.into() };
+        self.send_req(Request::Transfer(Box::new(TransferReq { ops, state, deadline, keep, payload })))?;
+        Ok(t)
+    }
+
+    /// Writes `len` bytes from `src[src_off..]` into the remote region at `dst_off`, with an
+    /// optional immediate; large writes are sharded over the group's domains.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write(
+        &self,
+        src: &MemoryRegion,
+        src_off: u64,
+        dst: &MemDesc,
+        dst_off: u64,
+        len: u64,
+        imm: Option<u32>,
+        sharding: Option<Sharding>,
+        timeout: Option<Duration>,
+    ) -> Result<Transfer> {
+        self.check_local(src, src_off, len)?;
+        dst.check_range(dst_off, len)?;
+        let peer = self.peer_id(&dst.owner)?;
+        let sharding = sharding.unwrap_or(self.config.sharding);
+        let plans = self.params.plan_single(sharding, self.rotation(), src_off, dst_off, len)?;
+        let counts = vec![if imm.is_some() { plans.len() } else { 0 }];
+        let ops = self.write_ops(&plans, src, &[dst], &[peer], imm);
+        self.submit(ops, vec![src.inner.clone()], None, counts, timeout)
+    }
+
+    /// Immediates a receiver gets from [`Self::write`] of `len` bytes with an immediate.
+    pub fn imm_count_write(&self, len: u64, sharding: Option<Sharding>) -> usize {
+        self.params.imm_count_single(sharding.unwrap_or(self.config.sharding), len)
+    }
+
+    /// Sends only an immediate to `peer` (a zero-byte write into its scratch region).
+    pub fn write_imm(&self, peer: &PeerAddr, imm: u32, timeout: Option<Duration>) -> Result<Transfer> {
+        let id = self.peer_id(peer)?;
+        let d = self.rotation() % self.addr.domains.len();
+        let rd = d % peer.domains.len();
+        let op = Op {
+            domain: d,
+            peer: id,
+            kind: OpKind::Write {
+                region: crate::worker::INTERNAL_REGION,
+                src: 0,
+                len: 0,
+                raddr: peer.domains[rd].scratch_addr,
+                rkey: peer.domains[rd].scratch_key,
+                imm: Some(imm),
+            },
+        };
+        self.submit(vec![op], Vec::new(), None, vec![1], timeout)
+    }
+
+    /// Writes pages `spec.src_pages[i]` of `src` to pages `spec.dst_pages[i]` of `dst`.
+    pub fn write_paged(
+        &self,
+        src: &MemoryRegion,
+        dst: &MemDesc,
+        spec: &PagedSpec,
+        imm: Option<u32>,
+        sharding: Option<Sharding>,
+        timeout: Option<Duration>,
+    ) -> Result<Transfer> {
+        let (src_end, dst_end) = spec.extents()?;
+        if !spec.src_pages.is_empty() {
+            self.check_local(src, 0, src_end)?;
+            dst.check_range(0, dst_end)?;
+        } else {
+            self.check_local(src, 0, 0)?;
+        }
+        let peer = self.peer_id(&dst.owner)?;
+        let sharding = sharding.unwrap_or(self.config.sharding);
+        let plans = self.params.plan_paged(sharding, self.rotation(), spec)?;
+        let counts = vec![if imm.is_some() { plans.len() } else { 0 }];
+        let ops = self.write_ops(&plans, src, &[dst], &[peer], imm);
+        self.submit(ops, vec![src.inner.clone()], None, counts, timeout)
+    }
+
+    /// Immediates a receiver gets from a paged write of `pages` pages of `page_bytes`.
+    pub fn imm_count_paged(&self, pages: usize, page_bytes: u64) -> usize {
+        self.params.imm_count_paged(pages, page_bytes)
+    }
+
+    /// Writes one source region to many destinations; destination `i` of `dsts` is reached
+    /// through domain `i % n` (RoundRobin) so peers spread over the NICs.
+    pub fn scatter(
+        &self,
+        src: &MemoryRegion,
+        dsts: &[&MemDesc],
+        items: &[ScatterItem],
+        imm: Option<u32>,
+        sharding: Option<Sharding>,
+        timeout: Option<Duration>,
+    ) -> Result<Transfer> {
+        let mut peers = Vec::with_capacity(dsts.len());
+        for d in dsts {
+            peers.push(self.peer_id(&d.owner)?);
+        }
+        for it in items {
+            let dst = dsts.get(it.dst).ok_or_else(|| {
+                Error::InvalidArgument(format!("destination {} of {}", it.dst, dsts.len()))
+            })?;
+            self.check_local(src, it.src_off, it.len)?;
+            dst.check_range(it.dst_off, it.len)?;
+        }
+        let sharding = sharding.unwrap_or(self.config.sharding);
+        let plans = self.params.plan_scatter(sharding, self.rotation(), items)?;
+        let mut counts = vec![0usize; dsts.len()];
+        if imm.is_some() {
+            for p in &plans {
+                counts[p.dst] += 1;
+            }
+        }
+        let ops = self.write_ops(&plans, src, dsts, &peers, imm);
+        self.submit(ops, vec![src.inner.clone()], None, counts, timeout)
+    }
+
+    /// Sends a message to `peer`'s receive pool.
+    pub fn send(&self, peer: &PeerAddr, data: &[u8], timeout: Option<Duration>) -> Result<Transfer> {
+        if data.len() > self.config.max_message_bytes {
+            return Err(Error::MessageTooLarge { len: data.len(), max: self.config.max_message_bytes });
+        }
+        let id = self.peer_id(peer)?;
+        let d = self.rotation() % self.addr.domains.len();
+        let op = Op { domain: d, peer: id, kind: OpKind::Send };
+        self.submit(vec![op], Vec::new(), Some(data.to_vec()), vec![0], timeout)
+    }
+
+    /// Takes the next received message, waiting up to `timeout`.
+    pub fn recv(&self, timeout: Duration) -> Result<Vec<u8>> {
+        self.shared.messages.pop(timeout)
+    }
+
+    /// Delivers received messages to `cb` (on the callback thread) instead of `recv`.
+    pub fn on_message(&self, cb: Option<Arc<dyn Fn(Vec<u8>) + Send + Sync>>) {
+        *self.shared.messages.callback.lock().unwrap() = cb;
+    }
+
+    /// Waits until every other engine in `peers` has reached the barrier with the same `imm`.
+    ///
+    /// Each member sends one immediate to every other member and waits for one from each. The
+    /// immediate value must not be used for anything else while the barrier runs.
+    pub fn barrier(&self, peers: &[PeerAddr], imm: u32, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let others: Vec<&PeerAddr> =
+            peers.iter().filter(|p| p.engine_id != self.addr.engine_id).collect();
+        let mut sent = Vec::with_capacity(others.len());
+        for p in &others {
+            sent.push(self.write_imm(p, imm, Some(timeout))?);
+        }
+        for t in sent {
+            t.wait(deadline.saturating_duration_since(Instant::now()))?;
+        }
+        self.shared.imm.wait(
+            imm,
+            others.len() as u64,
+            deadline.saturating_duration_since(Instant::now()),
+        )
+    }
+
+    /// Arms a trigger: each of the next `times` arrivals of `imm` makes the worker itself post a
+    /// write of `len` bytes from `src[src_off..]` to `dst` at `dst_off` carrying `reply_imm`,
+    /// without involving any other thread. Triggered arrivals are not counted by the counter.
+    #[allow(clippy::too_many_arguments)]
+    pub fn trigger_write(
+        &self,
+        imm: u32,
+        times: u64,
+        src: &MemoryRegion,
+        src_off: u64,
+        dst: &MemDesc,
+        dst_off: u64,
+        len: u64,
+        reply_imm: Option<u32>,
+    ) -> Result<()> {
+        if times == 0 {
+            return Ok(());
+        }
+        self.check_local(src, src_off, len)?;
+        dst.check_range(dst_off, len)?;
+        let peer = self.peer_id(&dst.owner)?;
+        let plans = self.params.plan_single(Sharding::Pinned(0), 0, src_off, dst_off, len)?;
+        let ops = self.write_ops(&plans, src, &[dst], &[peer], reply_imm);
+        self.send_req(Request::Trigger(Box::new(Trigger {
+            imm,
+            times,
+            ops,
+            _keep: vec![src.inner.clone()],
+        })))
+    }
+
+    /// Stops the worker: transfers in flight fail with [`Error::Stopped`], waits return
+    /// [`Error::Stopped`], every libfabric object is closed. Idempotent.
+    pub fn stop(&self) {
+        if self.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _ = self.tx.send(Request::Stop);
+        if let Some(h) = self.worker.lock().unwrap().take() {
+            let _ = h.join();
+        }
+        self.callbacks.lock().unwrap().take();
+    }
+
+    /// Whether [`Self::stop`] was called.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for TransferEngine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

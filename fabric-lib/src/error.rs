@@ -1,0 +1,51 @@
+//! One error type for the crate; one variant per kind of failure a caller may branch on.
+
+use std::time::Duration;
+
+/// Everything that can go wrong in the engine.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// libfabric (or another native library) could not be loaded.
+    #[error("{0}")]
+    LibraryNotFound(String),
+    /// No provider/interface matched the request.
+    #[error("no libfabric provider matches {what}: {detail}")]
+    ProviderNotFound { what: String, detail: String },
+    /// A libfabric call failed.
+    #[error("libfabric {call} failed: {message} ({code})")]
+    Fabric { call: &'static str, code: isize, message: String },
+    /// Invalid configuration of the engine.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A request touches bytes outside a region or descriptor.
+    #[error("out of bounds: {0}")]
+    OutOfBounds(String),
+    /// A local region was unregistered, or belongs to another engine.
+    #[error("unregistered memory: {0}")]
+    Unregistered(String),
+    /// A descriptor or address does not fit this engine's domains (count or provider).
+    #[error("domain mismatch: {0}")]
+    DomainMismatch(String),
+    /// Bytes that should hold a descriptor or address could not be decoded.
+    #[error("cannot decode {what}: {why}")]
+    Decode { what: &'static str, why: String },
+    /// Any other bad argument.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A message is larger than the receive buffers.
+    #[error("message of {len} bytes exceeds the {max}-byte limit")]
+    MessageTooLarge { len: usize, max: usize },
+    /// A transfer completed with an error reported by the fabric (a dead peer, a broken link).
+    #[error("transfer failed: {0}")]
+    TransferFailed(String),
+    /// A wait ran past its deadline.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The engine was stopped.
+    #[error("engine is stopped")]
+    Stopped,
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

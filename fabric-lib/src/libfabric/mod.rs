@@ -1,0 +1,539 @@
+//! One libfabric RDM endpoint on one provider and interface: a *domain* in stolon's terms.
+//!
+//! [`FabricDomain`] owns the fabric, domain, address vector, completion queue and endpoint of one
+//! NIC (or one software provider instance) and exposes the few operations the worker needs. It is
+//! used from one thread at a time (the worker that owns it); the libfabric domain is opened with
+//! `FI_THREAD_DOMAIN` accordingly.
+
+use std::ffi::{c_void, CStr, CString};
+use std::ptr;
+
+use crate::error::{Error, Result};
+use crate::sys::libfabric::{self as fi, LibFabric};
+
+/// Which provider and interface a domain uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainSpec {
+    /// libfabric provider name: `tcp` (`tcp;ofi_rxm`), `net`, `shm`, `udp` (`udp;ofi_rxd`), `efa`,
+    /// `verbs` (`verbs;ofi_rxm`), or any full provider string.
+    pub provider: String,
+    /// libfabric domain name (for socket providers the interface, e.g. `lo`, `eth0`).
+    pub interface: Option<String>,
+    /// Source address to bind (for socket providers an IP address of the interface).
+    pub node: Option<String>,
+}
+
+impl DomainSpec {
+    /// A spec for `provider` on its default interface.
+    pub fn new(provider: &str) -> Self {
+        DomainSpec { provider: provider.to_string(), interface: None, node: None }
+    }
+
+    /// The full libfabric provider string for a short name.
+    pub fn provider_string(&self) -> String {
+        match self.provider.as_str() {
+            "tcp" => "tcp;ofi_rxm".to_string(),
+            "udp" => "udp;ofi_rxd".to_string(),
+            "verbs" => "verbs;ofi_rxm".to_string(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// What the provider granted, read back from `fi_getinfo`.
+#[derive(Debug, Clone)]
+pub struct DomainAttrs {
+    pub provider: String,
+    pub fabric: String,
+    pub domain: String,
+    /// Remote addresses are absolute virtual addresses (`FI_MR_VIRT_ADDR` kept) rather than offsets.
+    pub virt_addr: bool,
+    /// The provider picks memory keys (`FI_MR_PROV_KEY` kept).
+    pub prov_key: bool,
+    /// Local buffers need a registration descriptor (`FI_MR_LOCAL` kept).
+    pub mr_local: bool,
+    pub max_msg_size: usize,
+    pub inject_size: usize,
+    pub tx_size: usize,
+    pub rx_size: usize,
+    pub cq_data_size: usize,
+}
+
+/// A registered memory region on one domain; closed through [`FabricDomain::close_mr`].
+#[derive(Debug)]
+pub struct Mr {
+    raw: *mut fi::fid_mr,
+}
+
+impl Mr {
+    /// The key a peer must use to write into this region.
+    pub fn key(&self) -> u64 {
+        // SAFETY: raw is a live fid_mr returned by fi_mr_reg and not yet closed.
+        unsafe { (*self.raw).key }
+    }
+
+    /// The local descriptor passed with data-path calls.
+    pub fn desc(&self) -> *mut c_void {
+        // SAFETY: as in `key`.
+        unsafe { (*self.raw).mem_desc }
+    }
+}
+
+/// Outcome of posting an operation.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Posted {
+    /// Queued; a completion will follow.
+    Yes,
+    /// The queue is full or the peer is not yet connected: progress the CQ and retry.
+    Again,
+}
+
+/// A failed completion.
+#[derive(Debug)]
+pub struct CqError {
+    pub op_context: *mut c_void,
+    pub err: i32,
+    pub message: String,
+}
+
+/// One endpoint with its own fabric, domain, CQ and AV.
+pub struct FabricDomain {
+    lib: &'static LibFabric,
+    info: *mut fi::fi_info,
+    fabric: *mut fi::fid_fabric,
+    domain: *mut fi::fid_domain,
+    cq: *mut fi::fid_cq,
+    av: *mut fi::fid_av,
+    ep: *mut fi::fid_ep,
+    name: Vec<u8>,
+    pub attrs: DomainAttrs,
+}
+
+// SAFETY: a FabricDomain is owned and used by one thread at a time (the worker); the raw objects
+// it holds are never shared, and libfabric allows a domain to move between threads.
+unsafe impl Send for FabricDomain {}
+
+fn check(lib: &LibFabric, call: &'static str, rc: isize) -> Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Error::Fabric { call, code: rc, message: lib.error_string(rc) })
+    }
+}
+
+fn cstr_or_empty(p: *const std::ffi::c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        // SAFETY: libfabric strings in fi_info are NUL-terminated and live as long as the info.
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}
+
+/// Duplicates a Rust string into malloc'd memory that `fi_freeinfo` may free.
+fn strdup(s: &str) -> Result<*mut std::ffi::c_char> {
+    let c = CString::new(s).map_err(|_| Error::Config(format!("NUL byte in {s:?}")))?;
+    // SAFETY: c is a valid NUL-terminated string; strdup copies it.
+    let p = unsafe { libc::strdup(c.as_ptr()) };
+    if p.is_null() {
+        return Err(Error::Config("out of memory".into()));
+    }
+    Ok(p)
+}
+
+/// Lists the RDM providers and interfaces usable here with stolon's required capabilities.
+pub fn list_providers(provider: Option<&str>) -> Result<Vec<DomainAttrs>> {
+    let lib = fi::lib().map_err(|e| Error::LibraryNotFound(e.to_string()))?;
+    let spec = provider.map(DomainSpec::new);
+    let info = getinfo(lib, spec.as_ref())?;
+    let mut out = Vec::new();
+    let mut cur = info;
+    while !cur.is_null() {
+        // SAFETY: cur walks the list fi_getinfo returned, which stays alive until freeinfo below.
+        out.push(unsafe { read_attrs(cur) });
+        // SAFETY: as above.
+        cur = unsafe { (*cur).next };
+    }
+    // SAFETY: info came from fi_getinfo and is freed once.
+    unsafe { (lib.freeinfo)(info) };
+    Ok(out)
+}
+
+/// Reads the granted attributes of one fi_info entry.
+///
+/// # Safety
+/// `info` must point to a valid fi_info returned by fi_getinfo.
+unsafe fn read_attrs(info: *const fi::fi_info) -> DomainAttrs {
+    // SAFETY: the caller guarantees info and its attribute structs are valid.
+    unsafe {
+        let i = &*info;
+        let d = &*i.domain_attr;
+        let f = &*i.fabric_attr;
+        let ep = &*i.ep_attr;
+        DomainAttrs {
+            provider: cstr_or_empty(f.prov_name),
+            fabric: cstr_or_empty(f.name),
+            domain: cstr_or_empty(d.name),
+            virt_addr: d.mr_mode & fi::FI_MR_VIRT_ADDR != 0,
+            prov_key: d.mr_mode & fi::FI_MR_PROV_KEY != 0,
+            mr_local: d.mr_mode & fi::FI_MR_LOCAL != 0,
+            max_msg_size: ep.max_msg_size,
+            inject_size: (*i.tx_attr).inject_size,
+            tx_size: (*i.tx_attr).size,
+            rx_size: (*i.rx_attr).size,
+            cq_data_size: d.cq_data_size,
+        }
+    }
+}
+
+fn getinfo(lib: &'static LibFabric, spec: Option<&DomainSpec>) -> Result<*mut fi::fi_info> {
+    // SAFETY: fi_dupinfo(NULL) allocates an empty fi_info with all attribute structs.
+    let hints = unsafe { (lib.dupinfo)(ptr::null()) };
+    if hints.is_null() {
+        return Err(Error::Config("fi_allocinfo failed".into()));
+    }
+    let result = (|| {
+        // SAFETY: hints and its attribute structs were allocated by fi_dupinfo; strings placed in
+        // them are malloc'd so fi_freeinfo can free them.
+        unsafe {
+            let h = &mut *hints;
+            h.caps = fi::FI_MSG | fi::FI_RMA | fi::FI_WRITE | fi::FI_REMOTE_WRITE;
+            h.mode = fi::FI_CONTEXT | fi::FI_CONTEXT2;
+            (*h.ep_attr).type_ = fi::FI_EP_RDM;
+            let d = &mut *h.domain_attr;
+            d.mr_mode =
+                fi::FI_MR_LOCAL | fi::FI_MR_VIRT_ADDR | fi::FI_MR_ALLOCATED | fi::FI_MR_PROV_KEY;
+            d.threading = fi::FI_THREAD_DOMAIN;
+            (*h.tx_attr).msg_order = 0;
+            (*h.rx_attr).msg_order = 0;
+            let mut node = None;
+            let mut flags = 0;
+            if let Some(spec) = spec {
+                (*h.fabric_attr).prov_name = strdup(&spec.provider_string())?;
+                if let Some(iface) = &spec.interface {
+                    d.name = strdup(iface)?;
+                }
+                if let Some(n) = &spec.node {
+                    node = Some(CString::new(n.as_str()).map_err(|_| {
+                        Error::Config(format!("NUL byte in node {n:?}"))
+                    })?);
+                    flags |= fi::FI_SOURCE;
+                }
+            }
+            let mut info = ptr::null_mut();
+            let rc = (lib.getinfo)(
+                fi::FI_VERSION_REQUESTED,
+                node.as_ref().map_or(ptr::null(), |n| n.as_ptr()),
+                ptr::null(),
+                flags,
+                hints,
+                &mut info,
+            );
+            if rc != 0 || info.is_null() {
+                let what = match spec {
+                    Some(s) => format!("{s:?}"),
+                    None => "any provider".to_string(),
+                };
+                return Err(Error::ProviderNotFound {
+                    what,
+                    detail: format!(
+                        "fi_getinfo: {} (needs an RDM endpoint with FI_MSG, FI_RMA and remote CQ \
+                         data; run `python -m stolon info` to list what is usable)",
+                        lib.error_string(rc as isize)
+                    ),
+                });
+            }
+            Ok(info)
+        }
+    })();
+    // SAFETY: hints came from fi_dupinfo and is freed exactly once.
+    unsafe { (lib.freeinfo)(hints) };
+    result
+}
+
+impl FabricDomain {
+    /// Opens fabric, domain, CQ, AV and an enabled RDM endpoint for `spec`.
+    pub fn open(spec: &DomainSpec) -> Result<Self> {
+        let lib = fi::lib().map_err(|e| Error::LibraryNotFound(e.to_string()))?;
+        let info = getinfo(lib, Some(spec))?;
+        let mut dom = FabricDomain {
+            lib,
+            info,
+            fabric: ptr::null_mut(),
+            domain: ptr::null_mut(),
+            cq: ptr::null_mut(),
+            av: ptr::null_mut(),
+            ep: ptr::null_mut(),
+            name: Vec::new(),
+            // SAFETY: info is the valid list head fi_getinfo returned.
+            attrs: unsafe { read_attrs(info) },
+        };
+        if dom.attrs.cq_data_size < 4 {
+            return Err(Error::ProviderNotFound {
+                what: format!("{spec:?}"),
+                detail: format!("remote CQ data is {} bytes, need 4", dom.attrs.cq_data_size),
+            });
+        }
+        // SAFETY: each call follows the libfabric object lifecycle: fabric from info, domain
+        // from fabric, CQ/AV/EP from domain; every pointer passed is either the valid object just
+        // created or a properly initialised attribute struct. Drop closes them in reverse order.
+        unsafe {
+            let rc = (lib.fabric)((*info).fabric_attr, &mut dom.fabric, ptr::null_mut());
+            check(lib, "fi_fabric", rc as isize)?;
+            let rc = ((*(*dom.fabric).ops).domain)(dom.fabric, info, &mut dom.domain, ptr::null_mut());
+            check(lib, "fi_domain", rc as isize)?;
+
+            let mut cq_attr = fi::fi_cq_attr {
+                size: (dom.attrs.tx_size + dom.attrs.rx_size).max(1024),
+                flags: 0,
+                format: fi::FI_CQ_FORMAT_DATA,
+                wait_obj: fi::FI_WAIT_NONE,
+                signaling_vector: 0,
+                wait_cond: 0,
+                wait_set: ptr::null_mut(),
+            };
+            let ops = &*(*dom.domain).ops;
+            let rc = (ops.cq_open)(dom.domain, &mut cq_attr, &mut dom.cq, ptr::null_mut());
+            check(lib, "fi_cq_open", rc as isize)?;
+
+            let mut av_attr = fi::fi_av_attr {
+                type_: fi::FI_AV_TABLE,
+                rx_ctx_bits: 0,
+                count: 256,
+                ep_per_node: 0,
+                name: ptr::null(),
+                map_addr: ptr::null_mut(),
+                flags: 0,
+            };
+            let rc = (ops.av_open)(dom.domain, &mut av_attr, &mut dom.av, ptr::null_mut());
+            check(lib, "fi_av_open", rc as isize)?;
+
+            let rc = (ops.endpoint)(dom.domain, info, &mut dom.ep, ptr::null_mut());
+            check(lib, "fi_endpoint", rc as isize)?;
+            let ep_fid = &mut (*dom.ep).fid as *mut fi::fid;
+            let ep_ops = &*(*dom.ep).fid.ops;
+            let rc = (ep_ops.bind)(ep_fid, &mut (*dom.av).fid, 0);
+            check(lib, "fi_ep_bind(av)", rc as isize)?;
+            let rc = (ep_ops.bind)(ep_fid, &mut (*dom.cq).fid, fi::FI_TRANSMIT | fi::FI_RECV);
+            check(lib, "fi_ep_bind(cq)", rc as isize)?;
+            let rc = (ep_ops.control)(ep_fid, fi::FI_ENABLE, ptr::null_mut());
+            check(lib, "fi_enable", rc as isize)?;
+
+            let mut len = 0usize;
+            let getname = (*(*dom.ep).cm).getname;
+            // The first call reports the size with -FI_ETOOSMALL.
+            let _ = getname(ep_fid, ptr::null_mut(), &mut len);
+            if len == 0 || len > 4096 {
+                len = 256;
+            }
+            let mut buf = vec![0u8; len];
+            let rc = getname(ep_fid, buf.as_mut_ptr().cast(), &mut len);
+            check(lib, "fi_getname", rc as isize)?;
+            buf.truncate(len);
+            dom.name = buf;
+        }
+        Ok(dom)
+    }
+
+    /// This endpoint's address, to be given to peers.
+    pub fn name(&self) -> &[u8] {
+        &self.name
+    }
+
+    /// Adds a peer endpoint address to the AV.
+    pub fn insert_addr(&mut self, name: &[u8]) -> Result<fi::fi_addr_t> {
+        let mut addr: fi::fi_addr_t = fi::FI_ADDR_NOTAVAIL;
+        // SAFETY: av is open; name points to `name.len()` readable bytes of one address in this
+        // provider's format (checked by the provider), and addr receives one fi_addr_t.
+        let rc = unsafe {
+            ((*(*self.av).ops).insert)(self.av, name.as_ptr().cast(), 1, &mut addr, 0, ptr::null_mut())
+        };
+        if rc != 1 || addr == fi::FI_ADDR_NOTAVAIL {
+            return Err(Error::Fabric {
+                call: "fi_av_insert",
+                code: rc as isize,
+                message: "peer address rejected".into(),
+            });
+        }
+        Ok(addr)
+    }
+
+    /// Removes a peer from the AV (its connection state is dropped).
+    pub fn remove_addr(&mut self, mut addr: fi::fi_addr_t) {
+        // SAFETY: av is open and addr was returned by insert on this AV.
+        unsafe {
+            ((*(*self.av).ops).remove)(self.av, &mut addr, 1, 0);
+        }
+    }
+
+    /// Registers `len` bytes at `ptr` for local use and remote writes, asking for `key`.
+    ///
+    /// # Safety
+    /// The memory must stay valid until the returned region is closed with [`Self::close_mr`].
+    pub unsafe fn register(&mut self, ptr: *const u8, len: usize, key: u64) -> Result<Mr> {
+        let access = fi::FI_SEND | fi::FI_RECV | fi::FI_WRITE | fi::FI_REMOTE_WRITE;
+        let mut mr = ptr::null_mut();
+        // SAFETY: the domain is open; the caller keeps the memory valid while registered.
+        let rc = unsafe {
+            ((*(*self.domain).mr).reg)(
+                &mut (*self.domain).fid,
+                ptr.cast(),
+                len,
+                access,
+                0,
+                key,
+                0,
+                &mut mr,
+                ptr::null_mut(),
+            )
+        };
+        check(self.lib, "fi_mr_reg", rc as isize)?;
+        Ok(Mr { raw: mr })
+    }
+
+    /// Closes a registered region.
+    pub fn close_mr(&mut self, mr: Mr) {
+        // SAFETY: mr.raw is a live MR of this domain; it is consumed so it is closed once.
+        unsafe {
+            ((*(*mr.raw).fid.ops).close)(&mut (*mr.raw).fid);
+        }
+    }
+
+    fn post_result(&self, call: &'static str, rc: isize) -> Result<Posted> {
+        match rc {
+            0 => Ok(Posted::Yes),
+            rc if rc == -fi::FI_EAGAIN => Ok(Posted::Again),
+            rc => Err(Error::Fabric { call, code: rc, message: self.lib.error_string(rc) }),
+        }
+    }
+
+    /// Posts an RMA write, with remote CQ data when `data` is given.
+    ///
+    /// # Safety
+    /// `buf..buf+len` must stay valid and registered (with `desc`) until the completion for
+    /// `ctx` is read; `ctx` must point to a context block of at least 64 bytes that stays valid
+    /// until then; `raddr`/`key` must be valid for the peer (the provider cannot be trusted to
+    /// reject bad ones cleanly).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn post_write(
+        &mut self,
+        buf: *const u8,
+        len: usize,
+        desc: *mut c_void,
+        dest: fi::fi_addr_t,
+        raddr: u64,
+        key: u64,
+        data: Option<u64>,
+        ctx: *mut c_void,
+    ) -> Result<Posted> {
+        // SAFETY: the endpoint is enabled; the caller upholds the buffer and context contracts.
+        let rc = unsafe {
+            let rma = &*(*self.ep).rma;
+            match data {
+                Some(d) => (rma.writedata)(self.ep, buf.cast(), len, desc, d, dest, raddr, key, ctx),
+                None => (rma.write)(self.ep, buf.cast(), len, desc, dest, raddr, key, ctx),
+            }
+        };
+        self.post_result("fi_write", rc)
+    }
+
+    /// Posts a message send.
+    ///
+    /// # Safety
+    /// As for [`Self::post_write`], for the local buffer and context.
+    pub unsafe fn post_send(
+        &mut self,
+        buf: *const u8,
+        len: usize,
+        desc: *mut c_void,
+        dest: fi::fi_addr_t,
+        ctx: *mut c_void,
+    ) -> Result<Posted> {
+        // SAFETY: the endpoint is enabled; the caller upholds the buffer and context contracts.
+        let rc = unsafe { ((*(*self.ep).msg).send)(self.ep, buf.cast(), len, desc, dest, ctx) };
+        self.post_result("fi_send", rc)
+    }
+
+    /// Posts a receive buffer for messages from any peer.
+    ///
+    /// # Safety
+    /// As for [`Self::post_write`], for the receive buffer and context.
+    pub unsafe fn post_recv(
+        &mut self,
+        buf: *mut u8,
+        len: usize,
+        desc: *mut c_void,
+        ctx: *mut c_void,
+    ) -> Result<Posted> {
+        // SAFETY: the endpoint is enabled; the caller upholds the buffer and context contracts.
+        let rc = unsafe {
+            ((*(*self.ep).msg).recv)(self.ep, buf.cast(), len, desc, fi::FI_ADDR_UNSPEC, ctx)
+        };
+        self.post_result("fi_recv", rc)
+    }
+
+    /// Reads up to `out.len()` completions; drives the provider's progress.
+    ///
+    /// Returns the number read. A failed completion is returned as `Err(CqError)` on its own.
+    pub fn poll(&mut self, out: &mut [fi::fi_cq_data_entry]) -> Result<usize, CqError> {
+        // SAFETY: cq is open; out has room for out.len() entries of the CQ's DATA format.
+        let rc = unsafe { ((*(*self.cq).ops).read)(self.cq, out.as_mut_ptr().cast(), out.len()) };
+        if rc >= 0 {
+            return Ok(rc as usize);
+        }
+        if rc == -fi::FI_EAGAIN {
+            return Ok(0);
+        }
+        if rc == -fi::FI_EAVAIL {
+            // SAFETY: an all-zero fi_cq_err_entry is valid (null pointers, zero sizes).
+            let mut e: fi::fi_cq_err_entry = unsafe { std::mem::zeroed() };
+            // SAFETY: cq is open and e is a valid, writable error entry.
+            let n = unsafe { ((*(*self.cq).ops).readerr)(self.cq, &mut e, 0) };
+            if n == 1 {
+                // SAFETY: strerror of this CQ takes the provider errno and the err_data it gave.
+                let prov = unsafe {
+                    let p = ((*(*self.cq).ops).strerror)(
+                        self.cq,
+                        e.prov_errno,
+                        e.err_data,
+                        ptr::null_mut(),
+                        0,
+                    );
+                    cstr_or_empty(p)
+                };
+                return Err(CqError {
+                    op_context: e.op_context,
+                    err: e.err,
+                    message: format!("{} ({prov})", self.lib.error_string(e.err as isize)),
+                });
+            }
+            return Ok(0);
+        }
+        Err(CqError {
+            op_context: ptr::null_mut(),
+            err: rc as i32,
+            message: format!("fi_cq_read: {}", self.lib.error_string(rc)),
+        })
+    }
+}
+
+impl Drop for FabricDomain {
+    fn drop(&mut self) {
+        // SAFETY: each object is closed at most once, endpoint before the AV and CQ it is bound to,
+        // then domain, then fabric; null pointers (a failed open) are skipped.
+        unsafe {
+            for f in [
+                self.ep as *mut fi::fid,
+                self.av as *mut fi::fid,
+                self.cq as *mut fi::fid,
+                self.domain as *mut fi::fid,
+                self.fabric as *mut fi::fid,
+            ] {
+                if !f.is_null() {
+                    ((*(*f).ops).close)(f);
+                }
+            }
+            (self.lib.freeinfo)(self.info);
+        }
+    }
+}

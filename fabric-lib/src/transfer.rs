@@ -1,0 +1,108 @@
+//! Sender-side completion of one transfer, as a waitable handle with an optional callback.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::callbacks::CallbackSink;
+use crate::error::{Error, Result};
+
+type Callback = Box<dyn FnOnce(Result<()>) + Send>;
+
+#[derive(Default)]
+struct Inner {
+    result: Option<Result<()>>,
+    callback: Option<Callback>,
+}
+
+/// Shared between the worker (which completes it) and the caller's [`Transfer`] handle.
+pub(crate) struct TransferState {
+    inner: Mutex<Inner>,
+    cv: Condvar,
+    sink: CallbackSink,
+}
+
+impl TransferState {
+    pub(crate) fn new(sink: CallbackSink) -> Arc<Self> {
+        Arc::new(TransferState { inner: Mutex::new(Inner::default()), cv: Condvar::new(), sink })
+    }
+
+    /// Sets the result once; later calls are ignored.
+    pub(crate) fn complete(&self, result: Result<()>) {
+        let mut g = self.inner.lock().unwrap();
+        if g.result.is_some() {
+            return;
+        }
+        g.result = Some(result.clone());
+        let cb = g.callback.take();
+        drop(g);
+        self.cv.notify_all();
+        if let Some(cb) = cb {
+            self.sink.submit(Box::new(move || cb(result)));
+        }
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        self.inner.lock().unwrap().result.is_some()
+    }
+}
+
+/// A submitted transfer. The sender learns it has finished (its operations completed locally)
+/// or failed; the receiver learns data landed by counting immediates.
+#[derive(Clone)]
+pub struct Transfer {
+    pub(crate) state: Arc<TransferState>,
+    /// Immediates this transfer produces at each receiver (0 when it carries none). For a
+    /// scatter, per destination in the order given.
+    pub imm_counts: Arc<[usize]>,
+}
+
+impl Transfer {
+    /// Blocks until the transfer finishes or `timeout` passes.
+    ///
+    /// # Errors
+    /// The transfer's own error, or [`Error::Timeout`] if it is still running at the deadline
+    /// (the transfer itself keeps its engine-side deadline).
+    pub fn wait(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.state.inner.lock().unwrap();
+        loop {
+            if let Some(r) = &g.result {
+                return r.clone();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout(timeout));
+            }
+            g = self.state.cv.wait_timeout(g, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Whether the transfer has finished (successfully or not).
+    pub fn is_done(&self) -> bool {
+        self.state.is_done()
+    }
+
+    /// The result, if finished.
+    pub fn result(&self) -> Option<Result<()>> {
+        self.state.inner.lock().unwrap().result.clone()
+    }
+
+    /// Calls `cb` with the result, on the engine's callback thread (immediately queued if the
+    /// transfer has already finished).
+    pub fn on_done(&self, cb: impl FnOnce(Result<()>) + Send + 'static) {
+        let mut g = self.state.inner.lock().unwrap();
+        match &g.result {
+            Some(r) => {
+                let r = r.clone();
+                drop(g);
+                self.state.sink.submit(Box::new(move || cb(r)));
+            }
+            None => g.callback = Some(Box::new(cb)),
+        }
+    }
+
+    /// Total immediates this transfer produces over all receivers.
+    pub fn imm_count(&self) -> usize {
+        self.imm_counts.iter().sum()
+    }
+}

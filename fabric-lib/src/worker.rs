@@ -1,0 +1,691 @@
+//! The worker: one thread per domain group. It owns every libfabric object of the group, takes
+//! requests from a queue, posts operations, polls completions and reports them.
+//!
+//! Every operation's libfabric context is a slot in a slab of [`OpCtx`] blocks that stay at a
+//! fixed address; a completion names its transfer by slot index, never by a pointer into a
+//! transfer, so a transfer that has timed out or failed can be reported at once while its
+//! remaining operations still drain safely.
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::c_void;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::desc::PeerAddr;
+use crate::engine::{RegionInner, Shared};
+use crate::error::{Error, Result};
+use crate::libfabric::{CqError, FabricDomain, Mr, Posted};
+use crate::sys::libfabric::{self as fi, fi_addr_t};
+use crate::transfer::TransferState;
+
+/// Region id of the worker's own registered buffer (message buffers and the scratch target).
+pub(crate) const INTERNAL_REGION: u64 = 0;
+
+/// What an operation writes or sends.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum OpKind {
+    /// RMA write from a local region (id, address) to (raddr, rkey), optionally with data.
+    Write { region: u64, src: usize, len: usize, raddr: u64, rkey: u64, imm: Option<u32> },
+    /// A message from the transfer's payload.
+    Send,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Op {
+    pub domain: usize,
+    pub peer: u32,
+    pub kind: OpKind,
+}
+
+pub(crate) struct TransferReq {
+    pub ops: Vec<Op>,
+    pub state: Arc<TransferState>,
+    pub deadline: Instant,
+    /// Keeps the local regions (and the memory they cover) alive until every op has completed.
+    pub keep: Vec<Arc<RegionInner>>,
+    pub payload: Option<Vec<u8>>,
+}
+
+pub(crate) struct Trigger {
+    pub imm: u32,
+    pub times: u64,
+    pub ops: Vec<Op>,
+    /// Keeps the source region alive while the trigger is armed.
+    pub _keep: Vec<Arc<RegionInner>>,
+}
+
+pub(crate) enum Request {
+    Register { id: u64, ptr: usize, len: usize, reply: std::sync::mpsc::SyncSender<Result<Vec<u64>>> },
+    Unregister { id: u64 },
+    AddPeer { id: u32, addr: PeerAddr },
+    Transfer(Box<TransferReq>),
+    Trigger(Box<Trigger>),
+    Stop,
+}
+
+#[derive(Clone, Copy)]
+enum Tag {
+    Free,
+    Transfer { slot: u32, domain: u8, len: usize },
+    Recv { domain: u8, buf: u32 },
+    Send { slot: u32, buf: u32, domain: u8, len: usize },
+    /// An op fired by a trigger; nobody waits for it.
+    Triggered { domain: u8, len: usize },
+}
+
+/// The context block handed to libfabric; `FI_CONTEXT`/`FI_CONTEXT2` providers may use the
+/// first 64 bytes.
+#[repr(C)]
+struct OpCtx {
+    fi_ctx: [usize; 8],
+    tag: Tag,
+}
+
+struct Active {
+    remaining: usize,
+    state: Arc<TransferState>,
+    deadline: Instant,
+    reported: bool,
+    _keep: Vec<Arc<RegionInner>>,
+    payload: Option<Vec<u8>>,
+}
+
+struct Pending {
+    op: Op,
+    slot: u32,
+}
+
+struct PeerEntry {
+    /// fi_addr on each local domain, or why it could not be added.
+    addrs: std::result::Result<Vec<fi_addr_t>, Error>,
+}
+
+pub(crate) struct WorkerConfig {
+    pub spin: Duration,
+    pub max_sleep: Duration,
+    pub recv_buffers: usize,
+    pub send_buffers: usize,
+    pub max_message: usize,
+    pub cpu: Option<usize>,
+}
+
+pub(crate) struct Worker {
+    domains: Vec<FabricDomain>,
+    rx: Receiver<Request>,
+    shared: Arc<Shared>,
+    cfg: WorkerConfig,
+    ctxs: Vec<Box<OpCtx>>,
+    free_ctx: Vec<u32>,
+    active: Vec<Option<Active>>,
+    free_active: Vec<u32>,
+    pending: VecDeque<Pending>,
+    peers: HashMap<u32, PeerEntry>,
+    regions: HashMap<u64, Vec<Mr>>,
+    /// Backing store of message buffers: recv buffers of every domain, then send buffers.
+    msg_mem: Box<[u8]>,
+    free_send: Vec<u32>,
+    waiting_sends: VecDeque<(u32, usize, u32)>,
+    triggers: HashMap<u32, Trigger>,
+}
+
+/// Layout of the internal region: [scratch 64 B][recv buffers][send buffers].
+const SCRATCH: usize = 64;
+
+impl Worker {
+    /// Opens every domain, registers the internal buffers and returns the worker with the
+    /// per-domain (name, scratch key, virt_addr, scratch address) it exposes.
+    pub(crate) fn open(
+        specs: &[crate::libfabric::DomainSpec],
+        rx: Receiver<Request>,
+        shared: Arc<Shared>,
+        cfg: WorkerConfig,
+    ) -> Result<(Self, Vec<crate::desc::DomainAddr>, Vec<crate::libfabric::DomainAttrs>)> {
+        let mut domains = Vec::with_capacity(specs.len());
+        for s in specs {
+            domains.push(FabricDomain::open(s)?);
+        }
+        let nd = domains.len();
+        let msg_len = SCRATCH + (nd * cfg.recv_buffers + cfg.send_buffers) * cfg.max_message;
+        let msg_mem = vec![0u8; msg_len].into_boxed_slice();
+        let mut w = Worker {
+            domains,
+            rx,
+            shared,
+            ctxs: Vec::new(),
+            free_ctx: Vec::new(),
+            active: Vec::new(),
+            free_active: Vec::new(),
+            pending: VecDeque::new(),
+            peers: HashMap::new(),
+            regions: HashMap::new(),
+            msg_mem,
+            free_send: (0..cfg.send_buffers as u32).rev().collect(),
+            waiting_sends: VecDeque::new(),
+            triggers: HashMap::new(),
+            cfg,
+        };
+        let ptr = w.msg_mem.as_ptr() as usize;
+        let keys = w.register(INTERNAL_REGION, ptr, msg_len)?;
+        let mut addrs = Vec::with_capacity(nd);
+        let mut attrs = Vec::with_capacity(nd);
+        for (d, dom) in w.domains.iter().enumerate() {
+            addrs.push(crate::desc::DomainAddr {
+                provider: dom.attrs.provider.clone(),
+                name: dom.name().to_vec(),
+                virt_addr: dom.attrs.virt_addr,
+                scratch_key: keys[d],
+                scratch_addr: if dom.attrs.virt_addr { ptr as u64 } else { 0 },
+            });
+            attrs.push(dom.attrs.clone());
+        }
+        for d in 0..nd {
+            for b in 0..w.cfg.recv_buffers {
+                w.post_recv(d, (d * w.cfg.recv_buffers + b) as u32)?;
+            }
+        }
+        Ok((w, addrs, attrs))
+    }
+
+    fn register(&mut self, id: u64, ptr: usize, len: usize) -> Result<Vec<u64>> {
+        let mut mrs = Vec::with_capacity(self.domains.len());
+        let key = self.shared.next_key.fetch_add(1, Ordering::Relaxed);
+        for d in 0..self.domains.len() {
+            // SAFETY: the region's owner keeps the memory alive until Unregister, which closes
+            // these MRs (regions are unregistered only when their last handle is dropped, and
+            // every in-flight op holds a handle).
+            match unsafe { self.domains[d].register(ptr as *const u8, len.max(1), key) } {
+                Ok(mr) => mrs.push(mr),
+                Err(e) => {
+                    for (dd, mr) in mrs.into_iter().enumerate() {
+                        self.domains[dd].close_mr(mr);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let keys = mrs.iter().map(Mr::key).collect();
+        self.regions.insert(id, mrs);
+        Ok(keys)
+    }
+
+    fn alloc_ctx(&mut self, tag: Tag) -> *mut c_void {
+        let i = match self.free_ctx.pop() {
+            Some(i) => i,
+            None => {
+                self.ctxs.push(Box::new(OpCtx { fi_ctx: [0; 8], tag: Tag::Free }));
+                (self.ctxs.len() - 1) as u32
+            }
+        };
+        let c = &mut self.ctxs[i as usize];
+        c.tag = tag;
+        c.fi_ctx[7] = i as usize;
+        (&mut **c as *mut OpCtx).cast()
+    }
+
+    /// Takes back the context behind a completion and returns its tag.
+    ///
+    /// # Safety
+    /// `p` must be a pointer returned by `alloc_ctx` whose op has completed.
+    unsafe fn take_ctx(&mut self, p: *mut c_void) -> Tag {
+        // SAFETY: p points to a live boxed OpCtx of this worker (caller's promise).
+        let i = unsafe { (*(p as *mut OpCtx)).fi_ctx[7] } as u32;
+        let c = &mut self.ctxs[i as usize];
+        let tag = std::mem::replace(&mut c.tag, Tag::Free);
+        self.free_ctx.push(i);
+        tag
+    }
+
+    fn msg_buf(&self, index: usize) -> (*const u8, usize) {
+        let off = SCRATCH + index * self.cfg.max_message;
+        // SAFETY: index < number of buffers, so the range lies inside msg_mem.
+        (unsafe { self.msg_mem.as_ptr().add(off) }, self.cfg.max_message)
+    }
+
+    fn internal_desc(&self, d: usize) -> *mut c_void {
+        self.regions[&INTERNAL_REGION][d].desc()
+    }
+
+    fn post_recv(&mut self, d: usize, buf: u32) -> Result<()> {
+        let (p, len) = self.msg_buf(buf as usize);
+        let desc = self.internal_desc(d);
+        let ctx = self.alloc_ctx(Tag::Recv { domain: d as u8, buf });
+        loop {
+            // SAFETY: the buffer is part of the internal region, registered for the worker's
+            // lifetime; ctx is a stable slab block released when the completion is read.
+            match unsafe { self.domains[d].post_recv(p as *mut u8, len, desc, ctx) } {
+                Ok(Posted::Yes) => return Ok(()),
+                Ok(Posted::Again) => {
+                    self.poll_domain(d);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub(crate) fn run(mut self) {
+        if let Some(cpu) = self.cfg.cpu {
+            pin_to_cpu(cpu);
+        }
+        let mut last_busy = Instant::now();
+        let mut nap = Duration::from_micros(20);
+        let mut last_check = Instant::now();
+        'outer: loop {
+            let mut busy = false;
+            loop {
+                match self.rx.try_recv() {
+                    Ok(Request::Stop) => break 'outer,
+                    Ok(req) => {
+                        busy = true;
+                        self.handle(req);
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => break 'outer,
+                }
+            }
+            for d in 0..self.domains.len() {
+                busy |= self.poll_domain(d) > 0;
+            }
+            if !self.pending.is_empty() {
+                busy |= self.retry_pending();
+            }
+            let now = Instant::now();
+            if now.duration_since(last_check) >= Duration::from_millis(1) {
+                last_check = now;
+                self.check_deadlines(now);
+                self.shared.imm.expire(now);
+            }
+            if busy {
+                last_busy = now;
+                nap = Duration::from_micros(20);
+            } else if now.duration_since(last_busy) > self.cfg.spin {
+                // Idle: sleep on the request queue; completions are polled again after `nap`.
+                match self.rx.recv_timeout(nap) {
+                    Ok(Request::Stop) => break,
+                    Ok(req) => {
+                        self.handle(req);
+                        last_busy = Instant::now();
+                        nap = Duration::from_micros(20);
+                    }
+                    Err(RecvTimeoutError::Timeout) => nap = (nap * 2).min(self.cfg.max_sleep),
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        self.shutdown();
+    }
+
+    fn handle(&mut self, req: Request) {
+        match req {
+            Request::Register { id, ptr, len, reply } => {
+                let _ = reply.send(self.register(id, ptr, len));
+            }
+            Request::Unregister { id } => {
+                if let Some(mrs) = self.regions.remove(&id) {
+                    for (d, mr) in mrs.into_iter().enumerate() {
+                        self.domains[d].close_mr(mr);
+                    }
+                }
+            }
+            Request::AddPeer { id, addr } => {
+                let r = self.domains.len();
+                let mut addrs = Vec::with_capacity(r);
+                let mut err = None;
+                for d in 0..r {
+                    let remote = &addr.domains[d % addr.domains.len()];
+                    match self.domains[d].insert_addr(&remote.name) {
+                        Ok(a) => addrs.push(a),
+                        Err(e) => {
+                            err = Some(e);
+                            break;
+                        }
+                    }
+                }
+                let addrs = match err {
+                    None => Ok(addrs),
+                    Some(e) => {
+                        for (d, a) in addrs.into_iter().enumerate() {
+                            self.domains[d].remove_addr(a);
+                        }
+                        Err(e)
+                    }
+                };
+                self.peers.insert(id, PeerEntry { addrs });
+            }
+            Request::Transfer(t) => self.start_transfer(*t),
+            Request::Trigger(t) => {
+                self.triggers.insert(t.imm, *t);
+            }
+            Request::Stop => {}
+        }
+    }
+
+    fn start_transfer(&mut self, t: TransferReq) {
+        let TransferReq { ops, state, deadline, keep, payload } = t;
+        if ops.is_empty() {
+            state.complete(Ok(()));
+            return;
+        }
+        let slot = match self.free_active.pop() {
+            Some(s) => s,
+            None => {
+                self.active.push(None);
+                (self.active.len() - 1) as u32
+            }
+        };
+        self.active[slot as usize] = Some(Active {
+            remaining: ops.len(),
+            state,
+            deadline,
+            reported: false,
+            _keep: keep,
+            payload,
+        });
+        for op in ops {
+            self.post_or_queue(op, slot);
+        }
+    }
+
+    /// Posts an op now, or queues it when the provider says "again".
+    fn post_or_queue(&mut self, op: Op, slot: u32) {
+        match self.try_post(op, slot) {
+            Ok(true) => {}
+            Ok(false) => self.pending.push_back(Pending { op, slot }),
+            Err(e) => self.op_done(slot, Err(e)),
+        }
+    }
+
+    /// Returns Ok(true) when posted, Ok(false) when it must be retried.
+    fn try_post(&mut self, op: Op, slot: u32) -> Result<bool> {
+        let d = op.domain;
+        let dest = match self.peers.get(&op.peer).map(|p| &p.addrs) {
+            Some(Ok(a)) => a[d],
+            Some(Err(e)) => return Err(e.clone()),
+            None => return Err(Error::InvalidArgument(format!("unknown peer {}", op.peer))),
+        };
+        match op.kind {
+            OpKind::Write { region, src, len, raddr, rkey, imm } => {
+                let Some(mrs) = self.regions.get(&region) else {
+                    return Err(Error::Unregistered(format!("region {region} is gone")));
+                };
+                let desc = mrs[d].desc();
+                let tag = if slot == u32::MAX {
+                    Tag::Triggered { domain: d as u8, len }
+                } else {
+                    Tag::Transfer { slot, domain: d as u8, len }
+                };
+                let ctx = self.alloc_ctx(tag);
+                // SAFETY: src..src+len lies in a registered region (checked by the engine
+                // before submitting) that the transfer keeps alive until this op completes;
+                // raddr/rkey were derived from a validated descriptor; ctx is a stable slab
+                // block released only when its completion is read.
+                let r = unsafe {
+                    self.domains[d].post_write(
+                        src as *const u8,
+                        len,
+                        desc,
+                        dest,
+                        raddr,
+                        rkey,
+                        imm.map(u64::from),
+                        ctx,
+                    )
+                };
+                self.finish_post(d, ctx, r)
+            }
+            OpKind::Send => {
+                let Some(buf) = self.free_send.pop() else { return Ok(false) };
+                let payload = self.active[slot as usize].as_ref().and_then(|a| a.payload.as_ref());
+                let Some(payload) = payload else {
+                    self.free_send.push(buf);
+                    return Err(Error::InvalidArgument("send without payload".into()));
+                };
+                let len = payload.len();
+                let index = self.domains.len() * self.cfg.recv_buffers + buf as usize;
+                let (p, _) = self.msg_buf(index);
+                // SAFETY: p points to a send buffer of max_message bytes inside msg_mem and
+                // len <= max_message (checked by the engine); the source is the payload Vec.
+                unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), p as *mut u8, len) };
+                let desc = self.internal_desc(d);
+                let ctx = self.alloc_ctx(Tag::Send { slot, buf, domain: d as u8, len });
+                // SAFETY: the send buffer is in the internal region, registered for the worker's
+                // lifetime and not reused until this send completes; ctx as above.
+                let r = unsafe { self.domains[d].post_send(p, len, desc, dest, ctx) };
+                let out = self.finish_post(d, ctx, r);
+                if !matches!(out, Ok(true)) {
+                    self.free_send.push(buf);
+                }
+                out
+            }
+        }
+    }
+
+    fn finish_post(&mut self, d: usize, ctx: *mut c_void, r: Result<Posted>) -> Result<bool> {
+        match r {
+            Ok(Posted::Yes) => Ok(true),
+            other => {
+                // SAFETY: the op was not posted, so libfabric holds no reference to ctx.
+                unsafe { self.take_ctx(ctx) };
+                match other {
+                    Ok(_) => {
+                        self.poll_domain(d);
+                        Ok(false)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    fn retry_pending(&mut self) -> bool {
+        let n = self.pending.len();
+        let mut progressed = false;
+        for _ in 0..n {
+            let Some(p) = self.pending.pop_front() else { break };
+            let alive = self.active.get(p.slot as usize).is_some_and(|a| {
+                a.as_ref().is_some_and(|a| !a.reported)
+            }) || p.slot == u32::MAX;
+            if !alive {
+                // Its transfer already failed or timed out: drop the op.
+                self.op_done(p.slot, Ok(()));
+                continue;
+            }
+            match self.try_post(p.op, p.slot) {
+                Ok(true) => progressed = true,
+                Ok(false) => self.pending.push_back(p),
+                Err(e) => {
+                    progressed = true;
+                    self.op_done(p.slot, Err(e));
+                }
+            }
+        }
+        progressed
+    }
+
+    /// Accounts one finished op of a transfer.
+    fn op_done(&mut self, slot: u32, result: Result<()>) {
+        if slot == u32::MAX {
+            return;
+        }
+        let Some(Some(a)) = self.active.get_mut(slot as usize) else { return };
+        a.remaining -= 1;
+        if let Err(e) = result {
+            if !a.reported {
+                a.reported = true;
+                a.state.complete(Err(e));
+            }
+        }
+        if a.remaining == 0 {
+            if !a.reported {
+                a.state.complete(Ok(()));
+            }
+            self.active[slot as usize] = None;
+            self.free_active.push(slot);
+        }
+    }
+
+    fn poll_domain(&mut self, d: usize) -> usize {
+        const BATCH: usize = 64;
+        // SAFETY: fi_cq_data_entry is plain data; all-zero is a valid value.
+        let mut entries: [fi::fi_cq_data_entry; BATCH] = unsafe { std::mem::zeroed() };
+        let mut total = 0;
+        loop {
+            match self.domains[d].poll(&mut entries) {
+                Ok(0) => return total,
+                Ok(n) => {
+                    total += n;
+                    for e in &entries[..n] {
+                        self.on_completion(d, e.op_context, e.flags, e.len, e.data);
+                    }
+                    if n < BATCH {
+                        return total;
+                    }
+                }
+                Err(e) => {
+                    total += 1;
+                    self.on_error(d, e);
+                }
+            }
+        }
+    }
+
+    fn on_completion(&mut self, d: usize, ctx: *mut c_void, flags: u64, len: usize, data: u64) {
+        if ctx.is_null() {
+            if flags & fi::FI_REMOTE_CQ_DATA != 0 {
+                self.shared.stats[d].imms_received.fetch_add(1, Ordering::Relaxed);
+                let imm = data as u32;
+                if self.fire_trigger(imm) {
+                    return;
+                }
+                self.shared.imm.arrive(imm);
+            }
+            return;
+        }
+        // SAFETY: a non-null context in a completion is one this worker posted.
+        match unsafe { self.take_ctx(ctx) } {
+            Tag::Transfer { slot, domain, len } => {
+                let s = &self.shared.stats[domain as usize];
+                s.write_ops.fetch_add(1, Ordering::Relaxed);
+                s.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
+                self.op_done(slot, Ok(()));
+            }
+            Tag::Triggered { domain, len } => {
+                let s = &self.shared.stats[domain as usize];
+                s.write_ops.fetch_add(1, Ordering::Relaxed);
+                s.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
+            }
+            Tag::Send { slot, buf, domain, len } => {
+                let s = &self.shared.stats[domain as usize];
+                s.messages_sent.fetch_add(1, Ordering::Relaxed);
+                s.bytes_sent.fetch_add(len as u64, Ordering::Relaxed);
+                self.free_send.push(buf);
+                self.op_done(slot, Ok(()));
+            }
+            Tag::Recv { domain, buf } => {
+                let (p, _) = self.msg_buf(buf as usize);
+                let n = len.min(self.cfg.max_message);
+                // SAFETY: the provider wrote `len` bytes into this receive buffer.
+                let msg = unsafe { std::slice::from_raw_parts(p, n) }.to_vec();
+                self.shared.stats[d].messages_received.fetch_add(1, Ordering::Relaxed);
+                self.shared.messages.push(msg);
+                if let Err(e) = self.post_recv(domain as usize, buf) {
+                    self.shared.stats[domain as usize].errors.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("stolon: cannot repost receive buffer: {e}");
+                }
+            }
+            Tag::Free => {}
+        }
+        let _ = flags;
+    }
+
+    fn on_error(&mut self, d: usize, e: CqError) {
+        self.shared.stats[d].errors.fetch_add(1, Ordering::Relaxed);
+        if e.op_context.is_null() {
+            return;
+        }
+        // SAFETY: a non-null context in an error completion is one this worker posted.
+        let tag = unsafe { self.take_ctx(e.op_context) };
+        let err = Error::TransferFailed(e.message);
+        match tag {
+            Tag::Transfer { slot, .. } => self.op_done(slot, Err(err)),
+            Tag::Send { slot, buf, .. } => {
+                self.free_send.push(buf);
+                self.op_done(slot, Err(err));
+            }
+            Tag::Recv { domain, buf } => {
+                // Canceled at shutdown, or a receive error: repost unless we are stopping.
+                if e.err != fi::FI_ECANCELED {
+                    let _ = self.post_recv(domain as usize, buf);
+                }
+            }
+            Tag::Triggered { .. } | Tag::Free => {}
+        }
+    }
+
+    /// Posts a trigger's prepared ops for an arrival of `imm`; returns false if none is set.
+    fn fire_trigger(&mut self, imm: u32) -> bool {
+        let Some(t) = self.triggers.get_mut(&imm) else { return false };
+        t.times -= 1;
+        let ops = t.ops.clone();
+        if t.times == 0 {
+            self.triggers.remove(&imm);
+        }
+        for op in ops {
+            self.post_or_queue(op, u32::MAX);
+        }
+        true
+    }
+
+    fn check_deadlines(&mut self, now: Instant) {
+        for a in self.active.iter_mut().flatten() {
+            if !a.reported && a.deadline <= now {
+                a.reported = true;
+                a.state.complete(Err(Error::Timeout(
+                    a.deadline.saturating_duration_since(now).max(Duration::ZERO),
+                )));
+            }
+        }
+        let _ = &self.waiting_sends;
+    }
+
+    fn shutdown(&mut self) {
+        for a in self.active.iter_mut().flatten() {
+            if !a.reported {
+                a.reported = true;
+                a.state.complete(Err(Error::Stopped));
+            }
+        }
+        self.shared.imm.stop();
+        self.shared.messages.stop();
+        // Close the endpoints first (cancelling what is posted), then the regions.
+        let regions: Vec<_> = self.regions.drain().collect();
+        let mut domains = std::mem::take(&mut self.domains);
+        for (_, mrs) in regions {
+            for (d, mr) in mrs.into_iter().enumerate() {
+                domains[d].close_mr(mr);
+            }
+        }
+        domains.clear();
+        self.active.clear();
+        self.pending.clear();
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it; sched_setaffinity(0) affects
+    // only the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            eprintln!("stolon: could not pin worker to CPU {cpu}");
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn pin_to_cpu(_cpu: usize) {}
