@@ -1,0 +1,671 @@
+//! `stolon._native`: a thin PyO3 layer over fabric-lib. It converts types and errors and releases
+//! the GIL around everything that waits; all logic lives in fabric-lib. The public Python API is
+//! `python/stolon/`, which re-exports these classes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fabric_lib as fl;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::sync::GILOnceCell;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple, PyType};
+
+/// Converts an engine error into the matching `stolon.errors` class (defined once, in Python).
+fn to_py(e: fl::Error) -> PyErr {
+    let name = match &e {
+        fl::Error::LibraryNotFound(_) => "LibraryNotFoundError",
+        fl::Error::ProviderNotFound { .. } => "ProviderNotFoundError",
+        fl::Error::Fabric { .. } => "FabricError",
+        fl::Error::Config(_) => "ConfigError",
+        fl::Error::OutOfBounds(_) => "OutOfBoundsError",
+        fl::Error::Unregistered(_) => "UnregisteredMemoryError",
+        fl::Error::DomainMismatch(_) => "DomainMismatchError",
+        fl::Error::Decode { .. } => "DecodeError",
+        fl::Error::InvalidArgument(_) => "InvalidArgumentError",
+        fl::Error::MessageTooLarge { .. } => "MessageTooLargeError",
+        fl::Error::TransferFailed(_) => "TransferError",
+        fl::Error::Timeout(_) => "TransferTimeoutError",
+        fl::Error::Stopped => "EngineStoppedError",
+        _ => "StolonError",
+    };
+    let msg = e.to_string();
+    Python::with_gil(|py| {
+        static ERRORS: GILOnceCell<Py<PyModule>> = GILOnceCell::new();
+        let module = ERRORS.get_or_try_init(py, || {
+            py.import("stolon.errors").map(|m| m.unbind())
+        });
+        match module.and_then(|m| m.bind(py).getattr(name)) {
+            Ok(cls) => match cls.call1((msg.clone(),)) {
+                Ok(inst) => PyErr::from_value(inst),
+                Err(err) => err,
+            },
+            Err(_) => PyValueError::new_err(msg),
+        }
+    })
+}
+
+fn dur(seconds: Option<f64>) -> PyResult<Option<Duration>> {
+    match seconds {
+        None => Ok(None),
+        Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s))),
+        Some(s) => Err(to_py(fl::Error::InvalidArgument(format!("bad timeout {s}")))),
+    }
+}
+
+fn sharding(s: Option<&str>, pin: Option<usize>) -> PyResult<Option<fl::Sharding>> {
+    match (s, pin) {
+        (_, Some(d)) => Ok(Some(fl::Sharding::Pinned(d))),
+        (None, None) => Ok(None),
+        (Some("round_robin"), None) => Ok(Some(fl::Sharding::RoundRobin)),
+        (Some(other), None) => Err(to_py(fl::Error::InvalidArgument(format!(
+            "sharding {other:?}: use 'round_robin' or pin_domain=N"
+        )))),
+    }
+}
+
+/// An engine's address: what a peer needs to reach it. Serializes to bytes and text.
+#[pyclass(module = "stolon._native", frozen, eq, hash)]
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Address {
+    inner: fl::PeerAddr,
+}
+
+#[pymethods]
+impl Address {
+    #[staticmethod]
+    fn from_bytes(data: &[u8]) -> PyResult<Self> {
+        fl::PeerAddr::from_bytes(data).map(|inner| Address { inner }).map_err(to_py)
+    }
+    #[staticmethod]
+    fn from_text(text: &str) -> PyResult<Self> {
+        fl::PeerAddr::from_text(text).map(|inner| Address { inner }).map_err(to_py)
+    }
+    fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.inner.to_bytes())
+    }
+    fn to_text(&self) -> String {
+        self.inner.to_text()
+    }
+    fn __bytes__<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        self.to_bytes(py)
+    }
+    fn __str__(&self) -> String {
+        self.inner.to_text()
+    }
+    fn __repr__(&self) -> String {
+        let provs: Vec<_> = self.inner.domains.iter().map(|d| d.provider.as_str()).collect();
+        format!("Address(engine={:016x}, domains={provs:?})", self.inner.engine_id)
+    }
+    /// Providers of the engine's domains, in order.
+    #[getter]
+    fn providers(&self) -> Vec<String> {
+        self.inner.domains.iter().map(|d| d.provider.clone()).collect()
+    }
+    #[getter]
+    fn engine_id(&self) -> u64 {
+        self.inner.engine_id
+    }
+    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
+        let f = py.get_type::<Address>().getattr("from_bytes")?;
+        Ok((f, (self.to_bytes(py),)))
+    }
+}
+
+/// What a peer needs to write into a registered region: owner address, bounds, keys.
+#[pyclass(module = "stolon._native", frozen, eq, hash)]
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct MemoryDescriptor {
+    inner: fl::MemDesc,
+}
+
+#[pymethods]
+impl MemoryDescriptor {
+    #[staticmethod]
+    fn from_bytes(data: &[u8]) -> PyResult<Self> {
+        fl::MemDesc::from_bytes(data).map(|inner| MemoryDescriptor { inner }).map_err(to_py)
+    }
+    #[staticmethod]
+    fn from_text(text: &str) -> PyResult<Self> {
+        fl::MemDesc::from_text(text).map(|inner| MemoryDescriptor { inner }).map_err(to_py)
+    }
+    fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.inner.to_bytes())
+    }
+    fn to_text(&self) -> String {
+        self.inner.to_text()
+    }
+    fn __bytes__<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        self.to_bytes(py)
+    }
+    fn __str__(&self) -> String {
+        self.inner.to_text()
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "MemoryDescriptor(engine={:016x}, region={}, length={})",
+            self.inner.owner.engine_id, self.inner.region_id, self.inner.len
+        )
+    }
+    /// Length of the region in bytes.
+    #[getter]
+    fn length(&self) -> u64 {
+        self.inner.len
+    }
+    /// The owner's address.
+    #[getter]
+    fn address(&self) -> Address {
+        Address { inner: self.inner.owner.clone() }
+    }
+    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
+        let f = py.get_type::<MemoryDescriptor>().getattr("from_bytes")?;
+        Ok((f, (self.to_bytes(py),)))
+    }
+}
+
+/// A registered local memory region.
+#[pyclass(module = "stolon._native", frozen)]
+struct MemoryRegion {
+    inner: fl::MemoryRegion,
+}
+
+#[pymethods]
+impl MemoryRegion {
+    #[getter]
+    fn descriptor(&self) -> MemoryDescriptor {
+        MemoryDescriptor { inner: self.inner.descriptor().clone() }
+    }
+    #[getter]
+    fn ptr(&self) -> usize {
+        self.inner.ptr()
+    }
+    #[getter]
+    fn length(&self) -> u64 {
+        self.inner.len()
+    }
+    #[getter]
+    fn revoked(&self) -> bool {
+        self.inner.is_revoked()
+    }
+    fn __len__(&self) -> usize {
+        self.inner.len() as usize
+    }
+    fn __repr__(&self) -> String {
+        format!("MemoryRegion(ptr={:#x}, length={})", self.inner.ptr(), self.inner.len())
+    }
+}
+
+/// A submitted transfer: wait on it, poll it, or attach a callback.
+#[pyclass(module = "stolon._native", frozen)]
+struct TransferFuture {
+    inner: fl::Transfer,
+}
+
+fn call_with_result(cb: Py<PyAny>, r: fl::Result<()>) {
+    Python::with_gil(|py| {
+        let arg: PyObject = match r {
+            Ok(()) => py.None(),
+            Err(e) => to_py(e).into_value(py).into_any(),
+        };
+        if let Err(err) = cb.call1(py, (arg,)) {
+            err.print(py);
+        }
+    });
+}
+
+#[pymethods]
+impl TransferFuture {
+    /// Blocks (GIL released) until the transfer finishes; raises its error.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        let t = dur(timeout)?.unwrap_or(Duration::from_secs(365 * 86400));
+        let inner = self.inner.clone();
+        py.allow_threads(move || inner.wait(t)).map_err(to_py)
+    }
+    /// Whether the transfer has finished.
+    fn done(&self) -> bool {
+        self.inner.is_done()
+    }
+    /// The error if it failed, None if it succeeded; raises if not finished.
+    fn exception(&self, py: Python<'_>) -> PyResult<PyObject> {
+        match self.inner.result() {
+            None => Err(PyValueError::new_err("transfer has not finished")),
+            Some(Ok(())) => Ok(py.None()),
+            Some(Err(e)) => Ok(to_py(e).into_value(py).into_any()),
+        }
+    }
+    /// Calls `fn(exc_or_None)` on the engine's callback thread when finished.
+    fn add_done_callback(&self, callback: Py<PyAny>) {
+        self.inner.on_done(move |r| call_with_result(callback, r));
+    }
+    /// Immediates this transfer produces at each receiver (a list, one entry per destination).
+    #[getter]
+    fn imm_counts(&self) -> Vec<usize> {
+        self.inner.imm_counts.to_vec()
+    }
+    /// Total immediates this transfer produces.
+    #[getter]
+    fn imm_count(&self) -> usize {
+        self.inner.imm_count()
+    }
+}
+
+/// The transfer engine: one domain group (1..16 NIC endpoints) driven by one worker thread.
+#[pyclass(module = "stolon._native", frozen, subclass)]
+struct TransferEngine {
+    inner: Arc<fl::TransferEngine>,
+}
+
+impl TransferEngine {
+    fn region<'a>(&self, r: &'a Bound<'_, MemoryRegion>) -> &'a fl::MemoryRegion {
+        &r.get().inner
+    }
+}
+
+#[pymethods]
+impl TransferEngine {
+    #[new]
+    #[pyo3(signature = (provider="tcp", domains=None, *, interfaces=None, nodes=None, timeout=30.0,
+                        min_shard_bytes=1<<20, max_op_bytes=None, recv_buffers=64,
+                        send_buffers=64, max_message_bytes=65536, worker_cpu=None,
+                        spin_us=20000, max_sleep_us=500))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        provider: &str,
+        domains: Option<usize>,
+        interfaces: Option<Vec<String>>,
+        nodes: Option<Vec<String>>,
+        timeout: f64,
+        min_shard_bytes: u64,
+        max_op_bytes: Option<u64>,
+        recv_buffers: usize,
+        send_buffers: usize,
+        max_message_bytes: usize,
+        worker_cpu: Option<usize>,
+        spin_us: u64,
+        max_sleep_us: u64,
+    ) -> PyResult<Self> {
+        let n = domains
+            .or(interfaces.as_ref().map(Vec::len))
+            .or(nodes.as_ref().map(Vec::len))
+            .unwrap_or(1);
+        for (what, list) in [("interfaces", &interfaces), ("nodes", &nodes)] {
+            if let Some(l) = list {
+                if l.len() != n {
+                    return Err(to_py(fl::Error::Config(format!(
+                        "{} {what} given for {n} domains",
+                        l.len()
+                    ))));
+                }
+            }
+        }
+        let mut cfg = fl::EngineConfig::new(provider, n);
+        for (i, d) in cfg.domains.iter_mut().enumerate() {
+            d.interface = interfaces.as_ref().map(|l| l[i].clone());
+            d.node = nodes.as_ref().map(|l| l[i].clone());
+        }
+        cfg.timeout = dur(Some(timeout))?.unwrap();
+        cfg.min_shard_bytes = min_shard_bytes;
+        cfg.max_op_bytes = max_op_bytes;
+        cfg.recv_buffers = recv_buffers;
+        cfg.send_buffers = send_buffers;
+        cfg.max_message_bytes = max_message_bytes;
+        cfg.worker_cpu = worker_cpu;
+        cfg.spin = Duration::from_micros(spin_us);
+        cfg.max_sleep = Duration::from_micros(max_sleep_us.max(1));
+        let engine = py.allow_threads(move || fl::TransferEngine::new(cfg)).map_err(to_py)?;
+        Ok(TransferEngine { inner: Arc::new(engine) })
+    }
+
+    /// This engine's address.
+    #[getter]
+    fn address(&self) -> Address {
+        Address { inner: self.inner.address().clone() }
+    }
+
+    /// Number of domains in the group.
+    #[getter]
+    fn num_domains(&self) -> usize {
+        self.inner.address().domains.len()
+    }
+
+    /// What each domain's provider granted.
+    fn domain_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for a in self.inner.domain_attrs() {
+            out.append(attrs_dict(py, a)?)?;
+        }
+        Ok(out)
+    }
+
+    /// Registers `length` bytes at `ptr`; `owner` is kept alive while the region is.
+    #[pyo3(signature = (ptr, length, owner=None))]
+    fn register_ptr(
+        &self,
+        py: Python<'_>,
+        ptr: usize,
+        length: u64,
+        owner: Option<PyObject>,
+    ) -> PyResult<MemoryRegion> {
+        let owner: Option<Box<dyn std::any::Any + Send + Sync>> =
+            owner.map(|o| Box::new(o) as Box<dyn std::any::Any + Send + Sync>);
+        let engine = self.inner.clone();
+        // SAFETY: the Python layer passes the address of a buffer exported by `owner` (which
+        // pins it: a buffer export prevents resizing) or a raw pointer the caller vouches for;
+        // the owner is kept alive for as long as the region and any transfer using it.
+        let r = py.allow_threads(move || unsafe { engine.register(ptr, length, owner) });
+        Ok(MemoryRegion { inner: r.map_err(to_py)? })
+    }
+
+    /// Revokes a region: later transfers using it raise UnregisteredMemoryError.
+    fn unregister(&self, region: &Bound<'_, MemoryRegion>) {
+        self.inner.unregister(self.region(region));
+    }
+
+    /// One-sided write of `length` bytes, optionally carrying immediate `imm`.
+    #[pyo3(signature = (src, src_offset, dst, dst_offset, length, imm=None, *, sharding=None,
+                        pin_domain=None, timeout=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        src: &Bound<'_, MemoryRegion>,
+        src_offset: u64,
+        dst: &MemoryDescriptor,
+        dst_offset: u64,
+        length: u64,
+        imm: Option<u32>,
+        sharding: Option<&str>,
+        pin_domain: Option<usize>,
+        timeout: Option<f64>,
+    ) -> PyResult<TransferFuture> {
+        let s = self::sharding(sharding, pin_domain)?;
+        self.inner
+            .write(self.region(src), src_offset, &dst.inner, dst_offset, length, imm, s, dur(timeout)?)
+            .map(|inner| TransferFuture { inner })
+            .map_err(to_py)
+    }
+
+    /// Sends only an immediate to `peer`.
+    #[pyo3(signature = (peer, imm, *, timeout=None))]
+    fn write_imm(&self, peer: &Address, imm: u32, timeout: Option<f64>) -> PyResult<TransferFuture> {
+        self.inner
+            .write_imm(&peer.inner, imm, dur(timeout)?)
+            .map(|inner| TransferFuture { inner })
+            .map_err(to_py)
+    }
+
+    /// Paged write: page src_pages[i] (at src_offset + index*src_stride) to page dst_pages[i].
+    #[pyo3(signature = (src, dst, page_bytes, src_pages, dst_pages, *, src_stride=None,
+                        dst_stride=None, src_offset=0, dst_offset=0, imm=None, sharding=None,
+                        pin_domain=None, timeout=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn write_paged(
+        &self,
+        src: &Bound<'_, MemoryRegion>,
+        dst: &MemoryDescriptor,
+        page_bytes: u64,
+        src_pages: Vec<u32>,
+        dst_pages: Vec<u32>,
+        src_stride: Option<u64>,
+        dst_stride: Option<u64>,
+        src_offset: u64,
+        dst_offset: u64,
+        imm: Option<u32>,
+        sharding: Option<&str>,
+        pin_domain: Option<usize>,
+        timeout: Option<f64>,
+    ) -> PyResult<TransferFuture> {
+        let spec = fl::PagedSpec {
+            page_bytes,
+            src_pages,
+            dst_pages,
+            src_stride: src_stride.unwrap_or(page_bytes),
+            dst_stride: dst_stride.unwrap_or(page_bytes),
+            src_offset,
+            dst_offset,
+        };
+        let s = self::sharding(sharding, pin_domain)?;
+        self.inner
+            .write_paged(self.region(src), &dst.inner, &spec, imm, s, dur(timeout)?)
+            .map(|inner| TransferFuture { inner })
+            .map_err(to_py)
+    }
+
+    /// Scatter from one region: items are (descriptor, src_offset, dst_offset, length).
+    /// Distinct descriptors are distinct destinations; `imm_counts` follows their first
+    /// appearance.
+    #[pyo3(signature = (src, items, imm=None, *, sharding=None, pin_domain=None, timeout=None))]
+    fn scatter(
+        &self,
+        src: &Bound<'_, MemoryRegion>,
+        items: Vec<(MemoryDescriptor, u64, u64, u64)>,
+        imm: Option<u32>,
+        sharding: Option<&str>,
+        pin_domain: Option<usize>,
+        timeout: Option<f64>,
+    ) -> PyResult<TransferFuture> {
+        let mut dsts: Vec<fl::MemDesc> = Vec::new();
+        let mut its = Vec::with_capacity(items.len());
+        for (d, src_off, dst_off, len) in items {
+            let idx = match dsts.iter().position(|x| *x == d.inner) {
+                Some(i) => i,
+                None => {
+                    dsts.push(d.inner);
+                    dsts.len() - 1
+                }
+            };
+            its.push(fl::ScatterItem { dst: idx, src_off, dst_off, len });
+        }
+        let refs: Vec<&fl::MemDesc> = dsts.iter().collect();
+        let s = self::sharding(sharding, pin_domain)?;
+        self.inner
+            .scatter(self.region(src), &refs, &its, imm, s, dur(timeout)?)
+            .map(|inner| TransferFuture { inner })
+            .map_err(to_py)
+    }
+
+    /// Sends a control message (bytes) to `peer`.
+    #[pyo3(signature = (peer, data, *, timeout=None))]
+    fn send(&self, peer: &Address, data: &[u8], timeout: Option<f64>) -> PyResult<TransferFuture> {
+        self.inner
+            .send(&peer.inner, data, dur(timeout)?)
+            .map(|inner| TransferFuture { inner })
+            .map_err(to_py)
+    }
+
+    /// Receives the next control message, waiting up to `timeout` seconds.
+    #[pyo3(signature = (timeout=None))]
+    fn recv<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyBytes>> {
+        let t = dur(timeout)?.unwrap_or(self.inner.config().timeout);
+        let engine = self.inner.clone();
+        let m = py.allow_threads(move || engine.recv(t)).map_err(to_py)?;
+        Ok(PyBytes::new(py, &m))
+    }
+
+    /// Delivers messages to `callback(bytes)` on the callback thread (None restores recv()).
+    #[pyo3(signature = (callback=None))]
+    fn on_message(&self, callback: Option<Py<PyAny>>) {
+        let cb = callback.map(|cb| {
+            let cb = Arc::new(cb);
+            Arc::new(move |m: Vec<u8>| {
+                Python::with_gil(|py| {
+                    if let Err(e) = cb.call1(py, (PyBytes::new(py, &m),)) {
+                        e.print(py);
+                    }
+                })
+            }) as Arc<dyn Fn(Vec<u8>) + Send + Sync>
+        });
+        self.inner.on_message(cb);
+    }
+
+    /// Waits until every other engine in `peers` reached the barrier with the same `imm`.
+    #[pyo3(signature = (peers, imm, timeout=None))]
+    fn barrier(&self, py: Python<'_>, peers: Vec<Address>, imm: u32, timeout: Option<f64>) -> PyResult<()> {
+        let t = dur(timeout)?.unwrap_or(self.inner.config().timeout);
+        let addrs: Vec<fl::PeerAddr> = peers.into_iter().map(|a| a.inner).collect();
+        let engine = self.inner.clone();
+        py.allow_threads(move || engine.barrier(&addrs, imm, t)).map_err(to_py)
+    }
+
+    /// Arrivals of `imm` counted and not yet consumed.
+    fn imm_count(&self, imm: u32) -> u64 {
+        self.inner.imm_counter().count(imm)
+    }
+
+    /// Blocks until `imm` has arrived `count` times, then consumes them.
+    #[pyo3(signature = (imm, count, timeout=None))]
+    fn wait_imm(&self, py: Python<'_>, imm: u32, count: u64, timeout: Option<f64>) -> PyResult<()> {
+        let t = dur(timeout)?.unwrap_or(self.inner.config().timeout);
+        let engine = self.inner.clone();
+        py.allow_threads(move || engine.imm_counter().wait(imm, count, t)).map_err(to_py)
+    }
+
+    /// Calls `callback(exc_or_None)` once `imm` has arrived `count` times (consuming them), or
+    /// with a timeout error after `timeout` seconds.
+    #[pyo3(signature = (imm, count, callback, timeout=None))]
+    fn expect_imm(&self, imm: u32, count: u64, callback: Py<PyAny>, timeout: Option<f64>) -> PyResult<()> {
+        let t = dur(timeout)?;
+        self.inner.imm_counter().expect(imm, count, t, move |r| call_with_result(callback, r));
+        Ok(())
+    }
+
+    /// Immediates a receiver gets from `write(..., length, imm)`.
+    #[pyo3(signature = (length, *, sharding=None, pin_domain=None))]
+    fn imm_count_write(&self, length: u64, sharding: Option<&str>, pin_domain: Option<usize>) -> PyResult<usize> {
+        Ok(self.inner.imm_count_write(length, self::sharding(sharding, pin_domain)?))
+    }
+
+    /// Immediates a receiver gets from a paged write of `pages` pages.
+    fn imm_count_paged(&self, pages: usize, page_bytes: u64) -> usize {
+        self.inner.imm_count_paged(pages, page_bytes)
+    }
+
+    /// Immediates one scatter destination gets for an item of `length` bytes.
+    fn imm_count_scatter_item(&self, length: u64) -> usize {
+        self.inner.shard_params().imm_count_scatter_item(length)
+    }
+
+    /// Arms a worker-side trigger: each of the next `times` arrivals of `imm` posts a prepared
+    /// write (used for latency measurement and GPU-triggered streaming).
+    #[pyo3(signature = (imm, times, src, src_offset, dst, dst_offset, length, reply_imm=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn trigger_write(
+        &self,
+        imm: u32,
+        times: u64,
+        src: &Bound<'_, MemoryRegion>,
+        src_offset: u64,
+        dst: &MemoryDescriptor,
+        dst_offset: u64,
+        length: u64,
+        reply_imm: Option<u32>,
+    ) -> PyResult<()> {
+        self.inner
+            .trigger_write(imm, times, self.region(src), src_offset, &dst.inner, dst_offset, length, reply_imm)
+            .map_err(to_py)
+    }
+
+    /// Per-domain counters: a list of dicts.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for s in self.inner.stats() {
+            let d = PyDict::new(py);
+            d.set_item("bytes_written", s.bytes_written)?;
+            d.set_item("write_ops", s.write_ops)?;
+            d.set_item("messages_sent", s.messages_sent)?;
+            d.set_item("bytes_sent", s.bytes_sent)?;
+            d.set_item("messages_received", s.messages_received)?;
+            d.set_item("imms_received", s.imms_received)?;
+            d.set_item("errors", s.errors)?;
+            out.append(d)?;
+        }
+        Ok(out)
+    }
+
+    /// Stops the worker; in-flight transfers fail with EngineStoppedError. Idempotent.
+    fn stop(&self, py: Python<'_>) {
+        let engine = self.inner.clone();
+        py.allow_threads(move || engine.stop());
+    }
+
+    #[getter]
+    fn stopped(&self) -> bool {
+        self.inner.is_stopped()
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (_t=None, _v=None, _tb=None))]
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        _t: Option<&Bound<'_, PyType>>,
+        _v: Option<&Bound<'_, PyAny>>,
+        _tb: Option<&Bound<'_, PyAny>>,
+    ) {
+        self.stop(py);
+    }
+}
+
+fn attrs_dict<'py>(py: Python<'py>, a: &fl::DomainAttrs) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("provider", &a.provider)?;
+    d.set_item("fabric", &a.fabric)?;
+    d.set_item("domain", &a.domain)?;
+    d.set_item("virt_addr", a.virt_addr)?;
+    d.set_item("prov_key", a.prov_key)?;
+    d.set_item("mr_local", a.mr_local)?;
+    d.set_item("max_msg_size", a.max_msg_size)?;
+    d.set_item("inject_size", a.inject_size)?;
+    d.set_item("tx_size", a.tx_size)?;
+    d.set_item("rx_size", a.rx_size)?;
+    d.set_item("cq_data_size", a.cq_data_size)?;
+    Ok(d)
+}
+
+/// Path and version of the libfabric that was loaded (raises LibraryNotFoundError).
+#[pyfunction]
+fn libfabric_info<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    let lib = fl::sys::libfabric::lib()
+        .map_err(|e| to_py(fl::Error::LibraryNotFound(e.to_string())))?;
+    let d = PyDict::new(py);
+    d.set_item("path", &lib.path)?;
+    let (maj, min) = lib.runtime_version();
+    d.set_item("version", format!("{maj}.{min}"))?;
+    d.set_item("candidates", PyTuple::new(py, fl::sys::libfabric::candidate_paths())?)?;
+    Ok(d)
+}
+
+/// RDM providers/interfaces usable here with FI_MSG, FI_RMA and remote CQ data.
+#[pyfunction]
+#[pyo3(signature = (provider=None))]
+fn list_providers<'py>(py: Python<'py>, provider: Option<&str>) -> PyResult<Bound<'py, PyList>> {
+    let p = provider.map(str::to_string);
+    let found = py.allow_threads(move || fl::list_providers(p.as_deref()));
+    let out = PyList::empty(py);
+    match found {
+        Ok(list) => {
+            for a in &list {
+                out.append(attrs_dict(py, a)?)?;
+            }
+        }
+        Err(fl::Error::ProviderNotFound { .. }) => {}
+        Err(e) => return Err(to_py(e)),
+    }
+    Ok(out)
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<TransferEngine>()?;
+    m.add_class::<TransferFuture>()?;
+    m.add_class::<MemoryRegion>()?;
+    m.add_class::<MemoryDescriptor>()?;
+    m.add_class::<Address>()?;
+    m.add_function(wrap_pyfunction!(libfabric_info, m)?)?;
+    m.add_function(wrap_pyfunction!(list_providers, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,25 @@
+"""stolon: portable data movement for large-model inference and training.
+
+One engine moves bytes from registered memory on one machine into registered memory on another
+with one-sided writes that carry a 32-bit immediate, over any libfabric provider (EFA, verbs,
+tcp, shm, udp), sharded across several NICs. Receivers count immediates; nothing relies on order.
+"""
+
+from __future__ import annotations
+
+from . import errors
+from ._native import libfabric_info, list_providers
+from .engine import Address, MemoryDescriptor, MemoryRegion, TransferEngine, TransferFuture
+from .errors import *  # noqa: F403
+
+__all__ = [
+    "TransferEngine",
+    "TransferFuture",
+    "MemoryRegion",
+    "MemoryDescriptor",
+    "Address",
+    "libfabric_info",
+    "list_providers",
+    "errors",
+    *errors.__all__,
+]

@@ -1,0 +1,76 @@
+"""stolon's exception classes, defined once; the native module raises these."""
+
+from __future__ import annotations
+
+__all__ = [
+    "StolonError",
+    "LibraryNotFoundError",
+    "ProviderNotFoundError",
+    "FabricError",
+    "ConfigError",
+    "OutOfBoundsError",
+    "UnregisteredMemoryError",
+    "DomainMismatchError",
+    "DecodeError",
+    "InvalidArgumentError",
+    "MessageTooLargeError",
+    "TransferError",
+    "TransferTimeoutError",
+    "EngineStoppedError",
+]
+
+
+class StolonError(Exception):
+    """Base class of every error stolon raises."""
+
+
+class LibraryNotFoundError(StolonError, ImportError):
+    """A native library (libfabric, CUDA) could not be loaded; the message lists the paths tried."""
+
+
+class ProviderNotFoundError(StolonError):
+    """No libfabric provider/interface matches the request (see ``python -m stolon info``)."""
+
+
+class FabricError(StolonError):
+    """A libfabric call failed."""
+
+
+class ConfigError(StolonError, ValueError):
+    """The engine's configuration is invalid."""
+
+
+class OutOfBoundsError(StolonError, IndexError):
+    """A request touches bytes outside a registered region or a remote descriptor."""
+
+
+class UnregisteredMemoryError(StolonError):
+    """A region was unregistered, or belongs to another engine."""
+
+
+class DomainMismatchError(StolonError):
+    """A descriptor or address does not fit this engine's domains (count or provider)."""
+
+
+class DecodeError(StolonError, ValueError):
+    """Bytes or text could not be decoded into a descriptor or address (corrupt or truncated)."""
+
+
+class InvalidArgumentError(StolonError, ValueError):
+    """Any other bad argument."""
+
+
+class MessageTooLargeError(StolonError, ValueError):
+    """A control message is larger than the peer's receive buffers."""
+
+
+class TransferError(StolonError):
+    """A transfer completed with an error from the fabric (dead peer, broken link)."""
+
+
+class TransferTimeoutError(TransferError, TimeoutError):
+    """A transfer or wait ran past its deadline."""
+
+
+class EngineStoppedError(StolonError):
+    """The engine was stopped while the operation was pending."""
