@@ -120,7 +120,10 @@ pub(crate) struct Worker {
     free_ctx: Vec<u32>,
     active: Vec<Option<Active>>,
     free_active: Vec<u32>,
-    pending: VecDeque<Pending>,
+    /// Ops waiting for queue space, per domain (FIFO, retried front first).
+    pending: Vec<VecDeque<Pending>>,
+    /// Ops waiting in all queues.
+    n_pending: usize,
     peers: HashMap<u32, PeerEntry>,
     regions: HashMap<u64, Vec<Mr>>,
     /// Backing store of message buffers: recv buffers of every domain, then send buffers.
@@ -157,7 +160,8 @@ impl Worker {
             free_ctx: Vec::new(),
             active: Vec::new(),
             free_active: Vec::new(),
-            pending: VecDeque::new(),
+            pending: (0..nd).map(|_| VecDeque::new()).collect(),
+            n_pending: 0,
             peers: HashMap::new(),
             regions: HashMap::new(),
             msg_mem,
@@ -287,7 +291,7 @@ impl Worker {
             for d in 0..self.domains.len() {
                 busy |= self.poll_domain(d) > 0;
             }
-            if !self.pending.is_empty() {
+            if self.n_pending > 0 {
                 busy |= self.retry_pending();
             }
             let now = Instant::now();
@@ -389,11 +393,20 @@ impl Worker {
         }
     }
 
-    /// Posts an op now, or queues it when the provider says "again".
+    /// Posts an op now, or queues it when the provider says "again" (or ops are already
+    /// queued on its domain: posting would only fail again).
     fn post_or_queue(&mut self, op: Op, slot: u32) {
+        if !self.pending[op.domain].is_empty() {
+            self.pending[op.domain].push_back(Pending { op, slot });
+            self.n_pending += 1;
+            return;
+        }
         match self.try_post(op, slot) {
             Ok(true) => {}
-            Ok(false) => self.pending.push_back(Pending { op, slot }),
+            Ok(false) => {
+                self.pending[op.domain].push_back(Pending { op, slot });
+                self.n_pending += 1;
+            }
             Err(e) => self.op_done(slot, Err(e)),
         }
     }
@@ -411,6 +424,35 @@ impl Worker {
                 let Some(mrs) = self.regions.get(&region) else {
                     return Err(Error::Unregistered(format!("region {region} is gone")));
                 };
+                let dom = &self.domains[d];
+                if dom.attrs.use_inject && len <= dom.attrs.inject_size {
+                    // SAFETY: src..src+len lies in a registered region (checked by the engine)
+                    // and is only read during the call; raddr/rkey come from a validated
+                    // descriptor.
+                    let r = unsafe {
+                        self.domains[d].inject_write(
+                            src as *const u8,
+                            len,
+                            dest,
+                            raddr,
+                            rkey,
+                            imm.map(u64::from),
+                        )
+                    };
+                    return match r? {
+                        Posted::Yes => {
+                            let s = &self.shared.stats[d];
+                            s.write_ops.fetch_add(1, Ordering::Relaxed);
+                            s.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
+                            self.op_done(slot, Ok(()));
+                            Ok(true)
+                        }
+                        Posted::Again => {
+                            self.poll_domain(d);
+                            Ok(false)
+                        }
+                    };
+                }
                 let desc = mrs[d].desc();
                 let tag = if slot == u32::MAX {
                     Tag::Triggered { domain: d as u8, len }
@@ -480,25 +522,33 @@ impl Worker {
         }
     }
 
+    /// Retries queued ops, front first, until a domain says "again".
     fn retry_pending(&mut self) -> bool {
-        let n = self.pending.len();
         let mut progressed = false;
-        for _ in 0..n {
-            let Some(p) = self.pending.pop_front() else { break };
-            let alive = self.active.get(p.slot as usize).is_some_and(|a| {
-                a.as_ref().is_some_and(|a| !a.reported)
-            }) || p.slot == u32::MAX;
-            if !alive {
-                // Its transfer already failed or timed out: drop the op.
-                self.op_done(p.slot, Ok(()));
-                continue;
-            }
-            match self.try_post(p.op, p.slot) {
-                Ok(true) => progressed = true,
-                Ok(false) => self.pending.push_back(p),
-                Err(e) => {
+        for d in 0..self.pending.len() {
+            while let Some(p) = self.pending[d].pop_front() {
+                self.n_pending -= 1;
+                let alive = p.slot == u32::MAX
+                    || self.active.get(p.slot as usize).is_some_and(|a| {
+                        a.as_ref().is_some_and(|a| !a.reported)
+                    });
+                if !alive {
+                    // Its transfer already failed or timed out: drop the op.
+                    self.op_done(p.slot, Ok(()));
                     progressed = true;
-                    self.op_done(p.slot, Err(e));
+                    continue;
+                }
+                match self.try_post(p.op, p.slot) {
+                    Ok(true) => progressed = true,
+                    Ok(false) => {
+                        self.pending[d].push_front(p);
+                        self.n_pending += 1;
+                        break;
+                    }
+                    Err(e) => {
+                        progressed = true;
+                        self.op_done(p.slot, Err(e));
+                    }
                 }
             }
         }
@@ -671,6 +721,7 @@ impl Worker {
         domains.clear();
         self.active.clear();
         self.pending.clear();
+        self.n_pending = 0;
     }
 }
 

@@ -266,7 +266,7 @@ impl TransferEngine {
 impl TransferEngine {
     #[new]
     #[pyo3(signature = (provider="tcp", domains=None, *, interfaces=None, nodes=None, timeout=30.0,
-                        min_shard_bytes=1<<20, max_op_bytes=None, recv_buffers=64,
+                        min_shard_bytes=1048576, max_op_bytes=None, recv_buffers=64,
                         send_buffers=64, max_message_bytes=65536, worker_cpu=None,
                         spin_us=20000, max_sleep_us=500))]
     #[allow(clippy::too_many_arguments)]

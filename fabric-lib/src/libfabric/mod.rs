@@ -57,6 +57,8 @@ pub struct DomainAttrs {
     pub tx_size: usize,
     pub rx_size: usize,
     pub cq_data_size: usize,
+    /// Small writes may use `fi_inject_write*` (not on `udp;ofi_rxd`, where it loses events).
+    pub use_inject: bool,
 }
 
 /// A registered memory region on one domain; closed through [`FabricDomain::close_mr`].
@@ -182,6 +184,8 @@ unsafe fn read_attrs(info: *const fi::fi_info) -> DomainAttrs {
             tx_size: (*i.tx_attr).size,
             rx_size: (*i.rx_attr).size,
             cq_data_size: d.cq_data_size,
+            use_inject: !cstr_or_empty(f.prov_name).contains("rxd")
+                && std::env::var_os("STOLON_NO_INJECT").is_none(),
         }
     }
 }
@@ -435,6 +439,33 @@ impl FabricDomain {
             }
         };
         self.post_result("fi_write", rc)
+    }
+
+    /// Writes a small buffer (at most `attrs.inject_size` bytes) without a local completion:
+    /// the buffer may be reused as soon as this returns `Posted::Yes`.
+    ///
+    /// # Safety
+    /// `buf..buf+len` must be readable for the duration of the call; `raddr`/`key` as for
+    /// [`Self::post_write`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn inject_write(
+        &mut self,
+        buf: *const u8,
+        len: usize,
+        dest: fi::fi_addr_t,
+        raddr: u64,
+        key: u64,
+        data: Option<u64>,
+    ) -> Result<Posted> {
+        // SAFETY: the endpoint is enabled; the caller upholds the buffer contract.
+        let rc = unsafe {
+            let rma = &*(*self.ep).rma;
+            match data {
+                Some(d) => (rma.injectdata)(self.ep, buf.cast(), len, d, dest, raddr, key),
+                None => (rma.inject)(self.ep, buf.cast(), len, dest, raddr, key),
+            }
+        };
+        self.post_result("fi_inject_write", rc)
     }
 
     /// Posts a message send.

@@ -411,7 +411,7 @@ pub struct fi_ops_rma {
     ) -> isize,
     pub writev: Opaque,
     pub writemsg: Opaque,
-    pub inject: Opaque,
+    pub inject: unsafe extern "C" fn(*mut fid_ep, *const c_void, usize, fi_addr_t, u64, u64) -> isize,
     #[allow(clippy::type_complexity)]
     pub writedata: unsafe extern "C" fn(
         *mut fid_ep,
@@ -424,7 +424,8 @@ pub struct fi_ops_rma {
         u64,
         *mut c_void,
     ) -> isize,
-    pub injectdata: Opaque,
+    pub injectdata:
+        unsafe extern "C" fn(*mut fid_ep, *const c_void, usize, u64, fi_addr_t, u64, u64) -> isize,
 }
 
 #[repr(C)]

@@ -1,0 +1,80 @@
+"""``python -m stolon`` / ``stolon``: machine info and the two-process demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+
+def _info(args: argparse.Namespace) -> int:
+    from . import errors
+    from ._native import libfabric_info, list_providers
+    from .topology import discover
+
+    out: dict = {}
+    try:
+        out["libfabric"] = libfabric_info()
+    except errors.LibraryNotFoundError as e:
+        out["libfabric"] = {"error": str(e)}
+    providers = []
+    if "error" not in out["libfabric"]:
+        seen = set()
+        for p in list_providers():
+            key = (p["provider"], p["domain"], p["fabric"])
+            if key in seen:
+                continue
+            seen.add(key)
+            providers.append(p)
+    out["providers"] = providers
+    topo = discover(args.sysfs)
+    out["topology"] = topo.to_dict()
+    if args.json:
+        json.dump(out, sys.stdout, indent=2, default=str)
+        print()
+        return 0
+    lf = out["libfabric"]
+    if "error" in lf:
+        print(f"libfabric: NOT FOUND\n  {lf['error']}")
+    else:
+        print(f"libfabric {lf['version']} from {lf['path']}")
+    print("\nRDM providers with FI_MSG + FI_RMA + remote CQ data:")
+    print(f"  {'provider':<16} {'domain':<10} {'fabric':<20} {'addressing':<10} max_msg")
+    for p in providers:
+        mode = "virtual" if p["virt_addr"] else "offset"
+        print(
+            f"  {p['provider']:<16} {p['domain']:<10} {p['fabric']:<20} {mode:<10} "
+            f"{p['max_msg_size']}"
+        )
+    if not providers:
+        print("  (none)")
+    print("\nTopology:")
+    print(topo.format_table())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(provider=args.provider, domains=args.domains, size=args.size)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="stolon", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_info = sub.add_parser("info", help="libfabric, usable providers and interfaces, topology")
+    p_info.add_argument("--json", action="store_true", help="machine-readable output")
+    p_info.add_argument("--sysfs", default="/sys", help="sysfs root (for testing)")
+    p_info.set_defaults(func=_info)
+    p_demo = sub.add_parser("demo", help="two processes move a buffer, verify it, print GB/s")
+    p_demo.add_argument("--provider", default="tcp")
+    p_demo.add_argument("--domains", type=int, default=2)
+    p_demo.add_argument("--size", type=int, default=256 << 20, help="bytes per write")
+    p_demo.set_defaults(func=_demo)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
