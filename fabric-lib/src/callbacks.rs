@@ -36,7 +36,10 @@ impl CallbackThread {
                 }
             })
             .expect("spawn callback thread");
-        CallbackThread { tx: Some(tx), handle: Some(handle) }
+        CallbackThread {
+            tx: Some(tx),
+            handle: Some(handle),
+        }
     }
 
     pub(crate) fn sink(&self) -> CallbackSink {

@@ -112,7 +112,10 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn new(buf: &'a [u8], magic: &[u8; 4], what: &'static str) -> Result<Self> {
-        let err = |why: &str| Error::Decode { what, why: why.to_string() };
+        let err = |why: &str| Error::Decode {
+            what,
+            why: why.to_string(),
+        };
         if buf.len() < 9 {
             return Err(err("too short"));
         }
@@ -126,10 +129,17 @@ impl<'a> Reader<'a> {
         if crc32fast::hash(body).to_le_bytes() != crc {
             return Err(err("checksum mismatch (corrupted or truncated)"));
         }
-        Ok(Reader { buf: body, pos: 5, what })
+        Ok(Reader {
+            buf: body,
+            pos: 5,
+            what,
+        })
     }
     fn err(&self, why: String) -> Error {
-        Error::Decode { what: self.what, why }
+        Error::Decode {
+            what: self.what,
+            why,
+        }
     }
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if self.buf.len() - self.pos < n {
@@ -198,7 +208,13 @@ impl PeerAddr {
             };
             let scratch_key = r.u64()?;
             let scratch_addr = r.u64()?;
-            domains.push(DomainAddr { provider, name, virt_addr, scratch_key, scratch_addr });
+            domains.push(DomainAddr {
+                provider,
+                name,
+                virt_addr,
+                scratch_key,
+                scratch_addr,
+            });
         }
         Ok(PeerAddr { engine_id, domains })
     }
@@ -253,9 +269,17 @@ impl MemDesc {
         if base.checked_add(len).is_none() {
             return Err(r.err(format!("region [{base:#x}, +{len}) overflows")));
         }
-        let keys = (0..owner.domains.len()).map(|_| r.u64()).collect::<Result<Vec<_>>>()?;
+        let keys = (0..owner.domains.len())
+            .map(|_| r.u64())
+            .collect::<Result<Vec<_>>>()?;
         r.end()?;
-        Ok(MemDesc { owner, region_id, base, len, keys })
+        Ok(MemDesc {
+            owner,
+            region_id,
+            base,
+            len,
+            keys,
+        })
     }
 
     /// The text form (`stolon-mem1:` + URL-safe base64).
@@ -274,11 +298,14 @@ fn b64() -> base64::engine::GeneralPurpose {
 }
 
 fn decode_text(s: &str, prefix: &str, what: &'static str) -> Result<Vec<u8>> {
-    let body = s
-        .trim()
-        .strip_prefix(prefix)
-        .ok_or_else(|| Error::Decode { what, why: format!("text does not start with {prefix:?}") })?;
-    b64().decode(body).map_err(|e| Error::Decode { what, why: format!("bad base64: {e}") })
+    let body = s.trim().strip_prefix(prefix).ok_or_else(|| Error::Decode {
+        what,
+        why: format!("text does not start with {prefix:?}"),
+    })?;
+    b64().decode(body).map_err(|e| Error::Decode {
+        what,
+        why: format!("bad base64: {e}"),
+    })
 }
 
 #[cfg(test)]
@@ -294,24 +321,39 @@ mod tests {
             any::<u64>(),
             any::<u64>(),
         )
-            .prop_map(|(provider, name, virt_addr, scratch_key, scratch_addr)| DomainAddr {
-                provider,
-                name,
-                virt_addr,
-                scratch_key,
-                scratch_addr,
+            .prop_map(|(provider, name, virt_addr, scratch_key, scratch_addr)| {
+                DomainAddr {
+                    provider,
+                    name,
+                    virt_addr,
+                    scratch_key,
+                    scratch_addr,
+                }
             });
         (any::<u64>(), proptest::collection::vec(dom, 1..=4))
             .prop_map(|(engine_id, domains)| PeerAddr { engine_id, domains })
     }
 
     fn desc_strategy() -> impl Strategy<Value = MemDesc> {
-        (addr_strategy(), any::<u64>(), 0u64..1 << 48, 0u64..1 << 40, any::<u64>()).prop_map(
-            |(owner, region_id, base, len, k)| {
-                let keys = (0..owner.domains.len() as u64).map(|i| k.wrapping_add(i)).collect();
-                MemDesc { owner, region_id, base, len, keys }
-            },
+        (
+            addr_strategy(),
+            any::<u64>(),
+            0u64..1 << 48,
+            0u64..1 << 40,
+            any::<u64>(),
         )
+            .prop_map(|(owner, region_id, base, len, k)| {
+                let keys = (0..owner.domains.len() as u64)
+                    .map(|i| k.wrapping_add(i))
+                    .collect();
+                MemDesc {
+                    owner,
+                    region_id,
+                    base,
+                    len,
+                    keys,
+                }
+            })
     }
 
     proptest! {
@@ -364,7 +406,10 @@ mod tests {
                 scratch_addr: 0,
             }],
         };
-        assert!(matches!(MemDesc::from_bytes(&a.to_bytes()), Err(Error::Decode { .. })));
+        assert!(matches!(
+            MemDesc::from_bytes(&a.to_bytes()),
+            Err(Error::Decode { .. })
+        ));
         assert!(MemDesc::from_text(&a.to_text()).is_err());
     }
 
@@ -391,6 +436,9 @@ mod tests {
         assert_eq!(d.remote_addr(0, 10), 10);
         assert!(d.check_range(90, 10).is_ok());
         assert!(matches!(d.check_range(91, 10), Err(Error::OutOfBounds(_))));
-        assert!(matches!(d.check_range(u64::MAX, 2), Err(Error::OutOfBounds(_))));
+        assert!(matches!(
+            d.check_range(u64::MAX, 2),
+            Err(Error::OutOfBounds(_))
+        ));
     }
 }

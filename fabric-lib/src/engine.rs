@@ -224,7 +224,12 @@ pub struct TransferEngine {
 fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
     h.write_u32(std::process::id());
     h.finish()
 }
@@ -234,7 +239,9 @@ impl TransferEngine {
     pub fn new(config: EngineConfig) -> Result<Self> {
         let n = config.domains.len();
         if n == 0 || n > MAX_DOMAINS {
-            return Err(Error::Config(format!("{n} domains (must be 1..={MAX_DOMAINS})")));
+            return Err(Error::Config(format!(
+                "{n} domains (must be 1..={MAX_DOMAINS})"
+            )));
         }
         if config.max_message_bytes == 0 || config.recv_buffers == 0 || config.send_buffers == 0 {
             return Err(Error::Config("message buffers must be non-empty".into()));
@@ -290,10 +297,19 @@ impl TransferEngine {
         };
         let max_op = config
             .max_op_bytes
-            .unwrap_or_else(|| attrs.iter().map(|a| a.max_msg_size as u64).min().unwrap_or(0))
+            .unwrap_or_else(|| {
+                attrs
+                    .iter()
+                    .map(|a| a.max_msg_size as u64)
+                    .min()
+                    .unwrap_or(0)
+            })
             .min(1 << 30);
         let params = ShardParams::new(n, config.min_shard_bytes, max_op)?;
-        let addr = PeerAddr { engine_id: random_u64(), domains: domain_addrs };
+        let addr = PeerAddr {
+            engine_id: random_u64(),
+            domains: domain_addrs,
+        };
         Ok(TransferEngine {
             config,
             params,
@@ -338,7 +354,11 @@ impl TransferEngine {
 
     /// Per-domain counters.
     pub fn stats(&self) -> Vec<StatsSnapshot> {
-        self.shared.stats.iter().map(DomainStats::snapshot).collect()
+        self.shared
+            .stats
+            .iter()
+            .map(DomainStats::snapshot)
+            .collect()
     }
 
     fn send_req(&self, req: Request) -> Result<()> {
@@ -364,9 +384,20 @@ impl TransferEngine {
         }
         let id = self.next_region.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = mpsc::sync_channel(1);
-        self.send_req(Request::Register { id, ptr, len: len as usize, reply })?;
+        self.send_req(Request::Register {
+            id,
+            ptr,
+            len: len as usize,
+            reply,
+        })?;
         let keys = rx.recv().map_err(|_| Error::Stopped)??;
-        let desc = MemDesc { owner: self.addr.clone(), region_id: id, base: ptr as u64, len, keys };
+        let desc = MemDesc {
+            owner: self.addr.clone(),
+            region_id: id,
+            base: ptr as u64,
+            len,
+            keys,
+        };
         Ok(MemoryRegion {
             inner: Arc::new(RegionInner {
                 id,
@@ -397,7 +428,9 @@ impl TransferEngine {
 
     fn check_local(&self, region: &MemoryRegion, off: u64, len: u64) -> Result<()> {
         if region.inner.engine_id != self.addr.engine_id {
-            return Err(Error::Unregistered("the region belongs to another engine".into()));
+            return Err(Error::Unregistered(
+                "the region belongs to another engine".into(),
+            ));
         }
         if region.is_revoked() {
             return Err(Error::Unregistered(format!(
@@ -439,7 +472,10 @@ impl TransferEngine {
         }
         self.check_peer(peer)?;
         let id = peers.len() as u32;
-        self.send_req(Request::AddPeer { id, addr: peer.clone() })?;
+        self.send_req(Request::AddPeer {
+            id,
+            addr: peer.clone(),
+        })?;
         peers.insert(peer.clone(), id);
         Ok(id)
     }
@@ -487,8 +523,17 @@ impl TransferEngine {
     ) -> Result<Transfer> {
         let state = TransferState::new(self.sink.clone());
         let deadline = Instant::now() + timeout.unwrap_or(self.config.timeout);
-        let t = Transfer { state: state.clone(), imm_counts: imm_counts.into() };
-        self.send_req(Request::Transfer(Box::new(TransferReq { ops, state, deadline, keep, payload })))?;
+        let t = Transfer {
+            state: state.clone(),
+            imm_counts: imm_counts.into(),
+        };
+        self.send_req(Request::Transfer(Box::new(TransferReq {
+            ops,
+            state,
+            deadline,
+            keep,
+            payload,
+        })))?;
         Ok(t)
     }
 
@@ -510,7 +555,9 @@ impl TransferEngine {
         dst.check_range(dst_off, len)?;
         let peer = self.peer_id(&dst.owner)?;
         let sharding = sharding.unwrap_or(self.config.sharding);
-        let plans = self.params.plan_single(sharding, self.rotation(), src_off, dst_off, len)?;
+        let plans = self
+            .params
+            .plan_single(sharding, self.rotation(), src_off, dst_off, len)?;
         let counts = vec![if imm.is_some() { plans.len() } else { 0 }];
         let ops = self.write_ops(&plans, src, &[dst], &[peer], imm);
         self.submit(ops, vec![src.inner.clone()], None, counts, timeout)
@@ -518,11 +565,17 @@ impl TransferEngine {
 
     /// Immediates a receiver gets from [`Self::write`] of `len` bytes with an immediate.
     pub fn imm_count_write(&self, len: u64, sharding: Option<Sharding>) -> usize {
-        self.params.imm_count_single(sharding.unwrap_or(self.config.sharding), len)
+        self.params
+            .imm_count_single(sharding.unwrap_or(self.config.sharding), len)
     }
 
     /// Sends only an immediate to `peer` (a zero-byte write into its scratch region).
-    pub fn write_imm(&self, peer: &PeerAddr, imm: u32, timeout: Option<Duration>) -> Result<Transfer> {
+    pub fn write_imm(
+        &self,
+        peer: &PeerAddr,
+        imm: u32,
+        timeout: Option<Duration>,
+    ) -> Result<Transfer> {
         let id = self.peer_id(peer)?;
         let d = self.rotation() % self.addr.domains.len();
         let rd = d % peer.domains.len();
@@ -606,13 +659,25 @@ impl TransferEngine {
     }
 
     /// Sends a message to `peer`'s receive pool.
-    pub fn send(&self, peer: &PeerAddr, data: &[u8], timeout: Option<Duration>) -> Result<Transfer> {
+    pub fn send(
+        &self,
+        peer: &PeerAddr,
+        data: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<Transfer> {
         if data.len() > self.config.max_message_bytes {
-            return Err(Error::MessageTooLarge { len: data.len(), max: self.config.max_message_bytes });
+            return Err(Error::MessageTooLarge {
+                len: data.len(),
+                max: self.config.max_message_bytes,
+            });
         }
         let id = self.peer_id(peer)?;
         let d = self.rotation() % self.addr.domains.len();
-        let op = Op { domain: d, peer: id, kind: OpKind::Send };
+        let op = Op {
+            domain: d,
+            peer: id,
+            kind: OpKind::Send,
+        };
         self.submit(vec![op], Vec::new(), Some(data.to_vec()), vec![0], timeout)
     }
 
@@ -632,8 +697,10 @@ impl TransferEngine {
     /// immediate value must not be used for anything else while the barrier runs.
     pub fn barrier(&self, peers: &[PeerAddr], imm: u32, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        let others: Vec<&PeerAddr> =
-            peers.iter().filter(|p| p.engine_id != self.addr.engine_id).collect();
+        let others: Vec<&PeerAddr> = peers
+            .iter()
+            .filter(|p| p.engine_id != self.addr.engine_id)
+            .collect();
         let mut sent = Vec::with_capacity(others.len());
         for p in &others {
             sent.push(self.write_imm(p, imm, Some(timeout))?);
@@ -669,7 +736,9 @@ impl TransferEngine {
         self.check_local(src, src_off, len)?;
         dst.check_range(dst_off, len)?;
         let peer = self.peer_id(&dst.owner)?;
-        let plans = self.params.plan_single(Sharding::Pinned(0), 0, src_off, dst_off, len)?;
+        let plans = self
+            .params
+            .plan_single(Sharding::Pinned(0), 0, src_off, dst_off, len)?;
         let ops = self.write_ops(&plans, src, &[dst], &[peer], reply_imm);
         self.send_req(Request::Trigger(Box::new(Trigger {
             imm,

@@ -14,7 +14,11 @@ pub enum Error {
     ProviderNotFound { what: String, detail: String },
     /// A libfabric call failed.
     #[error("libfabric {call} failed: {message} ({code})")]
-    Fabric { call: &'static str, code: isize, message: String },
+    Fabric {
+        call: &'static str,
+        code: isize,
+        message: String,
+    },
     /// Invalid configuration of the engine.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -38,7 +38,11 @@ pub struct ImmCounter {
 
 impl ImmCounter {
     pub(crate) fn new(sink: CallbackSink) -> Self {
-        ImmCounter { state: Mutex::new(State::default()), cv: Condvar::new(), sink }
+        ImmCounter {
+            state: Mutex::new(State::default()),
+            cv: Condvar::new(),
+            sink,
+        }
     }
 
     /// Records one arrival of `imm` (called by the worker for every remote-CQ-data event).
@@ -57,7 +61,9 @@ impl ImmCounter {
 
     /// Runs (on the callback thread) every expectation on `imm` that is now met, oldest first.
     fn fire_ready(&self, st: &mut State, imm: u32) {
-        let Some(list) = st.expectations.get_mut(&imm) else { return };
+        let Some(list) = st.expectations.get_mut(&imm) else {
+            return;
+        };
         let have = st.counts.get(&imm).copied().unwrap_or(0);
         let mut have_left = have;
         let mut fired = Vec::new();
@@ -82,7 +88,13 @@ impl ImmCounter {
 
     /// How many arrivals of `imm` are counted and not yet consumed.
     pub fn count(&self, imm: u32) -> u64 {
-        self.state.lock().unwrap().counts.get(&imm).copied().unwrap_or(0)
+        self.state
+            .lock()
+            .unwrap()
+            .counts
+            .get(&imm)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Blocks until `imm` has arrived `count` times, then consumes those arrivals.
@@ -126,7 +138,8 @@ impl ImmCounter {
         let mut st = self.state.lock().unwrap();
         if st.stopped {
             drop(st);
-            self.sink.submit(Box::new(move || callback(Err(Error::Stopped))));
+            self.sink
+                .submit(Box::new(move || callback(Err(Error::Stopped))));
             return;
         }
         st.expectations.entry(imm).or_default().push(Expectation {
@@ -159,7 +172,8 @@ impl ImmCounter {
         drop(st);
         for e in expired {
             let (cb, t) = (e.callback, e.timeout);
-            self.sink.submit(Box::new(move || cb(Err(Error::Timeout(t)))));
+            self.sink
+                .submit(Box::new(move || cb(Err(Error::Timeout(t)))));
         }
     }
 
@@ -199,7 +213,10 @@ mod tests {
         }
         c.wait(7, 3, Duration::from_millis(10)).unwrap();
         assert_eq!(c.count(7), 2);
-        assert!(matches!(c.wait(7, 3, Duration::from_millis(10)), Err(Error::Timeout(_))));
+        assert!(matches!(
+            c.wait(7, 3, Duration::from_millis(10)),
+            Err(Error::Timeout(_))
+        ));
         assert_eq!(c.count(7), 2, "a timed-out wait consumes nothing");
     }
 

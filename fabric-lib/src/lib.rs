@@ -39,10 +39,12 @@
 
 pub mod callbacks;
 pub mod desc;
+mod domain;
 pub mod engine;
 pub mod error;
 pub mod imm;
 pub mod libfabric;
+pub mod reorder;
 pub mod shard;
 pub mod sys;
 pub mod transfer;

@@ -110,12 +110,18 @@ impl ShardParams {
             return Err(Error::Config(format!("{domains} domains (must be 1..=16)")));
         }
         if min_shard < MIN_SHARD_FLOOR {
-            return Err(Error::Config(format!("min_shard must be >= {MIN_SHARD_FLOOR}")));
+            return Err(Error::Config(format!(
+                "min_shard must be >= {MIN_SHARD_FLOOR}"
+            )));
         }
         if max_op < SHARD_ALIGN {
             return Err(Error::Config(format!("max_op must be >= {SHARD_ALIGN}")));
         }
-        Ok(ShardParams { domains, min_shard, max_op: max_op - max_op % SHARD_ALIGN })
+        Ok(ShardParams {
+            domains,
+            min_shard,
+            max_op: max_op - max_op % SHARD_ALIGN,
+        })
     }
 
     fn domain_for(&self, sharding: Sharding, rotation: usize, k: usize) -> Result<usize> {
@@ -138,7 +144,12 @@ impl ShardParams {
         let mut done = 0;
         while done < op.len {
             let len = (op.len - done).min(self.max_op);
-            out.push(OpPlan { src_off: op.src_off + done, dst_off: op.dst_off + done, len, ..op });
+            out.push(OpPlan {
+                src_off: op.src_off + done,
+                dst_off: op.dst_off + done,
+                len,
+                ..op
+            });
             done += len;
         }
     }
@@ -178,7 +189,16 @@ impl ShardParams {
         let mut out = Vec::with_capacity(n);
         if n == 1 {
             let domain = self.domain_for(sharding, rotation, 0)?;
-            self.push_ops(&mut out, OpPlan { domain, dst: 0, src_off, dst_off, len });
+            self.push_ops(
+                &mut out,
+                OpPlan {
+                    domain,
+                    dst: 0,
+                    src_off,
+                    dst_off,
+                    len,
+                },
+            );
             return Ok(out);
         }
         let piece = len.div_ceil(n as u64).next_multiple_of(SHARD_ALIGN);
@@ -186,7 +206,13 @@ impl ShardParams {
         for k in 0..n {
             let this = piece.min(len - done);
             let domain = self.domain_for(sharding, rotation, k)?;
-            let op = OpPlan { domain, dst: 0, src_off: src_off + done, dst_off: dst_off + done, len: this };
+            let op = OpPlan {
+                domain,
+                dst: 0,
+                src_off: src_off + done,
+                dst_off: dst_off + done,
+                len: this,
+            };
             self.push_ops(&mut out, op);
             done += this;
         }
@@ -213,7 +239,12 @@ impl ShardParams {
 
     /// Plans a paged write: one op per page (more for pages over `max_op`), pages rotate over
     /// the domains.
-    pub fn plan_paged(&self, sharding: Sharding, rotation: usize, spec: &PagedSpec) -> Result<Vec<OpPlan>> {
+    pub fn plan_paged(
+        &self,
+        sharding: Sharding,
+        rotation: usize,
+        spec: &PagedSpec,
+    ) -> Result<Vec<OpPlan>> {
         spec.extents()?;
         let mut out = Vec::with_capacity(spec.src_pages.len());
         for (k, (&s, &d)) in spec.src_pages.iter().zip(&spec.dst_pages).enumerate() {
@@ -267,9 +298,8 @@ mod tests {
     use proptest::prelude::*;
 
     fn params() -> impl Strategy<Value = ShardParams> {
-        (1usize..=4, 16u64..=4096, 1u64..=1 << 20).prop_map(|(d, m, x)| {
-            ShardParams::new(d, m * 4096, x * 4096).unwrap()
-        })
+        (1usize..=4, 16u64..=4096, 1u64..=1 << 20)
+            .prop_map(|(d, m, x)| ShardParams::new(d, m * 4096, x * 4096).unwrap())
     }
 
     /// Every byte of [0, len) covered once, in order of offsets, src and dst in step.
@@ -350,8 +380,9 @@ mod tests {
         assert_exact_cover(&ops, 0, 0, len);
         assert!(ops.iter().all(|o| o.len <= 1 << 30));
         assert_eq!(ops.len(), p.imm_count_single(Sharding::RoundRobin, len));
-        let per: Vec<u64> =
-            (0..3).map(|d| ops.iter().filter(|o| o.domain == d).map(|o| o.len).sum()).collect();
+        let per: Vec<u64> = (0..3)
+            .map(|d| ops.iter().filter(|o| o.domain == d).map(|o| o.len).sum())
+            .collect();
         assert_eq!(per.iter().sum::<u64>(), len);
     }
 
@@ -371,12 +402,28 @@ mod tests {
     fn scatter_spreads_destinations() {
         let p = ShardParams::new(2, 1 << 20, 1 << 20).unwrap();
         let items: Vec<_> = (0..4)
-            .map(|i| ScatterItem { dst: i, src_off: i as u64 * 10, dst_off: 0, len: 10 })
+            .map(|i| ScatterItem {
+                dst: i,
+                src_off: i as u64 * 10,
+                dst_off: 0,
+                len: 10,
+            })
             .collect();
         let ops = p.plan_scatter(Sharding::RoundRobin, 0, &items).unwrap();
-        assert_eq!(ops.iter().map(|o| o.domain).collect::<Vec<_>>(), vec![0, 1, 0, 1]);
-        let big = [ScatterItem { dst: 0, src_off: 0, dst_off: 0, len: (3 << 20) + 1 }];
-        assert_eq!(p.plan_scatter(Sharding::RoundRobin, 0, &big).unwrap().len(), 4);
+        assert_eq!(
+            ops.iter().map(|o| o.domain).collect::<Vec<_>>(),
+            vec![0, 1, 0, 1]
+        );
+        let big = [ScatterItem {
+            dst: 0,
+            src_off: 0,
+            dst_off: 0,
+            len: (3 << 20) + 1,
+        }];
+        assert_eq!(
+            p.plan_scatter(Sharding::RoundRobin, 0, &big).unwrap().len(),
+            4
+        );
         assert_eq!(p.imm_count_scatter_item((3 << 20) + 1), 4);
     }
 

@@ -23,7 +23,11 @@ pub(crate) struct TransferState {
 
 impl TransferState {
     pub(crate) fn new(sink: CallbackSink) -> Arc<Self> {
-        Arc::new(TransferState { inner: Mutex::new(Inner::default()), cv: Condvar::new(), sink })
+        Arc::new(TransferState {
+            inner: Mutex::new(Inner::default()),
+            cv: Condvar::new(),
+            sink,
+        })
     }
 
     /// Sets the result once; later calls are ignored.

@@ -14,9 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::desc::PeerAddr;
+use crate::domain::{Domain, MrHandle};
 use crate::engine::{RegionInner, Shared};
 use crate::error::{Error, Result};
-use crate::libfabric::{CqError, FabricDomain, Mr, Posted};
+use crate::libfabric::{CqError, Posted};
 use crate::sys::libfabric::{self as fi, fi_addr_t};
 use crate::transfer::TransferState;
 
@@ -27,7 +28,14 @@ pub(crate) const INTERNAL_REGION: u64 = 0;
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum OpKind {
     /// RMA write from a local region (id, address) to (raddr, rkey), optionally with data.
-    Write { region: u64, src: usize, len: usize, raddr: u64, rkey: u64, imm: Option<u32> },
+    Write {
+        region: u64,
+        src: usize,
+        len: usize,
+        raddr: u64,
+        rkey: u64,
+        imm: Option<u32>,
+    },
     /// A message from the transfer's payload.
     Send,
 }
@@ -57,9 +65,19 @@ pub(crate) struct Trigger {
 }
 
 pub(crate) enum Request {
-    Register { id: u64, ptr: usize, len: usize, reply: std::sync::mpsc::SyncSender<Result<Vec<u64>>> },
-    Unregister { id: u64 },
-    AddPeer { id: u32, addr: PeerAddr },
+    Register {
+        id: u64,
+        ptr: usize,
+        len: usize,
+        reply: std::sync::mpsc::SyncSender<Result<Vec<u64>>>,
+    },
+    Unregister {
+        id: u64,
+    },
+    AddPeer {
+        id: u32,
+        addr: PeerAddr,
+    },
     Transfer(Box<TransferReq>),
     Trigger(Box<Trigger>),
     Stop,
@@ -68,11 +86,26 @@ pub(crate) enum Request {
 #[derive(Clone, Copy)]
 enum Tag {
     Free,
-    Transfer { slot: u32, domain: u8, len: usize },
-    Recv { domain: u8, buf: u32 },
-    Send { slot: u32, buf: u32, domain: u8, len: usize },
+    Transfer {
+        slot: u32,
+        domain: u8,
+        len: usize,
+    },
+    Recv {
+        domain: u8,
+        buf: u32,
+    },
+    Send {
+        slot: u32,
+        buf: u32,
+        domain: u8,
+        len: usize,
+    },
     /// An op fired by a trigger; nobody waits for it.
-    Triggered { domain: u8, len: usize },
+    Triggered {
+        domain: u8,
+        len: usize,
+    },
 }
 
 /// The context block handed to libfabric; `FI_CONTEXT`/`FI_CONTEXT2` providers may use the
@@ -112,7 +145,7 @@ pub(crate) struct WorkerConfig {
 }
 
 pub(crate) struct Worker {
-    domains: Vec<FabricDomain>,
+    domains: Vec<Domain>,
     rx: Receiver<Request>,
     shared: Arc<Shared>,
     cfg: WorkerConfig,
@@ -125,7 +158,7 @@ pub(crate) struct Worker {
     /// Ops waiting in all queues.
     n_pending: usize,
     peers: HashMap<u32, PeerEntry>,
-    regions: HashMap<u64, Vec<Mr>>,
+    regions: HashMap<u64, Vec<MrHandle>>,
     /// Backing store of message buffers: recv buffers of every domain, then send buffers.
     msg_mem: Box<[u8]>,
     free_send: Vec<u32>,
@@ -144,10 +177,14 @@ impl Worker {
         rx: Receiver<Request>,
         shared: Arc<Shared>,
         cfg: WorkerConfig,
-    ) -> Result<(Self, Vec<crate::desc::DomainAddr>, Vec<crate::libfabric::DomainAttrs>)> {
+    ) -> Result<(
+        Self,
+        Vec<crate::desc::DomainAddr>,
+        Vec<crate::libfabric::DomainAttrs>,
+    )> {
         let mut domains = Vec::with_capacity(specs.len());
         for s in specs {
-            domains.push(FabricDomain::open(s)?);
+            domains.push(Domain::open(s)?);
         }
         let nd = domains.len();
         let msg_len = SCRATCH + (nd * cfg.recv_buffers + cfg.send_buffers) * cfg.max_message;
@@ -176,13 +213,13 @@ impl Worker {
         let mut attrs = Vec::with_capacity(nd);
         for (d, dom) in w.domains.iter().enumerate() {
             addrs.push(crate::desc::DomainAddr {
-                provider: dom.attrs.provider.clone(),
+                provider: dom.attrs().provider.clone(),
                 name: dom.name().to_vec(),
-                virt_addr: dom.attrs.virt_addr,
+                virt_addr: dom.attrs().virt_addr,
                 scratch_key: keys[d],
-                scratch_addr: if dom.attrs.virt_addr { ptr as u64 } else { 0 },
+                scratch_addr: if dom.attrs().virt_addr { ptr as u64 } else { 0 },
             });
-            attrs.push(dom.attrs.clone());
+            attrs.push(dom.attrs().clone());
         }
         for d in 0..nd {
             for b in 0..w.cfg.recv_buffers {
@@ -209,7 +246,7 @@ impl Worker {
                 }
             }
         }
-        let keys = mrs.iter().map(Mr::key).collect();
+        let keys = mrs.iter().map(MrHandle::key).collect();
         self.regions.insert(id, mrs);
         Ok(keys)
     }
@@ -218,7 +255,10 @@ impl Worker {
         let i = match self.free_ctx.pop() {
             Some(i) => i,
             None => {
-                self.ctxs.push(Box::new(OpCtx { fi_ctx: [0; 8], tag: Tag::Free }));
+                self.ctxs.push(Box::new(OpCtx {
+                    fi_ctx: [0; 8],
+                    tag: Tag::Free,
+                }));
                 (self.ctxs.len() - 1) as u32
             }
         };
@@ -244,7 +284,10 @@ impl Worker {
     fn msg_buf(&self, index: usize) -> (*const u8, usize) {
         let off = SCRATCH + index * self.cfg.max_message;
         // SAFETY: index < number of buffers, so the range lies inside msg_mem.
-        (unsafe { self.msg_mem.as_ptr().add(off) }, self.cfg.max_message)
+        (
+            unsafe { self.msg_mem.as_ptr().add(off) },
+            self.cfg.max_message,
+        )
     }
 
     fn internal_desc(&self, d: usize) -> *mut c_void {
@@ -254,7 +297,10 @@ impl Worker {
     fn post_recv(&mut self, d: usize, buf: u32) -> Result<()> {
         let (p, len) = self.msg_buf(buf as usize);
         let desc = self.internal_desc(d);
-        let ctx = self.alloc_ctx(Tag::Recv { domain: d as u8, buf });
+        let ctx = self.alloc_ctx(Tag::Recv {
+            domain: d as u8,
+            buf,
+        });
         loop {
             // SAFETY: the buffer is part of the internal region, registered for the worker's
             // lifetime; ctx is a stable slab block released when the completion is read.
@@ -324,7 +370,12 @@ impl Worker {
 
     fn handle(&mut self, req: Request) {
         match req {
-            Request::Register { id, ptr, len, reply } => {
+            Request::Register {
+                id,
+                ptr,
+                len,
+                reply,
+            } => {
                 let _ = reply.send(self.register(id, ptr, len));
             }
             Request::Unregister { id } => {
@@ -368,7 +419,13 @@ impl Worker {
     }
 
     fn start_transfer(&mut self, t: TransferReq) {
-        let TransferReq { ops, state, deadline, keep, payload } = t;
+        let TransferReq {
+            ops,
+            state,
+            deadline,
+            keep,
+            payload,
+        } = t;
         if ops.is_empty() {
             state.complete(Ok(()));
             return;
@@ -420,12 +477,19 @@ impl Worker {
             None => return Err(Error::InvalidArgument(format!("unknown peer {}", op.peer))),
         };
         match op.kind {
-            OpKind::Write { region, src, len, raddr, rkey, imm } => {
+            OpKind::Write {
+                region,
+                src,
+                len,
+                raddr,
+                rkey,
+                imm,
+            } => {
                 let Some(mrs) = self.regions.get(&region) else {
                     return Err(Error::Unregistered(format!("region {region} is gone")));
                 };
                 let dom = &self.domains[d];
-                if dom.attrs.use_inject && len <= dom.attrs.inject_size {
+                if dom.attrs().use_inject && len <= dom.attrs().inject_size {
                     // SAFETY: src..src+len lies in a registered region (checked by the engine)
                     // and is only read during the call; raddr/rkey come from a validated
                     // descriptor.
@@ -455,9 +519,16 @@ impl Worker {
                 }
                 let desc = mrs[d].desc();
                 let tag = if slot == u32::MAX {
-                    Tag::Triggered { domain: d as u8, len }
+                    Tag::Triggered {
+                        domain: d as u8,
+                        len,
+                    }
                 } else {
-                    Tag::Transfer { slot, domain: d as u8, len }
+                    Tag::Transfer {
+                        slot,
+                        domain: d as u8,
+                        len,
+                    }
                 };
                 let ctx = self.alloc_ctx(tag);
                 // SAFETY: src..src+len lies in a registered region (checked by the engine
@@ -479,8 +550,12 @@ impl Worker {
                 self.finish_post(d, ctx, r)
             }
             OpKind::Send => {
-                let Some(buf) = self.free_send.pop() else { return Ok(false) };
-                let payload = self.active[slot as usize].as_ref().and_then(|a| a.payload.as_ref());
+                let Some(buf) = self.free_send.pop() else {
+                    return Ok(false);
+                };
+                let payload = self.active[slot as usize]
+                    .as_ref()
+                    .and_then(|a| a.payload.as_ref());
                 let Some(payload) = payload else {
                     self.free_send.push(buf);
                     return Err(Error::InvalidArgument("send without payload".into()));
@@ -492,7 +567,12 @@ impl Worker {
                 // len <= max_message (checked by the engine); the source is the payload Vec.
                 unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), p as *mut u8, len) };
                 let desc = self.internal_desc(d);
-                let ctx = self.alloc_ctx(Tag::Send { slot, buf, domain: d as u8, len });
+                let ctx = self.alloc_ctx(Tag::Send {
+                    slot,
+                    buf,
+                    domain: d as u8,
+                    len,
+                });
                 // SAFETY: the send buffer is in the internal region, registered for the worker's
                 // lifetime and not reused until this send completes; ctx as above.
                 let r = unsafe { self.domains[d].post_send(p, len, desc, dest, ctx) };
@@ -529,9 +609,10 @@ impl Worker {
             while let Some(p) = self.pending[d].pop_front() {
                 self.n_pending -= 1;
                 let alive = p.slot == u32::MAX
-                    || self.active.get(p.slot as usize).is_some_and(|a| {
-                        a.as_ref().is_some_and(|a| !a.reported)
-                    });
+                    || self
+                        .active
+                        .get(p.slot as usize)
+                        .is_some_and(|a| a.as_ref().is_some_and(|a| !a.reported));
                 if !alive {
                     // Its transfer already failed or timed out: drop the op.
                     self.op_done(p.slot, Ok(()));
@@ -560,7 +641,9 @@ impl Worker {
         if slot == u32::MAX {
             return;
         }
-        let Some(Some(a)) = self.active.get_mut(slot as usize) else { return };
+        let Some(Some(a)) = self.active.get_mut(slot as usize) else {
+            return;
+        };
         a.remaining -= 1;
         if let Err(e) = result {
             if !a.reported {
@@ -605,7 +688,9 @@ impl Worker {
     fn on_completion(&mut self, d: usize, ctx: *mut c_void, flags: u64, len: usize, data: u64) {
         if ctx.is_null() {
             if flags & fi::FI_REMOTE_CQ_DATA != 0 {
-                self.shared.stats[d].imms_received.fetch_add(1, Ordering::Relaxed);
+                self.shared.stats[d]
+                    .imms_received
+                    .fetch_add(1, Ordering::Relaxed);
                 let imm = data as u32;
                 if self.fire_trigger(imm) {
                     return;
@@ -627,7 +712,12 @@ impl Worker {
                 s.write_ops.fetch_add(1, Ordering::Relaxed);
                 s.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
             }
-            Tag::Send { slot, buf, domain, len } => {
+            Tag::Send {
+                slot,
+                buf,
+                domain,
+                len,
+            } => {
                 let s = &self.shared.stats[domain as usize];
                 s.messages_sent.fetch_add(1, Ordering::Relaxed);
                 s.bytes_sent.fetch_add(len as u64, Ordering::Relaxed);
@@ -639,10 +729,14 @@ impl Worker {
                 let n = len.min(self.cfg.max_message);
                 // SAFETY: the provider wrote `len` bytes into this receive buffer.
                 let msg = unsafe { std::slice::from_raw_parts(p, n) }.to_vec();
-                self.shared.stats[d].messages_received.fetch_add(1, Ordering::Relaxed);
+                self.shared.stats[d]
+                    .messages_received
+                    .fetch_add(1, Ordering::Relaxed);
                 self.shared.messages.push(msg);
                 if let Err(e) = self.post_recv(domain as usize, buf) {
-                    self.shared.stats[domain as usize].errors.fetch_add(1, Ordering::Relaxed);
+                    self.shared.stats[domain as usize]
+                        .errors
+                        .fetch_add(1, Ordering::Relaxed);
                     eprintln!("stolon: cannot repost receive buffer: {e}");
                 }
             }
@@ -677,7 +771,9 @@ impl Worker {
 
     /// Posts a trigger's prepared ops for an arrival of `imm`; returns false if none is set.
     fn fire_trigger(&mut self, imm: u32) -> bool {
-        let Some(t) = self.triggers.get_mut(&imm) else { return false };
+        let Some(t) = self.triggers.get_mut(&imm) else {
+            return false;
+        };
         t.times -= 1;
         let ops = t.ops.clone();
         if t.times == 0 {
@@ -694,7 +790,9 @@ impl Worker {
             if !a.reported && a.deadline <= now {
                 a.reported = true;
                 a.state.complete(Err(Error::Timeout(
-                    a.deadline.saturating_duration_since(now).max(Duration::ZERO),
+                    a.deadline
+                        .saturating_duration_since(now)
+                        .max(Duration::ZERO),
                 )));
             }
         }

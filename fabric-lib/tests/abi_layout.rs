@@ -16,7 +16,12 @@ fn c_layout() -> Option<HashMap<String, usize>> {
     std::fs::create_dir_all(&dir).unwrap();
     let exe = dir.join("abi_layout");
     let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/abi_layout.c");
-    let ok = Command::new("cc").args([src, "-o"]).arg(&exe).status().ok()?.success();
+    let ok = Command::new("cc")
+        .args([src, "-o"])
+        .arg(&exe)
+        .status()
+        .ok()?
+        .success();
     assert!(ok, "compiling abi_layout.c failed");
     let out = Command::new(&exe).output().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();

@@ -16,11 +16,16 @@ fn engines(provider: &str, n: usize) -> Option<(TransferEngine, TransferEngine)>
     }
     let mut cfg = EngineConfig::new(provider, n);
     cfg.min_shard_bytes = 64 << 10;
-    Some((TransferEngine::new(cfg.clone()).unwrap(), TransferEngine::new(cfg).unwrap()))
+    Some((
+        TransferEngine::new(cfg.clone()).unwrap(),
+        TransferEngine::new(cfg).unwrap(),
+    ))
 }
 
 fn pattern(len: usize, seed: u8) -> Box<[u8]> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 fn bytes(r: &MemoryRegion) -> &[u8] {
@@ -37,12 +42,18 @@ fn assert_same(got: &[u8], want: &[u8], what: &str) {
 }
 
 fn roundtrip(provider: &str, n: usize) {
-    let Some((a, b)) = engines(provider, n) else { return };
+    let Some((a, b)) = engines(provider, n) else {
+        return;
+    };
     let len = 3 << 20;
     let src = a.register_buffer(pattern(len, 1)).unwrap();
-    let dst = b.register_buffer(vec![0u8; len + 100].into_boxed_slice()).unwrap();
+    let dst = b
+        .register_buffer(vec![0u8; len + 100].into_boxed_slice())
+        .unwrap();
     let desc = fabric_lib::MemDesc::from_bytes(&dst.descriptor().to_bytes()).unwrap();
-    let t = a.write(&src, 5, &desc, 100, (len - 5) as u64, Some(9), None, None).unwrap();
+    let t = a
+        .write(&src, 5, &desc, 100, (len - 5) as u64, Some(9), None, None)
+        .unwrap();
     t.wait(T).unwrap();
     let expect = a.imm_count_write((len - 5) as u64, None) as u64;
     assert_eq!(t.imm_count() as u64, expect);
@@ -50,7 +61,11 @@ fn roundtrip(provider: &str, n: usize) {
         assert_eq!(expect, n as u64, "a 3 MiB write is split over every domain");
     }
     b.imm_counter().wait(9, expect, T).unwrap();
-    assert_same(&bytes(&dst)[100..100 + len - 5], &bytes(&src)[5..], provider);
+    assert_same(
+        &bytes(&dst)[100..100 + len - 5],
+        &bytes(&src)[5..],
+        provider,
+    );
     assert!(bytes(&dst)[100 + len - 5..].iter().all(|&x| x == 0));
     assert!(bytes(&dst)[..100].iter().all(|&x| x == 0));
     let sent: u64 = a.stats().iter().map(|s| s.bytes_written).sum();
@@ -76,10 +91,14 @@ fn shm_single_write_two_domains() {
 
 #[test]
 fn paged_scatter_imm_barrier_and_messages() {
-    let Some((a, b)) = engines("tcp", 2) else { return };
+    let Some((a, b)) = engines("tcp", 2) else {
+        return;
+    };
     let page = 4096;
     let src = a.register_buffer(pattern(page * 16, 3)).unwrap();
-    let dst = b.register_buffer(vec![0u8; page * 32].into_boxed_slice()).unwrap();
+    let dst = b
+        .register_buffer(vec![0u8; page * 32].into_boxed_slice())
+        .unwrap();
     let spec = PagedSpec {
         page_bytes: page as u64,
         src_pages: vec![0, 5, 7, 15],
@@ -89,22 +108,45 @@ fn paged_scatter_imm_barrier_and_messages() {
         src_offset: 0,
         dst_offset: 0,
     };
-    let t = a.write_paged(&src, dst.descriptor(), &spec, Some(77), None, None).unwrap();
+    let t = a
+        .write_paged(&src, dst.descriptor(), &spec, Some(77), None, None)
+        .unwrap();
     t.wait(T).unwrap();
-    b.imm_counter().wait(77, a.imm_count_paged(4, page as u64) as u64, T).unwrap();
+    b.imm_counter()
+        .wait(77, a.imm_count_paged(4, page as u64) as u64, T)
+        .unwrap();
     for (s, d) in spec.src_pages.iter().zip(&spec.dst_pages) {
         let (s, d) = (*s as usize * page, *d as usize * page);
         assert_same(&bytes(&dst)[d..d + page], &bytes(&src)[s..s + page], "page");
     }
 
     // Scatter to two regions of b.
-    let dst2 = b.register_buffer(vec![0u8; 1000].into_boxed_slice()).unwrap();
+    let dst2 = b
+        .register_buffer(vec![0u8; 1000].into_boxed_slice())
+        .unwrap();
     let items = [
-        ScatterItem { dst: 0, src_off: 10, dst_off: 20, len: 30 },
-        ScatterItem { dst: 1, src_off: 0, dst_off: 0, len: 1000 },
+        ScatterItem {
+            dst: 0,
+            src_off: 10,
+            dst_off: 20,
+            len: 30,
+        },
+        ScatterItem {
+            dst: 1,
+            src_off: 0,
+            dst_off: 0,
+            len: 1000,
+        },
     ];
     let t = a
-        .scatter(&src, &[dst.descriptor(), dst2.descriptor()], &items, Some(5), None, None)
+        .scatter(
+            &src,
+            &[dst.descriptor(), dst2.descriptor()],
+            &items,
+            Some(5),
+            None,
+            None,
+        )
         .unwrap();
     t.wait(T).unwrap();
     b.imm_counter().wait(5, 2, T).unwrap();
@@ -112,7 +154,10 @@ fn paged_scatter_imm_barrier_and_messages() {
     assert_same(bytes(&dst2), &bytes(&src)[..1000], "scatter 1");
 
     // Immediate-only writes and a barrier.
-    a.write_imm(b.address(), 1234, None).unwrap().wait(T).unwrap();
+    a.write_imm(b.address(), 1234, None)
+        .unwrap()
+        .wait(T)
+        .unwrap();
     b.imm_counter().wait(1234, 1, T).unwrap();
     let peers = vec![a.address().clone(), b.address().clone()];
     std::thread::scope(|s| {
@@ -122,29 +167,54 @@ fn paged_scatter_imm_barrier_and_messages() {
     });
 
     // Messages both ways.
-    a.send(b.address(), b"hello", None).unwrap().wait(T).unwrap();
+    a.send(b.address(), b"hello", None)
+        .unwrap()
+        .wait(T)
+        .unwrap();
     assert_eq!(b.recv(T).unwrap(), b"hello");
-    b.send(a.address(), &[1u8; 60000], None).unwrap().wait(T).unwrap();
+    b.send(a.address(), &[1u8; 60000], None)
+        .unwrap()
+        .wait(T)
+        .unwrap();
     assert_eq!(a.recv(T).unwrap(), vec![1u8; 60000]);
-    assert!(matches!(a.send(b.address(), &[0u8; 70000], None), Err(Error::MessageTooLarge { .. })));
+    assert!(matches!(
+        a.send(b.address(), &[0u8; 70000], None),
+        Err(Error::MessageTooLarge { .. })
+    ));
 }
 
 #[test]
 fn bad_requests_are_rejected_before_posting() {
-    let Some((a, b)) = engines("tcp", 1) else { return };
+    let Some((a, b)) = engines("tcp", 1) else {
+        return;
+    };
     let src = a.register_buffer(pattern(100, 0)).unwrap();
-    let dst = b.register_buffer(vec![0u8; 100].into_boxed_slice()).unwrap();
+    let dst = b
+        .register_buffer(vec![0u8; 100].into_boxed_slice())
+        .unwrap();
     let d = dst.descriptor();
-    assert!(matches!(a.write(&src, 50, d, 0, 51, None, None, None), Err(Error::OutOfBounds(_))));
-    assert!(matches!(a.write(&src, 0, d, 60, 41, None, None, None), Err(Error::OutOfBounds(_))));
+    assert!(matches!(
+        a.write(&src, 50, d, 0, 51, None, None, None),
+        Err(Error::OutOfBounds(_))
+    ));
+    assert!(matches!(
+        a.write(&src, 0, d, 60, 41, None, None, None),
+        Err(Error::OutOfBounds(_))
+    ));
     assert!(matches!(
         a.write(&src, 0, d, 0, 10, None, Some(Sharding::Pinned(3)), None),
         Err(Error::InvalidArgument(_))
     ));
     // A region of another engine.
-    assert!(matches!(b.write(&src, 0, d, 0, 10, None, None, None), Err(Error::Unregistered(_))));
+    assert!(matches!(
+        b.write(&src, 0, d, 0, 10, None, None, None),
+        Err(Error::Unregistered(_))
+    ));
     a.unregister(&src);
-    assert!(matches!(a.write(&src, 0, d, 0, 10, None, None, None), Err(Error::Unregistered(_))));
+    assert!(matches!(
+        a.write(&src, 0, d, 0, 10, None, None, None),
+        Err(Error::Unregistered(_))
+    ));
     // Nothing landed.
     std::thread::sleep(Duration::from_millis(50));
     assert!(bytes(&dst).iter().all(|&x| x == 0));
@@ -162,14 +232,19 @@ fn bad_requests_are_rejected_before_posting() {
 
 #[test]
 fn stop_fails_waiters_and_in_flight_transfers() {
-    let Some((a, b)) = engines("tcp", 1) else { return };
+    let Some((a, b)) = engines("tcp", 1) else {
+        return;
+    };
     let b2 = std::sync::Arc::new(b);
     let b3 = b2.clone();
     let h = std::thread::spawn(move || b3.imm_counter().wait(1, 1, Duration::from_secs(20)));
     std::thread::sleep(Duration::from_millis(50));
     b2.stop();
     assert!(matches!(h.join().unwrap(), Err(Error::Stopped)));
-    assert!(matches!(b2.recv(Duration::from_secs(1)), Err(Error::Stopped)));
+    assert!(matches!(
+        b2.recv(Duration::from_secs(1)),
+        Err(Error::Stopped)
+    ));
     a.stop();
     let r = a.register_buffer(vec![0u8; 10].into_boxed_slice());
     assert!(matches!(r, Err(Error::Stopped)));

@@ -26,7 +26,11 @@ pub struct DomainSpec {
 impl DomainSpec {
     /// A spec for `provider` on its default interface.
     pub fn new(provider: &str) -> Self {
-        DomainSpec { provider: provider.to_string(), interface: None, node: None }
+        DomainSpec {
+            provider: provider.to_string(),
+            interface: None,
+            node: None,
+        }
     }
 
     /// The full libfabric provider string for a short name.
@@ -119,7 +123,11 @@ fn check(lib: &LibFabric, call: &'static str, rc: isize) -> Result<()> {
     if rc == 0 {
         Ok(())
     } else {
-        Err(Error::Fabric { call, code: rc, message: lib.error_string(rc) })
+        Err(Error::Fabric {
+            call,
+            code: rc,
+            message: lib.error_string(rc),
+        })
     }
 }
 
@@ -218,9 +226,10 @@ fn getinfo(lib: &'static LibFabric, spec: Option<&DomainSpec>) -> Result<*mut fi
                     d.name = strdup(iface)?;
                 }
                 if let Some(n) = &spec.node {
-                    node = Some(CString::new(n.as_str()).map_err(|_| {
-                        Error::Config(format!("NUL byte in node {n:?}"))
-                    })?);
+                    node = Some(
+                        CString::new(n.as_str())
+                            .map_err(|_| Error::Config(format!("NUL byte in node {n:?}")))?,
+                    );
                     flags |= fi::FI_SOURCE;
                 }
             }
@@ -284,7 +293,8 @@ impl FabricDomain {
         unsafe {
             let rc = (lib.fabric)((*info).fabric_attr, &mut dom.fabric, ptr::null_mut());
             check(lib, "fi_fabric", rc as isize)?;
-            let rc = ((*(*dom.fabric).ops).domain)(dom.fabric, info, &mut dom.domain, ptr::null_mut());
+            let rc =
+                ((*(*dom.fabric).ops).domain)(dom.fabric, info, &mut dom.domain, ptr::null_mut());
             check(lib, "fi_domain", rc as isize)?;
 
             let mut cq_attr = fi::fi_cq_attr {
@@ -350,7 +360,14 @@ impl FabricDomain {
         // SAFETY: av is open; name points to `name.len()` readable bytes of one address in this
         // provider's format (checked by the provider), and addr receives one fi_addr_t.
         let rc = unsafe {
-            ((*(*self.av).ops).insert)(self.av, name.as_ptr().cast(), 1, &mut addr, 0, ptr::null_mut())
+            ((*(*self.av).ops).insert)(
+                self.av,
+                name.as_ptr().cast(),
+                1,
+                &mut addr,
+                0,
+                ptr::null_mut(),
+            )
         };
         if rc != 1 || addr == fi::FI_ADDR_NOTAVAIL {
             return Err(Error::Fabric {
@@ -407,7 +424,11 @@ impl FabricDomain {
         match rc {
             0 => Ok(Posted::Yes),
             rc if rc == -fi::FI_EAGAIN => Ok(Posted::Again),
-            rc => Err(Error::Fabric { call, code: rc, message: self.lib.error_string(rc) }),
+            rc => Err(Error::Fabric {
+                call,
+                code: rc,
+                message: self.lib.error_string(rc),
+            }),
         }
     }
 
@@ -434,7 +455,9 @@ impl FabricDomain {
         let rc = unsafe {
             let rma = &*(*self.ep).rma;
             match data {
-                Some(d) => (rma.writedata)(self.ep, buf.cast(), len, desc, d, dest, raddr, key, ctx),
+                Some(d) => {
+                    (rma.writedata)(self.ep, buf.cast(), len, desc, d, dest, raddr, key, ctx)
+                }
                 None => (rma.write)(self.ep, buf.cast(), len, desc, dest, raddr, key, ctx),
             }
         };

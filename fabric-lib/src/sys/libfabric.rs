@@ -189,8 +189,12 @@ pub struct fid {
 #[repr(C)]
 pub struct fi_ops_fabric {
     pub size: usize,
-    pub domain:
-        unsafe extern "C" fn(*mut fid_fabric, *mut fi_info, *mut *mut fid_domain, *mut c_void) -> c_int,
+    pub domain: unsafe extern "C" fn(
+        *mut fid_fabric,
+        *mut fi_info,
+        *mut *mut fid_domain,
+        *mut c_void,
+    ) -> c_int,
     pub passive_ep: Opaque,
     pub eq_open: Opaque,
     pub wait_open: Opaque,
@@ -229,10 +233,18 @@ pub struct fi_av_attr {
 #[repr(C)]
 pub struct fi_ops_domain {
     pub size: usize,
-    pub av_open:
-        unsafe extern "C" fn(*mut fid_domain, *mut fi_av_attr, *mut *mut fid_av, *mut c_void) -> c_int,
-    pub cq_open:
-        unsafe extern "C" fn(*mut fid_domain, *mut fi_cq_attr, *mut *mut fid_cq, *mut c_void) -> c_int,
+    pub av_open: unsafe extern "C" fn(
+        *mut fid_domain,
+        *mut fi_av_attr,
+        *mut *mut fid_av,
+        *mut c_void,
+    ) -> c_int,
+    pub cq_open: unsafe extern "C" fn(
+        *mut fid_domain,
+        *mut fi_cq_attr,
+        *mut *mut fid_cq,
+        *mut c_void,
+    ) -> c_int,
     pub endpoint:
         unsafe extern "C" fn(*mut fid_domain, *mut fi_info, *mut *mut fid_ep, *mut c_void) -> c_int,
     pub scalable_ep: Opaque,
@@ -335,8 +347,13 @@ pub struct fi_ops_cq {
     pub sread: Opaque,
     pub sreadfrom: Opaque,
     pub signal: Opaque,
-    pub strerror:
-        unsafe extern "C" fn(*mut fid_cq, c_int, *const c_void, *mut c_char, usize) -> *const c_char,
+    pub strerror: unsafe extern "C" fn(
+        *mut fid_cq,
+        c_int,
+        *const c_void,
+        *mut c_char,
+        usize,
+    ) -> *const c_char,
 }
 
 #[repr(C)]
@@ -411,7 +428,8 @@ pub struct fi_ops_rma {
     ) -> isize,
     pub writev: Opaque,
     pub writemsg: Opaque,
-    pub inject: unsafe extern "C" fn(*mut fid_ep, *const c_void, usize, fi_addr_t, u64, u64) -> isize,
+    pub inject:
+        unsafe extern "C" fn(*mut fid_ep, *const c_void, usize, fi_addr_t, u64, u64) -> isize,
     #[allow(clippy::type_complexity)]
     pub writedata: unsafe extern "C" fn(
         *mut fid_ep,
@@ -452,7 +470,8 @@ pub struct LibFabric {
     ) -> c_int,
     pub freeinfo: unsafe extern "C" fn(*mut fi_info),
     pub dupinfo: unsafe extern "C" fn(*const fi_info) -> *mut fi_info,
-    pub fabric: unsafe extern "C" fn(*mut fi_fabric_attr, *mut *mut fid_fabric, *mut c_void) -> c_int,
+    pub fabric:
+        unsafe extern "C" fn(*mut fi_fabric_attr, *mut *mut fid_fabric, *mut c_void) -> c_int,
     pub strerror: unsafe extern "C" fn(c_int) -> *const c_char,
     pub version: unsafe extern "C" fn() -> u32,
     /// Where the library was loaded from.
@@ -482,7 +501,10 @@ pub fn candidate_paths() -> Vec<String> {
     if let Some(p) = std::env::var_os("STOLON_LIBFABRIC") {
         paths.push(PathBuf::from(p).to_string_lossy().into_owned());
     }
-    for p in ["/opt/amazon/efa/lib/libfabric.so.1", "/opt/amazon/efa/lib64/libfabric.so.1"] {
+    for p in [
+        "/opt/amazon/efa/lib/libfabric.so.1",
+        "/opt/amazon/efa/lib64/libfabric.so.1",
+    ] {
         if std::path::Path::new(p).exists() {
             paths.push(p.to_string());
         }
@@ -500,7 +522,9 @@ pub fn candidate_paths() -> Vec<String> {
 /// The loader's message when the symbol is missing.
 unsafe fn symbol<T: Copy>(lib: &libloading::Library, name: &[u8]) -> Result<T, String> {
     // SAFETY: the caller promises that T matches the symbol's type.
-    unsafe { lib.get::<T>(name) }.map(|s| *s).map_err(|e| e.to_string())
+    unsafe { lib.get::<T>(name) }
+        .map(|s| *s)
+        .map_err(|e| e.to_string())
 }
 
 fn load() -> Result<LibFabric, LoadError> {
@@ -536,7 +560,16 @@ fn load() -> Result<LibFabric, LoadError> {
                 continue;
             }
         };
-        return Ok(LibFabric { getinfo, freeinfo, dupinfo, fabric, strerror, version, path, _lib: lib });
+        return Ok(LibFabric {
+            getinfo,
+            freeinfo,
+            dupinfo,
+            fabric,
+            strerror,
+            version,
+            path,
+            _lib: lib,
+        });
     }
     Err(LoadError { tried })
 }

@@ -1,0 +1,185 @@
+//! The domain abstraction the worker drives: one endpoint of one backend.
+//!
+//! Backends are an enum rather than trait objects: the worker's hot path dispatches with one
+//! `match`, and each backend stays a plain struct with its own invariants.
+
+use std::ffi::c_void;
+
+use crate::error::Result;
+use crate::libfabric::{CqError, DomainAttrs, DomainSpec, FabricDomain, Mr, Posted};
+use crate::reorder::{LoopMr, ReorderDomain};
+use crate::sys::libfabric::{fi_addr_t, fi_cq_data_entry};
+
+/// One endpoint of some backend.
+pub(crate) enum Domain {
+    /// A libfabric RDM endpoint (efa, verbs;ofi_rxm, tcp;ofi_rxm, net, shm, udp;ofi_rxd).
+    Fabric(FabricDomain),
+    /// The in-process reordering test double (provider name `reorder`); see [`crate::reorder`].
+    Reorder(ReorderDomain),
+}
+
+/// A registration on one domain.
+pub(crate) enum MrHandle {
+    Fabric(Mr),
+    Reorder(LoopMr),
+}
+
+impl MrHandle {
+    pub(crate) fn key(&self) -> u64 {
+        match self {
+            MrHandle::Fabric(m) => m.key(),
+            MrHandle::Reorder(m) => m.key,
+        }
+    }
+    pub(crate) fn desc(&self) -> *mut c_void {
+        match self {
+            MrHandle::Fabric(m) => m.desc(),
+            MrHandle::Reorder(_) => std::ptr::null_mut(),
+        }
+    }
+}
+
+impl Domain {
+    pub(crate) fn open(spec: &DomainSpec) -> Result<Self> {
+        if spec.provider == crate::reorder::PROVIDER {
+            return Ok(Domain::Reorder(ReorderDomain::open(spec)?));
+        }
+        Ok(Domain::Fabric(FabricDomain::open(spec)?))
+    }
+
+    pub(crate) fn attrs(&self) -> &DomainAttrs {
+        match self {
+            Domain::Fabric(d) => &d.attrs,
+            Domain::Reorder(d) => &d.attrs,
+        }
+    }
+
+    pub(crate) fn name(&self) -> &[u8] {
+        match self {
+            Domain::Fabric(d) => d.name(),
+            Domain::Reorder(d) => d.name(),
+        }
+    }
+
+    pub(crate) fn insert_addr(&mut self, name: &[u8]) -> Result<fi_addr_t> {
+        match self {
+            Domain::Fabric(d) => d.insert_addr(name),
+            Domain::Reorder(d) => d.insert_addr(name),
+        }
+    }
+
+    pub(crate) fn remove_addr(&mut self, addr: fi_addr_t) {
+        match self {
+            Domain::Fabric(d) => d.remove_addr(addr),
+            Domain::Reorder(d) => d.remove_addr(addr),
+        }
+    }
+
+    /// # Safety
+    /// The memory must stay valid until the region is closed with [`Self::close_mr`].
+    pub(crate) unsafe fn register(
+        &mut self,
+        ptr: *const u8,
+        len: usize,
+        key: u64,
+    ) -> Result<MrHandle> {
+        match self {
+            // SAFETY: forwarded contract.
+            Domain::Fabric(d) => unsafe { d.register(ptr, len, key) }.map(MrHandle::Fabric),
+            // SAFETY: forwarded contract.
+            Domain::Reorder(d) => unsafe { d.register(ptr, len, key) }.map(MrHandle::Reorder),
+        }
+    }
+
+    pub(crate) fn close_mr(&mut self, mr: MrHandle) {
+        match (self, mr) {
+            (Domain::Fabric(d), MrHandle::Fabric(m)) => d.close_mr(m),
+            (Domain::Reorder(d), MrHandle::Reorder(m)) => d.close_mr(m),
+            _ => unreachable!("a region is closed on the domain that registered it"),
+        }
+    }
+
+    /// # Safety
+    /// See [`FabricDomain::post_write`].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn post_write(
+        &mut self,
+        buf: *const u8,
+        len: usize,
+        desc: *mut c_void,
+        dest: fi_addr_t,
+        raddr: u64,
+        key: u64,
+        data: Option<u64>,
+        ctx: *mut c_void,
+    ) -> Result<Posted> {
+        match self {
+            // SAFETY: forwarded contract.
+            Domain::Fabric(d) => unsafe {
+                d.post_write(buf, len, desc, dest, raddr, key, data, ctx)
+            },
+            // SAFETY: forwarded contract.
+            Domain::Reorder(d) => unsafe { d.post_write(buf, len, dest, raddr, key, data, ctx) },
+        }
+    }
+
+    /// # Safety
+    /// See [`FabricDomain::inject_write`].
+    pub(crate) unsafe fn inject_write(
+        &mut self,
+        buf: *const u8,
+        len: usize,
+        dest: fi_addr_t,
+        raddr: u64,
+        key: u64,
+        data: Option<u64>,
+    ) -> Result<Posted> {
+        match self {
+            // SAFETY: forwarded contract.
+            Domain::Fabric(d) => unsafe { d.inject_write(buf, len, dest, raddr, key, data) },
+            Domain::Reorder(_) => unreachable!("the test double does not offer inject"),
+        }
+    }
+
+    /// # Safety
+    /// See [`FabricDomain::post_send`].
+    pub(crate) unsafe fn post_send(
+        &mut self,
+        buf: *const u8,
+        len: usize,
+        desc: *mut c_void,
+        dest: fi_addr_t,
+        ctx: *mut c_void,
+    ) -> Result<Posted> {
+        match self {
+            // SAFETY: forwarded contract.
+            Domain::Fabric(d) => unsafe { d.post_send(buf, len, desc, dest, ctx) },
+            // SAFETY: forwarded contract.
+            Domain::Reorder(d) => unsafe { d.post_send(buf, len, dest, ctx) },
+        }
+    }
+
+    /// # Safety
+    /// See [`FabricDomain::post_recv`].
+    pub(crate) unsafe fn post_recv(
+        &mut self,
+        buf: *mut u8,
+        len: usize,
+        desc: *mut c_void,
+        ctx: *mut c_void,
+    ) -> Result<Posted> {
+        match self {
+            // SAFETY: forwarded contract.
+            Domain::Fabric(d) => unsafe { d.post_recv(buf, len, desc, ctx) },
+            // SAFETY: forwarded contract.
+            Domain::Reorder(d) => unsafe { d.post_recv(buf, len, ctx) },
+        }
+    }
+
+    pub(crate) fn poll(&mut self, out: &mut [fi_cq_data_entry]) -> Result<usize, CqError> {
+        match self {
+            Domain::Fabric(d) => d.poll(out),
+            Domain::Reorder(d) => d.poll(out),
+        }
+    }
+}
