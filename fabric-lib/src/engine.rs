@@ -219,6 +219,8 @@ pub struct TransferEngine {
     worker: Mutex<Option<JoinHandle<()>>>,
     callbacks: Mutex<Option<CallbackThread>>,
     sink: CallbackSink,
+    /// The process that created the engine; a forked child has no worker thread.
+    pid: u32,
 }
 
 fn random_u64() -> u64 {
@@ -324,6 +326,7 @@ impl TransferEngine {
             worker: Mutex::new(Some(handle)),
             callbacks: Mutex::new(Some(callbacks)),
             sink,
+            pid: std::process::id(),
         })
     }
 
@@ -361,7 +364,20 @@ impl TransferEngine {
             .collect()
     }
 
+    /// Fails in a forked child: the worker thread and the libfabric state belong to the parent.
+    fn check_process(&self) -> Result<()> {
+        if std::process::id() != self.pid {
+            return Err(Error::Config(
+                "this engine was created in another process (fork); create a new engine in the \
+                 child"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn send_req(&self, req: Request) -> Result<()> {
+        self.check_process()?;
         if self.stopped.load(Ordering::Acquire) {
             return Err(Error::Stopped);
         }
@@ -683,6 +699,7 @@ impl TransferEngine {
 
     /// Takes the next received message, waiting up to `timeout`.
     pub fn recv(&self, timeout: Duration) -> Result<Vec<u8>> {
+        self.check_process()?;
         self.shared.messages.pop(timeout)
     }
 
@@ -752,6 +769,13 @@ impl TransferEngine {
     /// [`Error::Stopped`], every libfabric object is closed. Idempotent.
     pub fn stop(&self) {
         if self.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if std::process::id() != self.pid {
+            // A forked child: the worker is the parent's. Leak rather than join a thread that
+            // does not exist here or close the parent's endpoints.
+            std::mem::forget(self.worker.lock().map(|mut w| w.take()));
+            std::mem::forget(self.callbacks.lock().map(|mut c| c.take()));
             return;
         }
         let _ = self.tx.send(Request::Stop);
