@@ -32,9 +32,7 @@ fn to_py(e: fl::Error) -> PyErr {
     let msg = e.to_string();
     Python::with_gil(|py| {
         static ERRORS: GILOnceCell<Py<PyModule>> = GILOnceCell::new();
-        let module = ERRORS.get_or_try_init(py, || {
-            py.import("stolon.errors").map(|m| m.unbind())
-        });
+        let module = ERRORS.get_or_try_init(py, || py.import("stolon.errors").map(|m| m.unbind()));
         match module.and_then(|m| m.bind(py).getattr(name)) {
             Ok(cls) => match cls.call1((msg.clone(),)) {
                 Ok(inst) => PyErr::from_value(inst),
@@ -49,7 +47,9 @@ fn dur(seconds: Option<f64>) -> PyResult<Option<Duration>> {
     match seconds {
         None => Ok(None),
         Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s))),
-        Some(s) => Err(to_py(fl::Error::InvalidArgument(format!("bad timeout {s}")))),
+        Some(s) => Err(to_py(fl::Error::InvalidArgument(format!(
+            "bad timeout {s}"
+        )))),
     }
 }
 
@@ -75,11 +75,15 @@ struct Address {
 impl Address {
     #[staticmethod]
     fn from_bytes(data: &[u8]) -> PyResult<Self> {
-        fl::PeerAddr::from_bytes(data).map(|inner| Address { inner }).map_err(to_py)
+        fl::PeerAddr::from_bytes(data)
+            .map(|inner| Address { inner })
+            .map_err(to_py)
     }
     #[staticmethod]
     fn from_text(text: &str) -> PyResult<Self> {
-        fl::PeerAddr::from_text(text).map(|inner| Address { inner }).map_err(to_py)
+        fl::PeerAddr::from_text(text)
+            .map(|inner| Address { inner })
+            .map_err(to_py)
     }
     fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, &self.inner.to_bytes())
@@ -94,19 +98,34 @@ impl Address {
         self.inner.to_text()
     }
     fn __repr__(&self) -> String {
-        let provs: Vec<_> = self.inner.domains.iter().map(|d| d.provider.as_str()).collect();
-        format!("Address(engine={:016x}, domains={provs:?})", self.inner.engine_id)
+        let provs: Vec<_> = self
+            .inner
+            .domains
+            .iter()
+            .map(|d| d.provider.as_str())
+            .collect();
+        format!(
+            "Address(engine={:016x}, domains={provs:?})",
+            self.inner.engine_id
+        )
     }
     /// Providers of the engine's domains, in order.
     #[getter]
     fn providers(&self) -> Vec<String> {
-        self.inner.domains.iter().map(|d| d.provider.clone()).collect()
+        self.inner
+            .domains
+            .iter()
+            .map(|d| d.provider.clone())
+            .collect()
     }
     #[getter]
     fn engine_id(&self) -> u64 {
         self.inner.engine_id
     }
-    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
+    fn __reduce__<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
         let f = py.get_type::<Address>().getattr("from_bytes")?;
         Ok((f, (self.to_bytes(py),)))
     }
@@ -123,11 +142,15 @@ struct MemoryDescriptor {
 impl MemoryDescriptor {
     #[staticmethod]
     fn from_bytes(data: &[u8]) -> PyResult<Self> {
-        fl::MemDesc::from_bytes(data).map(|inner| MemoryDescriptor { inner }).map_err(to_py)
+        fl::MemDesc::from_bytes(data)
+            .map(|inner| MemoryDescriptor { inner })
+            .map_err(to_py)
     }
     #[staticmethod]
     fn from_text(text: &str) -> PyResult<Self> {
-        fl::MemDesc::from_text(text).map(|inner| MemoryDescriptor { inner }).map_err(to_py)
+        fl::MemDesc::from_text(text)
+            .map(|inner| MemoryDescriptor { inner })
+            .map_err(to_py)
     }
     fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, &self.inner.to_bytes())
@@ -155,9 +178,14 @@ impl MemoryDescriptor {
     /// The owner's address.
     #[getter]
     fn address(&self) -> Address {
-        Address { inner: self.inner.owner.clone() }
+        Address {
+            inner: self.inner.owner.clone(),
+        }
     }
-    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
+    fn __reduce__<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
         let f = py.get_type::<MemoryDescriptor>().getattr("from_bytes")?;
         Ok((f, (self.to_bytes(py),)))
     }
@@ -173,7 +201,9 @@ struct MemoryRegion {
 impl MemoryRegion {
     #[getter]
     fn descriptor(&self) -> MemoryDescriptor {
-        MemoryDescriptor { inner: self.inner.descriptor().clone() }
+        MemoryDescriptor {
+            inner: self.inner.descriptor().clone(),
+        }
     }
     #[getter]
     fn ptr(&self) -> usize {
@@ -191,7 +221,11 @@ impl MemoryRegion {
         self.inner.len() as usize
     }
     fn __repr__(&self) -> String {
-        format!("MemoryRegion(ptr={:#x}, length={})", self.inner.ptr(), self.inner.len())
+        format!(
+            "MemoryRegion(ptr={:#x}, length={})",
+            self.inner.ptr(),
+            self.inner.len()
+        )
     }
 }
 
@@ -314,14 +348,20 @@ impl TransferEngine {
         cfg.worker_cpu = worker_cpu;
         cfg.spin = Duration::from_micros(spin_us);
         cfg.max_sleep = Duration::from_micros(max_sleep_us.max(1));
-        let engine = py.allow_threads(move || fl::TransferEngine::new(cfg)).map_err(to_py)?;
-        Ok(TransferEngine { inner: Arc::new(engine) })
+        let engine = py
+            .allow_threads(move || fl::TransferEngine::new(cfg))
+            .map_err(to_py)?;
+        Ok(TransferEngine {
+            inner: Arc::new(engine),
+        })
     }
 
     /// This engine's address.
     #[getter]
     fn address(&self) -> Address {
-        Address { inner: self.inner.address().clone() }
+        Address {
+            inner: self.inner.address().clone(),
+        }
     }
 
     /// Number of domains in the group.
@@ -355,7 +395,9 @@ impl TransferEngine {
         // pins it: a buffer export prevents resizing) or a raw pointer the caller vouches for;
         // the owner is kept alive for as long as the region and any transfer using it.
         let r = py.allow_threads(move || unsafe { engine.register(ptr, length, owner) });
-        Ok(MemoryRegion { inner: r.map_err(to_py)? })
+        Ok(MemoryRegion {
+            inner: r.map_err(to_py)?,
+        })
     }
 
     /// Revokes a region: later transfers using it raise UnregisteredMemoryError.
@@ -381,14 +423,28 @@ impl TransferEngine {
     ) -> PyResult<TransferFuture> {
         let s = self::sharding(sharding, pin_domain)?;
         self.inner
-            .write(self.region(src), src_offset, &dst.inner, dst_offset, length, imm, s, dur(timeout)?)
+            .write(
+                self.region(src),
+                src_offset,
+                &dst.inner,
+                dst_offset,
+                length,
+                imm,
+                s,
+                dur(timeout)?,
+            )
             .map(|inner| TransferFuture { inner })
             .map_err(to_py)
     }
 
     /// Sends only an immediate to `peer`.
     #[pyo3(signature = (peer, imm, *, timeout=None))]
-    fn write_imm(&self, peer: &Address, imm: u32, timeout: Option<f64>) -> PyResult<TransferFuture> {
+    fn write_imm(
+        &self,
+        peer: &Address,
+        imm: u32,
+        timeout: Option<f64>,
+    ) -> PyResult<TransferFuture> {
         self.inner
             .write_imm(&peer.inner, imm, dur(timeout)?)
             .map(|inner| TransferFuture { inner })
@@ -455,7 +511,12 @@ impl TransferEngine {
                     dsts.len() - 1
                 }
             };
-            its.push(fl::ScatterItem { dst: idx, src_off, dst_off, len });
+            its.push(fl::ScatterItem {
+                dst: idx,
+                src_off,
+                dst_off,
+                len,
+            });
         }
         let refs: Vec<&fl::MemDesc> = dsts.iter().collect();
         let s = self::sharding(sharding, pin_domain)?;
@@ -501,11 +562,18 @@ impl TransferEngine {
 
     /// Waits until every other engine in `peers` reached the barrier with the same `imm`.
     #[pyo3(signature = (peers, imm, timeout=None))]
-    fn barrier(&self, py: Python<'_>, peers: Vec<Address>, imm: u32, timeout: Option<f64>) -> PyResult<()> {
+    fn barrier(
+        &self,
+        py: Python<'_>,
+        peers: Vec<Address>,
+        imm: u32,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
         let t = dur(timeout)?.unwrap_or(self.inner.config().timeout);
         let addrs: Vec<fl::PeerAddr> = peers.into_iter().map(|a| a.inner).collect();
         let engine = self.inner.clone();
-        py.allow_threads(move || engine.barrier(&addrs, imm, t)).map_err(to_py)
+        py.allow_threads(move || engine.barrier(&addrs, imm, t))
+            .map_err(to_py)
     }
 
     /// Arrivals of `imm` counted and not yet consumed.
@@ -518,22 +586,38 @@ impl TransferEngine {
     fn wait_imm(&self, py: Python<'_>, imm: u32, count: u64, timeout: Option<f64>) -> PyResult<()> {
         let t = dur(timeout)?.unwrap_or(self.inner.config().timeout);
         let engine = self.inner.clone();
-        py.allow_threads(move || engine.imm_counter().wait(imm, count, t)).map_err(to_py)
+        py.allow_threads(move || engine.imm_counter().wait(imm, count, t))
+            .map_err(to_py)
     }
 
     /// Calls `callback(exc_or_None)` once `imm` has arrived `count` times (consuming them), or
     /// with a timeout error after `timeout` seconds.
     #[pyo3(signature = (imm, count, callback, timeout=None))]
-    fn expect_imm(&self, imm: u32, count: u64, callback: Py<PyAny>, timeout: Option<f64>) -> PyResult<()> {
+    fn expect_imm(
+        &self,
+        imm: u32,
+        count: u64,
+        callback: Py<PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
         let t = dur(timeout)?;
-        self.inner.imm_counter().expect(imm, count, t, move |r| call_with_result(callback, r));
+        self.inner
+            .imm_counter()
+            .expect(imm, count, t, move |r| call_with_result(callback, r));
         Ok(())
     }
 
     /// Immediates a receiver gets from `write(..., length, imm)`.
     #[pyo3(signature = (length, *, sharding=None, pin_domain=None))]
-    fn imm_count_write(&self, length: u64, sharding: Option<&str>, pin_domain: Option<usize>) -> PyResult<usize> {
-        Ok(self.inner.imm_count_write(length, self::sharding(sharding, pin_domain)?))
+    fn imm_count_write(
+        &self,
+        length: u64,
+        sharding: Option<&str>,
+        pin_domain: Option<usize>,
+    ) -> PyResult<usize> {
+        Ok(self
+            .inner
+            .imm_count_write(length, self::sharding(sharding, pin_domain)?))
     }
 
     /// Immediates a receiver gets from a paged write of `pages` pages.
@@ -562,7 +646,16 @@ impl TransferEngine {
         reply_imm: Option<u32>,
     ) -> PyResult<()> {
         self.inner
-            .trigger_write(imm, times, self.region(src), src_offset, &dst.inner, dst_offset, length, reply_imm)
+            .trigger_write(
+                imm,
+                times,
+                self.region(src),
+                src_offset,
+                &dst.inner,
+                dst_offset,
+                length,
+                reply_imm,
+            )
             .map_err(to_py)
     }
 
@@ -629,13 +722,16 @@ fn attrs_dict<'py>(py: Python<'py>, a: &fl::DomainAttrs) -> PyResult<Bound<'py, 
 /// Path and version of the libfabric that was loaded (raises LibraryNotFoundError).
 #[pyfunction]
 fn libfabric_info<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-    let lib = fl::sys::libfabric::lib()
-        .map_err(|e| to_py(fl::Error::LibraryNotFound(e.to_string())))?;
+    let lib =
+        fl::sys::libfabric::lib().map_err(|e| to_py(fl::Error::LibraryNotFound(e.to_string())))?;
     let d = PyDict::new(py);
     d.set_item("path", &lib.path)?;
     let (maj, min) = lib.runtime_version();
     d.set_item("version", format!("{maj}.{min}"))?;
-    d.set_item("candidates", PyTuple::new(py, fl::sys::libfabric::candidate_paths())?)?;
+    d.set_item(
+        "candidates",
+        PyTuple::new(py, fl::sys::libfabric::candidate_paths())?,
+    )?;
     Ok(d)
 }
 
