@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     cfg = {
         "provider": args.provider,
         "domains": args.domains,
-        "buffer": max(args.sizes) * 2,
+        "buffer": max(max(args.sizes) * 2, 16384 * 64, args.latency_bytes),
         "min_shard": args.min_shard,
     }
     proc = ctx.Process(target=receiver, args=(cfg, child), daemon=True)

@@ -538,7 +538,8 @@ impl TransferEngine {
         timeout: Option<Duration>,
     ) -> Result<Transfer> {
         let state = TransferState::new(self.sink.clone());
-        let deadline = Instant::now() + timeout.unwrap_or(self.config.timeout);
+        let timeout = timeout.unwrap_or(self.config.timeout);
+        let deadline = Instant::now() + timeout;
         let t = Transfer {
             state: state.clone(),
             imm_counts: imm_counts.into(),
@@ -547,6 +548,7 @@ impl TransferEngine {
             ops,
             state,
             deadline,
+            timeout,
             keep,
             payload,
         })))?;
@@ -735,6 +737,7 @@ impl TransferEngine {
     /// Arms a trigger: each of the next `times` arrivals of `imm` makes the worker itself post a
     /// write of `len` bytes from `src[src_off..]` to `dst` at `dst_off` carrying `reply_imm`,
     /// without involving any other thread. Triggered arrivals are not counted by the counter.
+    /// Returns once the trigger is armed: arrivals from then on fire it.
     #[allow(clippy::too_many_arguments)]
     pub fn trigger_write(
         &self,
@@ -757,12 +760,10 @@ impl TransferEngine {
             .params
             .plan_single(Sharding::Pinned(0), 0, src_off, dst_off, len)?;
         let ops = self.write_ops(&plans, src, &[dst], &[peer], reply_imm);
-        self.send_req(Request::Trigger(Box::new(Trigger {
-            imm,
-            times,
-            ops,
-            _keep: vec![src.inner.clone()],
-        })))
+        let (reply, armed) = mpsc::sync_channel(1);
+        let trigger = Trigger { imm, times, ops, _keep: vec![src.inner.clone()] };
+        self.send_req(Request::Trigger(Box::new(trigger), reply))?;
+        armed.recv().map_err(|_| Error::Stopped)
     }
 
     /// Stops the worker: transfers in flight fail with [`Error::Stopped`], waits return

@@ -51,6 +51,7 @@ pub(crate) struct TransferReq {
     pub ops: Vec<Op>,
     pub state: Arc<TransferState>,
     pub deadline: Instant,
+    pub timeout: Duration,
     /// Keeps the local regions (and the memory they cover) alive until every op has completed.
     pub keep: Vec<Arc<RegionInner>>,
     pub payload: Option<Vec<u8>>,
@@ -79,7 +80,8 @@ pub(crate) enum Request {
         addr: PeerAddr,
     },
     Transfer(Box<TransferReq>),
-    Trigger(Box<Trigger>),
+    /// Arms a trigger; the reply says it is in place (so no arrival can miss it).
+    Trigger(Box<Trigger>, std::sync::mpsc::SyncSender<()>),
     Stop,
 }
 
@@ -120,6 +122,8 @@ struct Active {
     remaining: usize,
     state: Arc<TransferState>,
     deadline: Instant,
+    /// The transfer's whole allowance, for the error message.
+    timeout: Duration,
     reported: bool,
     _keep: Vec<Arc<RegionInner>>,
     payload: Option<Vec<u8>>,
@@ -411,8 +415,9 @@ impl Worker {
                 self.peers.insert(id, PeerEntry { addrs });
             }
             Request::Transfer(t) => self.start_transfer(*t),
-            Request::Trigger(t) => {
+            Request::Trigger(t, reply) => {
                 self.triggers.insert(t.imm, *t);
+                let _ = reply.send(());
             }
             Request::Stop => {}
         }
@@ -423,6 +428,7 @@ impl Worker {
             ops,
             state,
             deadline,
+            timeout,
             keep,
             payload,
         } = t;
@@ -441,6 +447,7 @@ impl Worker {
             remaining: ops.len(),
             state,
             deadline,
+            timeout,
             reported: false,
             _keep: keep,
             payload,
@@ -789,11 +796,7 @@ impl Worker {
         for a in self.active.iter_mut().flatten() {
             if !a.reported && a.deadline <= now {
                 a.reported = true;
-                a.state.complete(Err(Error::Timeout(
-                    a.deadline
-                        .saturating_duration_since(now)
-                        .max(Duration::ZERO),
-                )));
+                a.state.complete(Err(Error::Timeout(a.timeout)));
             }
         }
         let _ = &self.waiting_sends;

@@ -61,7 +61,7 @@ pub struct DomainAttrs {
     pub tx_size: usize,
     pub rx_size: usize,
     pub cq_data_size: usize,
-    /// Small writes may use `fi_inject_write*` (not on `udp;ofi_rxd`, where it loses events).
+    /// Small writes use `fi_inject_write*` (see [`inject_allowed`]).
     pub use_inject: bool,
 }
 
@@ -151,6 +151,20 @@ fn strdup(s: &str) -> Result<*mut std::ffi::c_char> {
     Ok(p)
 }
 
+/// Whether small writes may use `fi_inject_write*` on this provider.
+///
+/// Only where it was seen to be safe: on libfabric 1.17, injected writes to a peer that dies make
+/// `tcp;ofi_rxm` crash inside `fi_cq_read`, and on `udp;ofi_rxd` they lose events
+/// (shared/LIBFABRIC.md). `STOLON_INJECT=1` / `=0` forces it on / off.
+pub fn inject_allowed(provider: &str) -> bool {
+    match std::env::var("STOLON_INJECT").as_deref() {
+        Ok("1") => return true,
+        Ok("0") => return false,
+        _ => {}
+    }
+    matches!(provider, "shm" | "efa")
+}
+
 /// Lists the RDM providers and interfaces usable here with stolon's required capabilities.
 pub fn list_providers(provider: Option<&str>) -> Result<Vec<DomainAttrs>> {
     let lib = fi::lib().map_err(|e| Error::LibraryNotFound(e.to_string()))?;
@@ -192,8 +206,7 @@ unsafe fn read_attrs(info: *const fi::fi_info) -> DomainAttrs {
             tx_size: (*i.tx_attr).size,
             rx_size: (*i.rx_attr).size,
             cq_data_size: d.cq_data_size,
-            use_inject: !cstr_or_empty(f.prov_name).contains("rxd")
-                && std::env::var_os("STOLON_NO_INJECT").is_none(),
+            use_inject: inject_allowed(&cstr_or_empty(f.prov_name)),
         }
     }
 }
