@@ -32,8 +32,10 @@ MiB = 1 << 20
 
 def _engine(args: Dict[str, Any]):
     from stolon import TransferEngine
+    from stolon.engine import loopback_nodes
 
-    return TransferEngine(args["provider"], args["domains"], min_shard_bytes=args["min_shard"])
+    p, n = args["provider"], args["domains"]
+    return TransferEngine(p, n, nodes=loopback_nodes(p, n), min_shard_bytes=args["min_shard"])
 
 
 def receiver(args: Dict[str, Any], conn) -> None:
@@ -141,13 +143,11 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
             expect(7, per * n)
             t0 = time.perf_counter()
             inflight = []
-            for i in range(n):
+            for _ in range(n):
                 if op == "single":
                     f = eng.write(region, 0, desc, 0, size, imm=7)
                 else:
-                    f = eng.write_paged(
-                        region, desc, page, src_pages, dst_pages, imm=7
-                    )
+                    f = eng.write_paged(region, desc, page, src_pages, dst_pages, imm=7)
                 inflight.append(f)
                 if len(inflight) >= window:
                     inflight.pop(0).wait(60)

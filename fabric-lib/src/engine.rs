@@ -64,6 +64,26 @@ impl EngineConfig {
     }
 }
 
+impl EngineConfig {
+    /// Like [`EngineConfig::new`], but socket providers (tcp, net, udp) bind to 127.0.0.1, so
+    /// every byte stays on the loopback interface (tests, benchmarks, the demo).
+    pub fn loopback(provider: &str, n: usize) -> Self {
+        let mut cfg = EngineConfig::new(provider, n);
+        if is_socket_provider(provider) {
+            for d in &mut cfg.domains {
+                d.node = Some("127.0.0.1".into());
+            }
+        }
+        cfg
+    }
+}
+
+/// Whether `provider` runs over IP sockets (and so takes a source address).
+pub fn is_socket_provider(provider: &str) -> bool {
+    let p = provider.split(';').next().unwrap_or("");
+    matches!(p, "tcp" | "net" | "udp" | "sockets")
+}
+
 /// Per-domain counters.
 #[derive(Debug, Default)]
 pub struct DomainStats {

@@ -10,8 +10,8 @@
 //! use fabric_lib::{EngineConfig, TransferEngine};
 //! use std::time::Duration;
 //! # fn main() -> fabric_lib::Result<()> {
-//! let a = TransferEngine::new(EngineConfig::new("tcp", 2))?;   // 2 domains (NICs)
-//! let b = TransferEngine::new(EngineConfig::new("tcp", 2))?;
+//! let a = TransferEngine::new(EngineConfig::loopback("tcp", 2))?; // 2 domains on 127.0.0.1
+//! let b = TransferEngine::new(EngineConfig::loopback("tcp", 2))?;
 //! let src = a.register_buffer(vec![7u8; 1 << 20].into_boxed_slice())?;
 //! let dst = b.register_buffer(vec![0u8; 1 << 20].into_boxed_slice())?;
 //! // The descriptor travels to the writer as bytes (dst.descriptor().to_bytes()).
@@ -51,7 +51,7 @@ pub mod transfer;
 mod worker;
 
 pub use desc::{DomainAddr, MemDesc, PeerAddr};
-pub use engine::{EngineConfig, MemoryRegion, StatsSnapshot, TransferEngine};
+pub use engine::{is_socket_provider, EngineConfig, MemoryRegion, StatsSnapshot, TransferEngine};
 pub use error::{Error, Result};
 pub use imm::ImmCounter;
 pub use libfabric::{list_providers, DomainAttrs, DomainSpec};

@@ -14,7 +14,7 @@ fn engines(provider: &str, n: usize) -> Option<(TransferEngine, TransferEngine)>
         eprintln!("SKIP: libfabric not present");
         return None;
     }
-    let mut cfg = EngineConfig::new(provider, n);
+    let mut cfg = EngineConfig::loopback(provider, n);
     cfg.min_shard_bytes = 64 << 10;
     Some((
         TransferEngine::new(cfg.clone()).unwrap(),
@@ -220,7 +220,7 @@ fn bad_requests_are_rejected_before_posting() {
     assert!(bytes(&dst).iter().all(|&x| x == 0));
     assert_eq!(b.stats()[0].imms_received, 0);
     // A descriptor of a shm engine cannot be reached over tcp.
-    if let Ok(c) = TransferEngine::new(EngineConfig::new("shm", 1)) {
+    if let Ok(c) = TransferEngine::new(EngineConfig::loopback("shm", 1)) {
         let r = c.register_buffer(vec![0u8; 10].into_boxed_slice()).unwrap();
         let src2 = a.register_buffer(pattern(10, 0)).unwrap();
         assert!(matches!(

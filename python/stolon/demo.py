@@ -10,9 +10,9 @@ import time
 def _writer(provider: str, domains: int, size: int, conn) -> None:  # pragma: no cover (child)
     import numpy as np
 
-    from .engine import MemoryDescriptor, TransferEngine
+    from .engine import MemoryDescriptor, TransferEngine, loopback_nodes
 
-    with TransferEngine(provider, domains) as eng:
+    with TransferEngine(provider, domains, nodes=loopback_nodes(provider, domains)) as eng:
         src = np.random.default_rng(7).integers(0, 256, size, dtype=np.uint8)
         region = eng.register(src)
         desc = MemoryDescriptor.from_bytes(conn.recv())
@@ -25,17 +25,19 @@ def _writer(provider: str, domains: int, size: int, conn) -> None:  # pragma: no
         conn.recv()
 
 
-def run_demo(provider: str = "tcp", domains: int = 2, size: int = 256 << 20, rounds: int = 4) -> int:
+def run_demo(
+    provider: str = "tcp", domains: int = 2, size: int = 256 << 20, rounds: int = 4
+) -> int:
     import numpy as np
 
-    from .engine import TransferEngine
+    from .engine import TransferEngine, loopback_nodes
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_writer, args=(provider, domains, size, child), daemon=True)
     proc.start()
     try:
-        with TransferEngine(provider, domains) as eng:
+        with TransferEngine(provider, domains, nodes=loopback_nodes(provider, domains)) as eng:
             dst = np.zeros(size, dtype=np.uint8)
             region = eng.register(dst)
             parent.send(region.descriptor.to_bytes())

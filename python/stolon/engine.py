@@ -8,7 +8,24 @@ from . import _native
 from ._memory import buffer_address
 from ._native import Address, MemoryDescriptor, MemoryRegion, TransferFuture
 
-__all__ = ["TransferEngine", "Address", "MemoryDescriptor", "MemoryRegion", "TransferFuture"]
+__all__ = [
+    "loopback_nodes",
+    "TransferEngine",
+    "Address",
+    "MemoryDescriptor",
+    "MemoryRegion",
+    "TransferFuture",
+]
+
+
+SOCKET_PROVIDERS = ("tcp", "net", "udp", "sockets")
+
+
+def loopback_nodes(provider: str, domains: int) -> Optional[list]:
+    """`nodes=` that keep socket providers on 127.0.0.1 (None for the others)."""
+    if provider.split(";")[0] in SOCKET_PROVIDERS:
+        return ["127.0.0.1"] * domains
+    return None
 
 
 class TransferEngine(_native.TransferEngine):
