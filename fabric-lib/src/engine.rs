@@ -173,6 +173,28 @@ pub(crate) struct Shared {
     pub next_key: AtomicU64,
 }
 
+/// A validated, planned transfer that has not been submitted yet (see the `prepare_*` methods).
+/// Submit it with [`TransferEngine::submit`], or hand it to a watcher that submits it when a
+/// progress counter reaches its step.
+pub struct Prepared {
+    ops: Vec<Op>,
+    keep: Vec<Arc<RegionInner>>,
+    payload: Option<Vec<u8>>,
+    imm_counts: Vec<usize>,
+    timeout: Duration,
+    engine_id: u64,
+}
+
+impl Prepared {
+    /// Immediates the transfer will produce at each receiver.
+    pub fn imm_counts(&self) -> &[usize] {
+        &self.imm_counts
+    }
+}
+
+/// Called with (old, new) when a watched counter changes.
+pub type WatchCallback = Box<dyn Fn(u64, u64) + Send + Sync>;
+
 /// A registered local region. Cloning shares it; it is unregistered when the last clone (and
 /// every transfer using it) is gone, or explicitly with [`TransferEngine::unregister`].
 #[derive(Clone)]
@@ -549,29 +571,56 @@ impl TransferEngine {
             .collect()
     }
 
-    fn submit(
+    fn prepared(
         &self,
         ops: Vec<Op>,
         keep: Vec<Arc<RegionInner>>,
         payload: Option<Vec<u8>>,
         imm_counts: Vec<usize>,
         timeout: Option<Duration>,
-    ) -> Result<Transfer> {
-        let state = TransferState::new(self.sink.clone());
-        let timeout = timeout.unwrap_or(self.config.timeout);
-        let deadline = Instant::now() + timeout;
-        let t = Transfer {
-            state: state.clone(),
-            imm_counts: imm_counts.into(),
-        };
-        self.send_req(Request::Transfer(Box::new(TransferReq {
+    ) -> Prepared {
+        Prepared {
             ops,
-            state,
-            deadline,
-            timeout,
             keep,
             payload,
-        })))?;
+            imm_counts,
+            timeout: timeout.unwrap_or(self.config.timeout),
+            engine_id: self.addr.engine_id,
+        }
+    }
+
+    fn check_prepared(&self, p: &Prepared) -> Result<()> {
+        if p.engine_id != self.addr.engine_id {
+            return Err(Error::InvalidArgument(
+                "the prepared transfer belongs to another engine".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Turns a prepared transfer into a request and the caller's handle.
+    fn to_request(&self, p: Prepared) -> (TransferReq, Transfer) {
+        let state = TransferState::new(self.sink.clone());
+        let t = Transfer {
+            state: state.clone(),
+            imm_counts: p.imm_counts.into(),
+        };
+        let req = TransferReq {
+            ops: p.ops,
+            state,
+            deadline: Instant::now() + p.timeout,
+            timeout: p.timeout,
+            keep: p.keep,
+            payload: p.payload,
+        };
+        (req, t)
+    }
+
+    /// Submits a transfer made by one of the `prepare_*` methods.
+    pub fn submit(&self, p: Prepared) -> Result<Transfer> {
+        self.check_prepared(&p)?;
+        let (req, t) = self.to_request(p);
+        self.send_req(Request::Transfer(Box::new(req)))?;
         Ok(t)
     }
 
@@ -589,6 +638,22 @@ impl TransferEngine {
         sharding: Option<Sharding>,
         timeout: Option<Duration>,
     ) -> Result<Transfer> {
+        self.submit(self.prepare_write(src, src_off, dst, dst_off, len, imm, sharding, timeout)?)
+    }
+
+    /// Validates and plans a [`Self::write`] without submitting it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prepare_write(
+        &self,
+        src: &MemoryRegion,
+        src_off: u64,
+        dst: &MemDesc,
+        dst_off: u64,
+        len: u64,
+        imm: Option<u32>,
+        sharding: Option<Sharding>,
+        timeout: Option<Duration>,
+    ) -> Result<Prepared> {
         self.check_local(src, src_off, len)?;
         dst.check_range(dst_off, len)?;
         let peer = self.peer_id(&dst.owner)?;
@@ -598,7 +663,7 @@ impl TransferEngine {
             .plan_single(sharding, self.rotation(), src_off, dst_off, len)?;
         let counts = vec![if imm.is_some() { plans.len() } else { 0 }];
         let ops = self.write_ops(&plans, src, &[dst], &[peer], imm);
-        self.submit(ops, vec![src.inner.clone()], None, counts, timeout)
+        Ok(self.prepared(ops, vec![src.inner.clone()], None, counts, timeout))
     }
 
     /// Immediates a receiver gets from [`Self::write`] of `len` bytes with an immediate.
@@ -629,7 +694,7 @@ impl TransferEngine {
                 imm: Some(imm),
             },
         };
-        self.submit(vec![op], Vec::new(), None, vec![1], timeout)
+        self.submit(self.prepared(vec![op], Vec::new(), None, vec![1], timeout))
     }
 
     /// Writes pages `spec.src_pages[i]` of `src` to pages `spec.dst_pages[i]` of `dst`.
@@ -642,6 +707,19 @@ impl TransferEngine {
         sharding: Option<Sharding>,
         timeout: Option<Duration>,
     ) -> Result<Transfer> {
+        self.submit(self.prepare_paged(src, dst, spec, imm, sharding, timeout)?)
+    }
+
+    /// Validates and plans a [`Self::write_paged`] without submitting it.
+    pub fn prepare_paged(
+        &self,
+        src: &MemoryRegion,
+        dst: &MemDesc,
+        spec: &PagedSpec,
+        imm: Option<u32>,
+        sharding: Option<Sharding>,
+        timeout: Option<Duration>,
+    ) -> Result<Prepared> {
         let (src_end, dst_end) = spec.extents()?;
         if !spec.src_pages.is_empty() {
             self.check_local(src, 0, src_end)?;
@@ -654,7 +732,7 @@ impl TransferEngine {
         let plans = self.params.plan_paged(sharding, self.rotation(), spec)?;
         let counts = vec![if imm.is_some() { plans.len() } else { 0 }];
         let ops = self.write_ops(&plans, src, &[dst], &[peer], imm);
-        self.submit(ops, vec![src.inner.clone()], None, counts, timeout)
+        Ok(self.prepared(ops, vec![src.inner.clone()], None, counts, timeout))
     }
 
     /// Immediates a receiver gets from a paged write of `pages` pages of `page_bytes`.
@@ -673,6 +751,19 @@ impl TransferEngine {
         sharding: Option<Sharding>,
         timeout: Option<Duration>,
     ) -> Result<Transfer> {
+        self.submit(self.prepare_scatter(src, dsts, items, imm, sharding, timeout)?)
+    }
+
+    /// Validates and plans a [`Self::scatter`] without submitting it.
+    pub fn prepare_scatter(
+        &self,
+        src: &MemoryRegion,
+        dsts: &[&MemDesc],
+        items: &[ScatterItem],
+        imm: Option<u32>,
+        sharding: Option<Sharding>,
+        timeout: Option<Duration>,
+    ) -> Result<Prepared> {
         let mut peers = Vec::with_capacity(dsts.len());
         for d in dsts {
             peers.push(self.peer_id(&d.owner)?);
@@ -693,7 +784,7 @@ impl TransferEngine {
             }
         }
         let ops = self.write_ops(&plans, src, dsts, &peers, imm);
-        self.submit(ops, vec![src.inner.clone()], None, counts, timeout)
+        Ok(self.prepared(ops, vec![src.inner.clone()], None, counts, timeout))
     }
 
     /// Sends a message to `peer`'s receive pool.
@@ -716,7 +807,7 @@ impl TransferEngine {
             peer: id,
             kind: OpKind::Send,
         };
-        self.submit(vec![op], Vec::new(), Some(data.to_vec()), vec![0], timeout)
+        self.submit(self.prepared(vec![op], Vec::new(), Some(data.to_vec()), vec![0], timeout))
     }
 
     /// Takes the next received message, waiting up to `timeout`.
@@ -781,9 +872,69 @@ impl TransferEngine {
             .plan_single(Sharding::Pinned(0), 0, src_off, dst_off, len)?;
         let ops = self.write_ops(&plans, src, &[dst], &[peer], reply_imm);
         let (reply, armed) = mpsc::sync_channel(1);
-        let trigger = Trigger { imm, times, ops, _keep: vec![src.inner.clone()] };
+        let trigger = Trigger {
+            imm,
+            times,
+            ops,
+            _keep: vec![src.inner.clone()],
+        };
         self.send_req(Request::Trigger(Box::new(trigger), reply))?;
         armed.recv().map_err(|_| Error::Stopped)
+    }
+
+    /// Watches a 64-bit counter that other code (a GPU kernel, a stream memory operation, another
+    /// thread) increments. The worker reads it on every loop; when it changes from `old` to
+    /// `new`, `callback(old, new)` runs on the callback thread, and the prepared transfer `i` of
+    /// `steps` is submitted by the worker itself as soon as the counter reaches `i + 1`. Returns
+    /// the watch id and one [`Transfer`] per step.
+    ///
+    /// # Safety
+    /// `ptr` must point to an 8-byte-aligned u64 that stays valid (and is only written
+    /// atomically) until the watch is removed or the engine stops; `owner` is kept alive that
+    /// long, which is the usual way to ensure it.
+    pub unsafe fn watch(
+        &self,
+        ptr: usize,
+        owner: Option<Box<dyn Any + Send + Sync>>,
+        callback: Option<WatchCallback>,
+        steps: Vec<Prepared>,
+    ) -> Result<(u64, Vec<Transfer>)> {
+        if ptr == 0 || ptr % 8 != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "counter address {ptr:#x} must be non-null and 8-byte aligned"
+            )));
+        }
+        for p in &steps {
+            self.check_prepared(p)?;
+        }
+        let mut reqs = Vec::with_capacity(steps.len());
+        let mut handles = Vec::with_capacity(steps.len());
+        for p in steps {
+            let (req, t) = self.to_request(p);
+            reqs.push(req);
+            handles.push(t);
+        }
+        let id = self.next_region.fetch_add(1, Ordering::Relaxed);
+        let sink = self.sink.clone();
+        let callback = callback.map(|cb| {
+            let cb: Arc<dyn Fn(u64, u64) + Send + Sync> = Arc::from(cb);
+            Box::new(move |old: u64, new: u64| {
+                let cb = cb.clone();
+                sink.submit(Box::new(move || cb(old, new)));
+            }) as Box<dyn Fn(u64, u64) + Send>
+        });
+        let (reply, armed) = mpsc::sync_channel(1);
+        self.send_req(Request::Watch(
+            Box::new(crate::worker::Watch::new(id, ptr, owner, callback, reqs)),
+            reply,
+        ))?;
+        armed.recv().map_err(|_| Error::Stopped)?;
+        Ok((id, handles))
+    }
+
+    /// Removes a watch; steps not yet submitted fail with [`Error::Stopped`].
+    pub fn unwatch(&self, id: u64) -> Result<()> {
+        self.send_req(Request::Unwatch { id })
     }
 
     /// Stops the worker: transfers in flight fail with [`Error::Stopped`], waits return

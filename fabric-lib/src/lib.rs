@@ -51,7 +51,10 @@ pub mod transfer;
 mod worker;
 
 pub use desc::{DomainAddr, MemDesc, PeerAddr};
-pub use engine::{is_socket_provider, EngineConfig, MemoryRegion, StatsSnapshot, TransferEngine};
+pub use engine::{
+    is_socket_provider, EngineConfig, MemoryRegion, Prepared, StatsSnapshot, TransferEngine,
+    WatchCallback,
+};
 pub use error::{Error, Result};
 pub use imm::ImmCounter;
 pub use libfabric::{list_providers, DomainAttrs, DomainSpec};

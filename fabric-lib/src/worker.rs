@@ -65,6 +65,44 @@ pub(crate) struct Trigger {
     pub _keep: Vec<Arc<RegionInner>>,
 }
 
+/// A watched 64-bit counter and the transfers it releases step by step.
+pub(crate) struct Watch {
+    id: u64,
+    ptr: usize,
+    last: u64,
+    callback: Option<Box<dyn Fn(u64, u64) + Send>>,
+    steps: VecDeque<TransferReq>,
+    /// Counter value at which the front of `steps` is released.
+    next_step: u64,
+    _owner: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl Watch {
+    pub(crate) fn new(
+        id: u64,
+        ptr: usize,
+        owner: Option<Box<dyn std::any::Any + Send + Sync>>,
+        callback: Option<Box<dyn Fn(u64, u64) + Send>>,
+        steps: Vec<TransferReq>,
+    ) -> Self {
+        Watch {
+            id,
+            ptr,
+            last: 0,
+            callback,
+            steps: steps.into(),
+            next_step: 1,
+            _owner: owner,
+        }
+    }
+
+    fn load(&self) -> u64 {
+        // SAFETY: the engine's `watch` contract: ptr is an aligned u64 that stays valid while the
+        // watch exists and is written only atomically.
+        unsafe { (*(self.ptr as *const std::sync::atomic::AtomicU64)).load(Ordering::Acquire) }
+    }
+}
+
 pub(crate) enum Request {
     Register {
         id: u64,
@@ -82,6 +120,11 @@ pub(crate) enum Request {
     Transfer(Box<TransferReq>),
     /// Arms a trigger; the reply says it is in place (so no arrival can miss it).
     Trigger(Box<Trigger>, std::sync::mpsc::SyncSender<()>),
+    /// Adds a watched counter; the reply says it is in place.
+    Watch(Box<Watch>, std::sync::mpsc::SyncSender<()>),
+    Unwatch {
+        id: u64,
+    },
     Stop,
 }
 
@@ -168,6 +211,7 @@ pub(crate) struct Worker {
     free_send: Vec<u32>,
     waiting_sends: VecDeque<(u32, usize, u32)>,
     triggers: HashMap<u32, Trigger>,
+    watches: Vec<Watch>,
 }
 
 /// Layout of the internal region: [scratch 64 B][recv buffers][send buffers].
@@ -209,6 +253,7 @@ impl Worker {
             free_send: (0..cfg.send_buffers as u32).rev().collect(),
             waiting_sends: VecDeque::new(),
             triggers: HashMap::new(),
+            watches: Vec::new(),
             cfg,
         };
         let ptr = w.msg_mem.as_ptr() as usize;
@@ -341,6 +386,9 @@ impl Worker {
             for d in 0..self.domains.len() {
                 busy |= self.poll_domain(d) > 0;
             }
+            if !self.watches.is_empty() {
+                busy |= self.poll_watches();
+            }
             if self.n_pending > 0 {
                 busy |= self.retry_pending();
             }
@@ -362,7 +410,15 @@ impl Worker {
                         last_busy = Instant::now();
                         nap = Duration::from_micros(20);
                     }
-                    Err(RecvTimeoutError::Timeout) => nap = (nap * 2).min(self.cfg.max_sleep),
+                    Err(RecvTimeoutError::Timeout) => {
+                        // Watched counters get a short leash: they are the low-latency path.
+                        let cap = if self.watches.is_empty() {
+                            self.cfg.max_sleep
+                        } else {
+                            self.cfg.max_sleep.min(Duration::from_micros(50))
+                        };
+                        nap = (nap * 2).min(cap);
+                    }
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
             } else {
@@ -415,6 +471,23 @@ impl Worker {
                 self.peers.insert(id, PeerEntry { addrs });
             }
             Request::Transfer(t) => self.start_transfer(*t),
+            Request::Watch(mut w, reply) => {
+                w.last = w.load();
+                self.watches.push(*w);
+                let _ = reply.send(());
+                // Steps already due (the counter moved before the watch was armed).
+                let i = self.watches.len() - 1;
+                let now = self.watches[i].last;
+                self.release_steps(i, 0, now);
+            }
+            Request::Unwatch { id } => {
+                if let Some(i) = self.watches.iter().position(|w| w.id == id) {
+                    let w = self.watches.swap_remove(i);
+                    for req in w.steps {
+                        req.state.complete(Err(Error::Stopped));
+                    }
+                }
+            }
             Request::Trigger(t, reply) => {
                 self.triggers.insert(t.imm, *t);
                 let _ = reply.send(());
@@ -776,6 +849,37 @@ impl Worker {
         }
     }
 
+    /// Reads every watched counter; returns true if any changed.
+    fn poll_watches(&mut self) -> bool {
+        let mut changed = false;
+        for i in 0..self.watches.len() {
+            let now = self.watches[i].load();
+            let old = self.watches[i].last;
+            if now == old {
+                continue;
+            }
+            changed = true;
+            self.watches[i].last = now;
+            if let Some(cb) = &self.watches[i].callback {
+                cb(old, now);
+            }
+            self.release_steps(i, old, now);
+        }
+        changed
+    }
+
+    /// Submits the steps of watch `i` that are due at counter value `now`.
+    fn release_steps(&mut self, i: usize, _old: u64, now: u64) {
+        while self.watches[i].next_step <= now {
+            let Some(mut req) = self.watches[i].steps.pop_front() else {
+                break;
+            };
+            self.watches[i].next_step += 1;
+            req.deadline = Instant::now() + req.timeout;
+            self.start_transfer(req);
+        }
+    }
+
     /// Posts a trigger's prepared ops for an arrival of `imm`; returns false if none is set.
     fn fire_trigger(&mut self, imm: u32) -> bool {
         let Some(t) = self.triggers.get_mut(&imm) else {
@@ -807,6 +911,11 @@ impl Worker {
             if !a.reported {
                 a.reported = true;
                 a.state.complete(Err(Error::Stopped));
+            }
+        }
+        for w in self.watches.drain(..) {
+            for req in w.steps {
+                req.state.complete(Err(Error::Stopped));
             }
         }
         self.shared.imm.stop();

@@ -249,3 +249,70 @@ fn stop_fails_waiters_and_in_flight_transfers() {
     let r = a.register_buffer(vec![0u8; 10].into_boxed_slice());
     assert!(matches!(r, Err(Error::Stopped)));
 }
+
+#[test]
+fn a_watched_counter_releases_prepared_transfers_step_by_step() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    let Some((a, b)) = engines("tcp", 2) else {
+        return;
+    };
+    let layers = 4usize;
+    let page = 8192usize;
+    let src = a.register_buffer(pattern(layers * page, 9)).unwrap();
+    let dst = b
+        .register_buffer(vec![0u8; layers * page].into_boxed_slice())
+        .unwrap();
+    let steps: Vec<_> = (0..layers)
+        .map(|l| {
+            a.prepare_write(
+                &src,
+                (l * page) as u64,
+                dst.descriptor(),
+                (l * page) as u64,
+                page as u64,
+                Some(100 + l as u32),
+                None,
+                None,
+            )
+            .unwrap()
+        })
+        .collect();
+    let counter = Arc::new(AtomicU64::new(0));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let ptr = Arc::as_ptr(&counter) as usize;
+    // SAFETY: the AtomicU64 is 8-byte aligned and kept alive by the owner Arc passed along.
+    let (_id, handles) = unsafe {
+        a.watch(
+            ptr,
+            Some(Box::new(counter.clone())),
+            Some(Box::new(move |o, n| seen2.lock().unwrap().push((o, n)))),
+            steps,
+        )
+    }
+    .unwrap();
+    assert_eq!(handles.len(), layers);
+    for l in 0..layers {
+        // Nothing of layer l has been written before the counter says so.
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!handles[l].is_done(), "step {l} ran early");
+        assert_eq!(b.imm_counter().count(100 + l as u32), 0);
+        counter.fetch_add(1, Ordering::Release);
+        handles[l].wait(T).unwrap();
+        b.imm_counter()
+            .wait(100 + l as u32, handles[l].imm_count() as u64, T)
+            .unwrap();
+        assert_same(
+            &bytes(&dst)[l * page..(l + 1) * page],
+            &bytes(&src)[l * page..(l + 1) * page],
+            "layer",
+        );
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    let s = seen.lock().unwrap().clone();
+    assert_eq!(
+        s,
+        (0..layers as u64).map(|i| (i, i + 1)).collect::<Vec<_>>()
+    );
+}
