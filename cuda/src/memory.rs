@@ -408,6 +408,11 @@ impl HostCounter {
         unsafe { AtomicU64::from_ptr(self.buf.host_ptr().cast::<u64>()) }
     }
 
+    /// The context whose mapping `device_ptr` belongs to.
+    pub fn context(&self) -> &Arc<Context> {
+        self.buf.context()
+    }
+
     /// The CPU address of the counter.
     pub fn host_ptr(&self) -> *mut u64 {
         self.buf.host_ptr().cast()

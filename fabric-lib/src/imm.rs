@@ -19,6 +19,9 @@ struct Expectation {
     deadline: Option<Instant>,
     timeout: Duration,
     callback: Callback,
+    /// Run on the arriving thread (the worker) instead of the callback thread: only for tiny
+    /// actions such as storing a flag a GPU kernel polls.
+    inline: bool,
 }
 
 #[derive(Default)]
@@ -82,7 +85,11 @@ impl ImmCounter {
         }
         for e in fired {
             let cb = e.callback;
-            self.sink.submit(Box::new(move || cb(Ok(()))));
+            if e.inline {
+                cb(Ok(()));
+            } else {
+                self.sink.submit(Box::new(move || cb(Ok(()))));
+            }
         }
     }
 
@@ -147,8 +154,56 @@ impl ImmCounter {
             deadline: timeout.map(|t| Instant::now() + t),
             timeout: timeout.unwrap_or_default(),
             callback: Box::new(callback),
+            inline: false,
         });
         self.fire_ready(&mut st, imm);
+    }
+
+    /// Once `imm` has arrived `count` times (consuming them), stores `value` into the u64 at `ptr`
+    /// right away on the arriving thread: a flag that a GPU kernel (or `cuStreamWaitValue64`)
+    /// polls in host-mapped memory, so GPU work can wait for data without a CPU launch. With a
+    /// timeout, `u64::MAX` is stored instead when it passes.
+    ///
+    /// # Safety
+    /// `ptr` must point to an 8-byte-aligned u64 that stays valid until the flag is stored;
+    /// `owner` is kept alive until then, which is the usual way to ensure it.
+    pub unsafe fn expect_store(
+        &self,
+        imm: u32,
+        count: u64,
+        timeout: Option<Duration>,
+        ptr: usize,
+        value: u64,
+        owner: Option<Box<dyn std::any::Any + Send + Sync>>,
+    ) -> Result<()> {
+        if ptr == 0 || ptr % 8 != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "flag address {ptr:#x} must be non-null and 8-byte aligned"
+            )));
+        }
+        let store = move |r: Result<()>| {
+            let v = if r.is_ok() { value } else { u64::MAX };
+            // SAFETY: the caller keeps the aligned u64 at ptr valid until this runs (owner is
+            // moved into this closure and dropped after the store).
+            unsafe {
+                (*(ptr as *const std::sync::atomic::AtomicU64))
+                    .store(v, std::sync::atomic::Ordering::Release)
+            };
+            drop(owner);
+        };
+        let mut st = self.state.lock().unwrap();
+        if st.stopped {
+            return Err(Error::Stopped);
+        }
+        st.expectations.entry(imm).or_default().push(Expectation {
+            count,
+            deadline: timeout.map(|t| Instant::now() + t),
+            timeout: timeout.unwrap_or_default(),
+            callback: Box::new(store),
+            inline: true,
+        });
+        self.fire_ready(&mut st, imm);
+        Ok(())
     }
 
     /// Fails expectations whose deadline has passed (called periodically by the worker).
@@ -255,6 +310,25 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         c.expire(Instant::now());
         assert_eq!(rx.recv_timeout(Duration::from_secs(1)).unwrap(), (9, false));
+    }
+
+    #[test]
+    fn expect_store_sets_the_flag_when_the_count_is_reached() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let (_t, c) = counter();
+        let flag = Arc::new(AtomicU64::new(0));
+        let ptr = Arc::as_ptr(&flag) as usize;
+        // SAFETY: the Arc keeps the aligned u64 alive (passed as owner).
+        unsafe { c.expect_store(4, 3, None, ptr, 77, Some(Box::new(flag.clone()))) }.unwrap();
+        c.arrive_n(4, 2);
+        assert_eq!(flag.load(Ordering::Acquire), 0);
+        c.arrive(4);
+        // Stored inline by the arriving thread: visible at once.
+        assert_eq!(flag.load(Ordering::Acquire), 77);
+        assert_eq!(c.count(4), 0);
+        // SAFETY: as above.
+        let r = unsafe { c.expect_store(5, 1, None, ptr + 1, 1, None) };
+        assert!(matches!(r, Err(Error::InvalidArgument(_))));
     }
 
     #[test]

@@ -284,6 +284,208 @@ impl TransferFuture {
     }
 }
 
+fn cuda_err(e: stolon_cuda::Error) -> PyErr {
+    let msg = e.to_string();
+    Python::with_gil(|py| {
+        let cls = if e.is_unavailable() {
+            "CudaUnavailableError"
+        } else {
+            "CudaError"
+        };
+        match py.import("stolon.errors").and_then(|m| m.getattr(cls)) {
+            Ok(c) => match c.call1((msg.clone(),)) {
+                Ok(inst) => PyErr::from_value(inst),
+                Err(err) => err,
+            },
+            Err(_) => PyValueError::new_err(msg),
+        }
+    })
+}
+
+enum CounterMem {
+    Host(Box<std::sync::atomic::AtomicU64>),
+    Cuda(stolon_cuda::HostCounter),
+}
+
+/// A 64-bit counter in host memory that the engine's worker watches, or that the engine sets
+/// when immediates arrive. With `device=N` it lives in pinned, GPU-mapped memory: GPU code
+/// writes it (`write_from_stream`, a kernel through `device_ptr`) or waits on it
+/// (`wait_on_stream`, a kernel polling `device_ptr`).
+#[pyclass(module = "stolon._native", frozen)]
+struct HostCounter {
+    mem: Arc<CounterMem>,
+    device: Option<usize>,
+}
+
+impl HostCounter {
+    fn atomic(&self) -> &std::sync::atomic::AtomicU64 {
+        match &*self.mem {
+            CounterMem::Host(a) => a,
+            // SAFETY: the host address of a HostCounter is an aligned u64 that lives as long as
+            // the counter, accessed atomically from the CPU.
+            CounterMem::Cuda(c) => unsafe { std::sync::atomic::AtomicU64::from_ptr(c.host_ptr()) },
+        }
+    }
+    fn ptr(&self) -> usize {
+        self.atomic() as *const _ as usize
+    }
+    fn owner(&self) -> Box<dyn std::any::Any + Send + Sync> {
+        Box::new(self.mem.clone())
+    }
+    fn cuda(&self) -> PyResult<&stolon_cuda::HostCounter> {
+        match &*self.mem {
+            CounterMem::Cuda(c) => Ok(c),
+            CounterMem::Host(_) => Err(to_py(fl::Error::InvalidArgument(
+                "this counter is in plain host memory; create it with device=N for GPU use".into(),
+            ))),
+        }
+    }
+    fn stream(&self, stream: usize) -> PyResult<stolon_cuda::Stream> {
+        let c = self.cuda()?;
+        // SAFETY: the caller passes a live CUstream of this counter's device's primary context
+        // (e.g. torch.cuda.current_stream().cuda_stream) or 0; it outlives this call.
+        Ok(unsafe {
+            stolon_cuda::Stream::from_raw(c.context(), stream as stolon_cuda::sys::CUstream)
+        })
+    }
+}
+
+// SAFETY: the counter memory is only accessed atomically and its owner is Send + Sync.
+unsafe impl Send for CounterMem {}
+// SAFETY: as above.
+unsafe impl Sync for CounterMem {}
+
+#[pymethods]
+impl HostCounter {
+    #[new]
+    #[pyo3(signature = (device=None, value=0))]
+    fn new(device: Option<usize>, value: u64) -> PyResult<Self> {
+        let mem = match device {
+            None => CounterMem::Host(Box::new(std::sync::atomic::AtomicU64::new(value))),
+            Some(d) => {
+                let dev = stolon_cuda::Device::get(d).map_err(cuda_err)?;
+                let ctx = dev.primary_context().map_err(cuda_err)?;
+                let c = stolon_cuda::HostCounter::new(&ctx).map_err(cuda_err)?;
+                c.store(value);
+                CounterMem::Cuda(c)
+            }
+        };
+        Ok(HostCounter {
+            mem: Arc::new(mem),
+            device,
+        })
+    }
+    /// The current value.
+    #[getter]
+    fn value(&self) -> u64 {
+        self.atomic().load(std::sync::atomic::Ordering::Acquire)
+    }
+    /// Sets the value (from the CPU).
+    fn set(&self, value: u64) {
+        self.atomic()
+            .store(value, std::sync::atomic::Ordering::Release)
+    }
+    /// Adds `delta` (from the CPU); returns the new value.
+    #[pyo3(signature = (delta=1))]
+    fn add(&self, delta: u64) -> u64 {
+        self.atomic()
+            .fetch_add(delta, std::sync::atomic::Ordering::AcqRel)
+            + delta
+    }
+    /// CPU address of the value.
+    #[getter]
+    fn host_ptr(&self) -> usize {
+        self.ptr()
+    }
+    /// Device address of the value (GPU counters only).
+    #[getter]
+    fn device_ptr(&self) -> PyResult<u64> {
+        Ok(self.cuda()?.device_ptr())
+    }
+    /// The CUDA device ordinal, or None for a plain host counter.
+    #[getter]
+    fn device(&self) -> Option<usize> {
+        self.device
+    }
+    /// Enqueues "set the counter to `value`" on a CUDA stream (`cuStreamWriteValue64`; works
+    /// inside CUDA-graph capture). `stream` is a raw CUstream, e.g.
+    /// `torch.cuda.current_stream().cuda_stream`.
+    #[pyo3(signature = (value, stream=0))]
+    fn write_from_stream(&self, value: u64, stream: usize) -> PyResult<()> {
+        let s = self.stream(stream)?;
+        // SAFETY: the device address belongs to this counter, alive as long as self; the write
+        // is queued, and the counter memory is kept by the engine/watch owners when shared.
+        unsafe { stolon_cuda::stream_write_value64(&s, self.cuda()?.device_ptr(), value) }
+            .map_err(cuda_err)
+    }
+    /// Makes later work on `stream` wait until the counter is >= `value`
+    /// (`cuStreamWaitValue64`).
+    #[pyo3(signature = (value, stream=0))]
+    fn wait_on_stream(&self, value: u64, stream: usize) -> PyResult<()> {
+        let s = self.stream(stream)?;
+        // SAFETY: as in write_from_stream.
+        unsafe {
+            stolon_cuda::stream_wait_value64(
+                &s,
+                self.cuda()?.device_ptr(),
+                value,
+                stolon_cuda::WaitCondition::GreaterOrEqual,
+            )
+        }
+        .map_err(cuda_err)
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "HostCounter(value={}, device={:?})",
+            self.value(),
+            self.device
+        )
+    }
+}
+
+/// A validated, planned transfer not submitted yet: `engine.submit(p)` or a watch step.
+#[pyclass(module = "stolon._native", frozen)]
+struct PreparedTransfer {
+    inner: std::sync::Mutex<Option<fl::Prepared>>,
+    imm_counts: Vec<usize>,
+}
+
+impl PreparedTransfer {
+    fn wrap(p: fl::Prepared) -> Self {
+        let imm_counts = p.imm_counts().to_vec();
+        PreparedTransfer {
+            inner: std::sync::Mutex::new(Some(p)),
+            imm_counts,
+        }
+    }
+    fn take(&self) -> PyResult<fl::Prepared> {
+        self.inner.lock().unwrap().take().ok_or_else(|| {
+            to_py(fl::Error::InvalidArgument(
+                "this prepared transfer was already used".into(),
+            ))
+        })
+    }
+}
+
+#[pymethods]
+impl PreparedTransfer {
+    /// Immediates it will produce at each receiver.
+    #[getter]
+    fn imm_counts(&self) -> Vec<usize> {
+        self.imm_counts.clone()
+    }
+    /// Total immediates.
+    #[getter]
+    fn imm_count(&self) -> usize {
+        self.imm_counts.iter().sum()
+    }
+    /// Whether it was submitted (or handed to a watch) already.
+    #[getter]
+    fn used(&self) -> bool {
+        self.inner.lock().unwrap().is_none()
+    }
+}
+
 /// The transfer engine: one domain group (1..16 NIC endpoints) driven by one worker thread.
 #[pyclass(module = "stolon._native", frozen, subclass)]
 struct TransferEngine {
@@ -435,6 +637,153 @@ impl TransferEngine {
             )
             .map(|inner| TransferFuture { inner })
             .map_err(to_py)
+    }
+
+    /// Like `write`, but returns a PreparedTransfer instead of submitting.
+    #[pyo3(signature = (src, src_offset, dst, dst_offset, length, imm=None, *, sharding=None,
+                        pin_domain=None, timeout=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn prepare_write(
+        &self,
+        src: &Bound<'_, MemoryRegion>,
+        src_offset: u64,
+        dst: &MemoryDescriptor,
+        dst_offset: u64,
+        length: u64,
+        imm: Option<u32>,
+        sharding: Option<&str>,
+        pin_domain: Option<usize>,
+        timeout: Option<f64>,
+    ) -> PyResult<PreparedTransfer> {
+        let s = self::sharding(sharding, pin_domain)?;
+        self.inner
+            .prepare_write(
+                self.region(src),
+                src_offset,
+                &dst.inner,
+                dst_offset,
+                length,
+                imm,
+                s,
+                dur(timeout)?,
+            )
+            .map(PreparedTransfer::wrap)
+            .map_err(to_py)
+    }
+
+    /// Like `write_paged`, but returns a PreparedTransfer instead of submitting.
+    #[pyo3(signature = (src, dst, page_bytes, src_pages, dst_pages, *, src_stride=None,
+                        dst_stride=None, src_offset=0, dst_offset=0, imm=None, sharding=None,
+                        pin_domain=None, timeout=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn prepare_paged(
+        &self,
+        src: &Bound<'_, MemoryRegion>,
+        dst: &MemoryDescriptor,
+        page_bytes: u64,
+        src_pages: Vec<u32>,
+        dst_pages: Vec<u32>,
+        src_stride: Option<u64>,
+        dst_stride: Option<u64>,
+        src_offset: u64,
+        dst_offset: u64,
+        imm: Option<u32>,
+        sharding: Option<&str>,
+        pin_domain: Option<usize>,
+        timeout: Option<f64>,
+    ) -> PyResult<PreparedTransfer> {
+        let spec = fl::PagedSpec {
+            page_bytes,
+            src_pages,
+            dst_pages,
+            src_stride: src_stride.unwrap_or(page_bytes),
+            dst_stride: dst_stride.unwrap_or(page_bytes),
+            src_offset,
+            dst_offset,
+        };
+        let s = self::sharding(sharding, pin_domain)?;
+        self.inner
+            .prepare_paged(self.region(src), &dst.inner, &spec, imm, s, dur(timeout)?)
+            .map(PreparedTransfer::wrap)
+            .map_err(to_py)
+    }
+
+    /// Submits a PreparedTransfer (each can be used once).
+    fn submit(&self, prepared: &PreparedTransfer) -> PyResult<TransferFuture> {
+        self.inner
+            .submit(prepared.take()?)
+            .map(|inner| TransferFuture { inner })
+            .map_err(to_py)
+    }
+
+    /// Watches `counter`: on each change `callback(old, new)` runs on the callback thread, and
+    /// `steps[i]` is submitted by the worker itself once the counter reaches i + 1 (a GPU
+    /// kernel or stream write bumping the counter streams layer i without any Python). Returns
+    /// (watch_id, [TransferFuture per step]).
+    #[pyo3(signature = (counter, steps=Vec::new(), callback=None))]
+    fn watch(
+        &self,
+        counter: &HostCounter,
+        steps: Vec<Bound<'_, PreparedTransfer>>,
+        callback: Option<Py<PyAny>>,
+    ) -> PyResult<(u64, Vec<TransferFuture>)> {
+        let mut prepared = Vec::with_capacity(steps.len());
+        for p in &steps {
+            prepared.push(p.get().take()?);
+        }
+        let cb = callback.map(|cb| {
+            Box::new(move |old: u64, new: u64| {
+                Python::with_gil(|py| {
+                    if let Err(e) = cb.call1(py, (old, new)) {
+                        e.print(py);
+                    }
+                })
+            }) as fl::WatchCallback
+        });
+        // SAFETY: the counter's memory is an aligned u64 kept alive by the owner passed along.
+        let (id, handles) = unsafe {
+            self.inner
+                .watch(counter.ptr(), Some(counter.owner()), cb, prepared)
+        }
+        .map_err(to_py)?;
+        Ok((
+            id,
+            handles
+                .into_iter()
+                .map(|inner| TransferFuture { inner })
+                .collect(),
+        ))
+    }
+
+    /// Removes a watch; steps not yet released fail with EngineStoppedError.
+    fn unwatch(&self, watch_id: u64) -> PyResult<()> {
+        self.inner.unwatch(watch_id).map_err(to_py)
+    }
+
+    /// Once `imm` has arrived `count` times (consuming them), the worker stores `value` into
+    /// `counter` immediately (a GPU-visible completion flag when the counter has a device);
+    /// u64::MAX is stored if `timeout` passes first.
+    #[pyo3(signature = (imm, count, counter, value=1, timeout=None))]
+    fn expect_imm_flag(
+        &self,
+        imm: u32,
+        count: u64,
+        counter: &HostCounter,
+        value: u64,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        // SAFETY: as in `watch`.
+        unsafe {
+            self.inner.imm_counter().expect_store(
+                imm,
+                count,
+                dur(timeout)?,
+                counter.ptr(),
+                value,
+                Some(counter.owner()),
+            )
+        }
+        .map_err(to_py)
     }
 
     /// Sends only an immediate to `peer`.
@@ -719,6 +1068,28 @@ fn attrs_dict<'py>(py: Python<'py>, a: &fl::DomainAttrs) -> PyResult<Bound<'py, 
     Ok(d)
 }
 
+/// CUDA driver facts: {"present", "driver_version", "devices": [...]} (never raises).
+#[pyfunction]
+fn cuda_info<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("present", stolon_cuda::is_present())?;
+    match stolon_cuda::driver_version() {
+        Ok(v) => d.set_item("driver_version", v.to_string())?,
+        Err(e) => d.set_item("error", e.to_string())?,
+    }
+    let devs = PyList::empty(py);
+    if let Ok(all) = stolon_cuda::Device::all() {
+        for dev in all {
+            let e = PyDict::new(py);
+            e.set_item("name", dev.name().unwrap_or_default())?;
+            e.set_item("pci_bus_id", dev.pci_bus_id().unwrap_or_default())?;
+            devs.append(e)?;
+        }
+    }
+    d.set_item("devices", devs)?;
+    Ok(d)
+}
+
 /// Path and version of the libfabric that was loaded (raises LibraryNotFoundError).
 #[pyfunction]
 fn libfabric_info<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -761,6 +1132,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<MemoryRegion>()?;
     m.add_class::<MemoryDescriptor>()?;
     m.add_class::<Address>()?;
+    m.add_class::<HostCounter>()?;
+    m.add_class::<PreparedTransfer>()?;
+    m.add_function(wrap_pyfunction!(cuda_info, m)?)?;
     m.add_function(wrap_pyfunction!(libfabric_info, m)?)?;
     m.add_function(wrap_pyfunction!(list_providers, m)?)?;
     Ok(())

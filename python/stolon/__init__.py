@@ -8,13 +8,16 @@ tcp, shm, udp), sharded across several NICs. Receivers count immediates; nothing
 from __future__ import annotations
 
 from . import errors
-from ._native import libfabric_info, list_providers
+from ._native import HostCounter, PreparedTransfer, cuda_info, libfabric_info, list_providers
 from .engine import Address, MemoryDescriptor, MemoryRegion, TransferEngine, TransferFuture
 from .errors import *  # noqa: F403
 
 __all__ = [
     "TransferEngine",
     "TransferFuture",
+    "PreparedTransfer",
+    "HostCounter",
+    "cuda_info",
     "MemoryRegion",
     "MemoryDescriptor",
     "Address",

@@ -28,6 +28,9 @@ def _info(args: argparse.Namespace) -> int:
             seen.add(key)
             providers.append(p)
     out["providers"] = providers
+    from ._native import cuda_info
+
+    out["cuda"] = cuda_info()
     topo = discover(args.sysfs)
     out["topology"] = topo.to_dict()
     if args.json:
@@ -49,6 +52,13 @@ def _info(args: argparse.Namespace) -> int:
         )
     if not providers:
         print("  (none)")
+    cu = out["cuda"]
+    if cu.get("present"):
+        print(f"\nCUDA driver {cu.get('driver_version')}: {len(cu['devices'])} GPU(s)")
+        for i, d in enumerate(cu["devices"]):
+            print(f"  GPU {i}: {d['name']} at {d['pci_bus_id']}")
+    else:
+        print(f"\nCUDA: not usable here ({cu.get('error', 'no GPU')})")
     print("\nTopology:")
     print(topo.format_table())
     return 0

@@ -6,6 +6,9 @@ from typing_extensions import disjoint_base
 
 __all__ = [
     "Address",
+    "HostCounter",
+    "PreparedTransfer",
+    "cuda_info",
     "MemoryDescriptor",
     "MemoryRegion",
     "TransferEngine",
@@ -71,6 +74,31 @@ class TransferFuture:
     @property
     def imm_count(self) -> int: ...
 
+@final
+class HostCounter:
+    def __new__(cls, device: Optional[int] = None, value: int = 0) -> HostCounter: ...
+    @property
+    def value(self) -> int: ...
+    def set(self, value: int) -> None: ...
+    def add(self, delta: int = 1) -> int: ...
+    @property
+    def host_ptr(self) -> int: ...
+    @property
+    def device_ptr(self) -> int: ...
+    @property
+    def device(self) -> Optional[int]: ...
+    def write_from_stream(self, value: int, stream: int = 0) -> None: ...
+    def wait_on_stream(self, value: int, stream: int = 0) -> None: ...
+
+@final
+class PreparedTransfer:
+    @property
+    def imm_counts(self) -> List[int]: ...
+    @property
+    def imm_count(self) -> int: ...
+    @property
+    def used(self) -> bool: ...
+
 _ScatterItem = Tuple[MemoryDescriptor, int, int, int]
 
 @disjoint_base
@@ -116,6 +144,52 @@ class TransferEngine:
         pin_domain: Optional[int] = None,
         timeout: Optional[float] = None,
     ) -> TransferFuture: ...
+    def prepare_write(
+        self,
+        src: MemoryRegion,
+        src_offset: int,
+        dst: MemoryDescriptor,
+        dst_offset: int,
+        length: int,
+        imm: Optional[int] = None,
+        *,
+        sharding: Optional[str] = None,
+        pin_domain: Optional[int] = None,
+        timeout: Optional[float] = None,
+    ) -> PreparedTransfer: ...
+    def prepare_paged(
+        self,
+        src: MemoryRegion,
+        dst: MemoryDescriptor,
+        page_bytes: int,
+        src_pages: Sequence[int],
+        dst_pages: Sequence[int],
+        *,
+        src_stride: Optional[int] = None,
+        dst_stride: Optional[int] = None,
+        src_offset: int = 0,
+        dst_offset: int = 0,
+        imm: Optional[int] = None,
+        sharding: Optional[str] = None,
+        pin_domain: Optional[int] = None,
+        timeout: Optional[float] = None,
+    ) -> PreparedTransfer: ...
+    def submit(self, prepared: PreparedTransfer) -> TransferFuture: ...
+    def watch(
+        self,
+        counter: HostCounter,
+        steps: Sequence[PreparedTransfer] = ...,
+        callback: Optional[Callable[[int, int], object]] = None,
+    ) -> Tuple[int, List[TransferFuture]]: ...
+    def unwatch(self, watch_id: int) -> None: ...
+    def expect_imm_flag(
+        self,
+        imm: int,
+        count: int,
+        counter: HostCounter,
+        value: int = 1,
+        timeout: Optional[float] = None,
+    ) -> None: ...
     def write_imm(
         self, peer: Address, imm: int, *, timeout: Optional[float] = None
     ) -> TransferFuture: ...
@@ -185,4 +259,5 @@ class TransferEngine:
     def __exit__(self, _t: Any = None, _v: Any = None, _tb: Any = None) -> None: ...
 
 def libfabric_info() -> Dict[str, Any]: ...
+def cuda_info() -> Dict[str, Any]: ...
 def list_providers(provider: Optional[str] = None) -> List[Dict[str, Any]]: ...

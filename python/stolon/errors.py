@@ -17,6 +17,8 @@ __all__ = [
     "TransferError",
     "TransferTimeoutError",
     "EngineStoppedError",
+    "CudaError",
+    "CudaUnavailableError",
 ]
 
 
@@ -74,3 +76,11 @@ class TransferTimeoutError(TransferError, TimeoutError):
 
 class EngineStoppedError(StolonError):
     """The engine was stopped while the operation was pending."""
+
+
+class CudaError(StolonError):
+    """A CUDA driver call failed."""
+
+
+class CudaUnavailableError(CudaError, ImportError):
+    """CUDA is not usable here (no driver library, or no GPU); the message says what was tried."""
