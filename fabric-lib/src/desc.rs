@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 pub const MAX_DOMAINS: usize = 16;
 const MAX_NAME: usize = 1024;
 const MAX_PROVIDER: usize = 64;
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const ADDR_MAGIC: &[u8; 4] = b"STad";
 const DESC_MAGIC: &[u8; 4] = b"STmd";
 const ADDR_TEXT: &str = "stolon-addr1:";
@@ -33,12 +33,35 @@ pub struct DomainAddr {
     pub scratch_addr: u64,
 }
 
+/// How to reach an engine over NVLink (CUDA IPC) from another process on the same host.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NvlinkAddr {
+    /// Identity of the host (its boot id): NVLink is only tried between equal ids.
+    pub host_id: Vec<u8>,
+    /// Name of the engine's shared-memory mailbox that receives NVLink immediates.
+    pub mailbox: String,
+}
+
 /// The address of an engine: one entry per domain.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PeerAddr {
     /// Random identity of the engine instance (a restarted peer gets a new one).
     pub engine_id: u64,
     pub domains: Vec<DomainAddr>,
+    /// Present when the engine accepts NVLink writes into its GPU memory.
+    pub nvlink: Option<NvlinkAddr>,
+}
+
+/// What a peer needs about a GPU region.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GpuDesc {
+    /// CUDA device ordinal on the owner.
+    pub device: u32,
+    /// CUDA IPC handle (64 bytes) of the allocation holding the region; empty when the memory
+    /// cannot be shared that way.
+    pub ipc_handle: Vec<u8>,
+    /// Offset of the region's first byte inside that allocation.
+    pub ipc_offset: u64,
 }
 
 /// What a peer needs to write into a registered region: owner, bounds and per-domain keys.
@@ -51,6 +74,9 @@ pub struct MemDesc {
     pub len: u64,
     /// Remote key on each of the owner's domains.
     pub keys: Vec<u64>,
+    /// Set for GPU memory: over the fabric such a region is written through staging, and over
+    /// NVLink through CUDA IPC.
+    pub gpu: Option<GpuDesc>,
 }
 
 impl MemDesc {
@@ -184,6 +210,14 @@ impl PeerAddr {
             w.u64(d.scratch_key);
             w.u64(d.scratch_addr);
         }
+        match &self.nvlink {
+            None => w.u8(0),
+            Some(n) => {
+                w.u8(1);
+                w.bytes(&n.host_id);
+                w.bytes(n.mailbox.as_bytes());
+            }
+        }
     }
 
     fn read(r: &mut Reader<'_>) -> Result<Self> {
@@ -216,7 +250,22 @@ impl PeerAddr {
                 scratch_addr,
             });
         }
-        Ok(PeerAddr { engine_id, domains })
+        let nvlink = match r.u8()? {
+            0 => None,
+            1 => {
+                let host_id = r.bytes(64)?.to_vec();
+                let mailbox = std::str::from_utf8(r.bytes(255)?)
+                    .map_err(|_| r.err("mailbox name is not UTF-8".into()))?
+                    .to_string();
+                Some(NvlinkAddr { host_id, mailbox })
+            }
+            x => return Err(r.err(format!("bad nvlink flag {x}"))),
+        };
+        Ok(PeerAddr {
+            engine_id,
+            domains,
+            nvlink,
+        })
     }
 
     /// The byte form.
@@ -256,6 +305,15 @@ impl MemDesc {
         for k in &self.keys {
             w.u64(*k);
         }
+        match &self.gpu {
+            None => w.u8(0),
+            Some(g) => {
+                w.u8(1);
+                w.u64(g.device as u64);
+                w.bytes(&g.ipc_handle);
+                w.u64(g.ipc_offset);
+            }
+        }
         w.finish()
     }
 
@@ -272,6 +330,23 @@ impl MemDesc {
         let keys = (0..owner.domains.len())
             .map(|_| r.u64())
             .collect::<Result<Vec<_>>>()?;
+        let gpu = match r.u8()? {
+            0 => None,
+            1 => {
+                let device = r.u64()?;
+                if device > u32::MAX as u64 {
+                    return Err(r.err(format!("device {device}")));
+                }
+                let ipc_handle = r.bytes(64)?.to_vec();
+                let ipc_offset = r.u64()?;
+                Some(GpuDesc {
+                    device: device as u32,
+                    ipc_handle,
+                    ipc_offset,
+                })
+            }
+            x => return Err(r.err(format!("bad gpu flag {x}"))),
+        };
         r.end()?;
         Ok(MemDesc {
             owner,
@@ -279,6 +354,7 @@ impl MemDesc {
             base,
             len,
             keys,
+            gpu,
         })
     }
 
@@ -330,8 +406,20 @@ mod tests {
                     scratch_addr,
                 }
             });
-        (any::<u64>(), proptest::collection::vec(dom, 1..=4))
-            .prop_map(|(engine_id, domains)| PeerAddr { engine_id, domains })
+        let nv = proptest::option::of(
+            (
+                proptest::collection::vec(any::<u8>(), 16),
+                "[a-z0-9/_-]{1,40}",
+            )
+                .prop_map(|(host_id, mailbox)| NvlinkAddr { host_id, mailbox }),
+        );
+        (any::<u64>(), proptest::collection::vec(dom, 1..=4), nv).prop_map(
+            |(engine_id, domains, nvlink)| PeerAddr {
+                engine_id,
+                domains,
+                nvlink,
+            },
+        )
     }
 
     fn desc_strategy() -> impl Strategy<Value = MemDesc> {
@@ -341,17 +429,28 @@ mod tests {
             0u64..1 << 48,
             0u64..1 << 40,
             any::<u64>(),
+            proptest::option::of((
+                any::<u32>(),
+                proptest::collection::vec(any::<u8>(), 0..=64),
+                any::<u64>(),
+            )),
         )
-            .prop_map(|(owner, region_id, base, len, k)| {
+            .prop_map(|(owner, region_id, base, len, k, g)| {
                 let keys = (0..owner.domains.len() as u64)
                     .map(|i| k.wrapping_add(i))
                     .collect();
+                let gpu = g.map(|(device, ipc_handle, ipc_offset)| GpuDesc {
+                    device,
+                    ipc_handle,
+                    ipc_offset,
+                });
                 MemDesc {
                     owner,
                     region_id,
                     base,
                     len,
                     keys,
+                    gpu,
                 }
             })
     }
@@ -405,6 +504,7 @@ mod tests {
                 scratch_key: 7,
                 scratch_addr: 0,
             }],
+            nvlink: None,
         };
         assert!(matches!(
             MemDesc::from_bytes(&a.to_bytes()),
@@ -425,11 +525,13 @@ mod tests {
                     scratch_key: 0,
                     scratch_addr: 0,
                 }],
+                nvlink: None,
             },
             region_id: 1,
             base: 0x1000,
             len: 100,
             keys: vec![5],
+            gpu: None,
         };
         assert_eq!(d.remote_addr(0, 10), 0x100a);
         d.owner.domains[0].virt_addr = false;

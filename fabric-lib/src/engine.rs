@@ -43,6 +43,9 @@ pub struct EngineConfig {
     pub spin: Duration,
     /// Longest sleep of an idle worker between polls of its completion queues.
     pub max_sleep: Duration,
+    /// CUDA device whose memory this engine moves (GPU registration and staging); None for a
+    /// host-only engine.
+    pub cuda_device: Option<usize>,
 }
 
 impl EngineConfig {
@@ -60,6 +63,7 @@ impl EngineConfig {
             worker_cpu: None,
             spin: Duration::from_millis(20),
             max_sleep: Duration::from_micros(500),
+            cuda_device: None,
         }
     }
 }
@@ -206,12 +210,29 @@ pub(crate) struct RegionInner {
     id: u64,
     ptr: usize,
     len: u64,
+    /// Where the bytes live: host memory, or GPU memory (staged over the fabric).
+    mem: RegionMem,
     engine_id: u64,
     desc: MemDesc,
     revoked: AtomicBool,
     tx: Sender<Request>,
     _owner: Option<Box<dyn Any + Send + Sync>>,
 }
+
+/// What kind of memory a local region is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionMem {
+    /// Host memory registered with every domain.
+    Host,
+    /// GPU memory (device ordinal); moved through staging buffers over the fabric.
+    Gpu(u32),
+    /// Host memory that peers write through the staging protocol, as they would GPU memory.
+    /// A test hook: it lets the protocol run on machines without a GPU.
+    StagedHost,
+}
+
+/// `GpuDesc::device` value that marks a staged host region.
+const STAGED_HOST_DEVICE: u32 = u32::MAX;
 
 impl Drop for RegionInner {
     fn drop(&mut self) {
@@ -237,6 +258,10 @@ impl MemoryRegion {
         self.inner.len == 0
     }
     /// Whether [`TransferEngine::unregister`] was called.
+    pub fn memory(&self) -> RegionMem {
+        self.inner.mem
+    }
+    /// Whether [`TransferEngine::unregister`] was called.
     pub fn is_revoked(&self) -> bool {
         self.inner.revoked.load(Ordering::Acquire)
     }
@@ -250,6 +275,8 @@ impl MemoryRegion {
 pub struct TransferEngine {
     config: EngineConfig,
     params: ShardParams,
+    /// Planning for staged transfers: every op is at most one message buffer.
+    staged_params: ShardParams,
     addr: PeerAddr,
     attrs: Vec<DomainAttrs>,
     tx: Sender<Request>,
@@ -304,6 +331,12 @@ impl TransferEngine {
             next_key: AtomicU64::new(1 + (random_u64() & 0xffff) * 0x10000),
         });
         let (tx, rx) = mpsc::channel();
+        if config.max_message_bytes % 4096 != 0 {
+            return Err(Error::Config(format!(
+                "max_message_bytes {} must be a multiple of 4096",
+                config.max_message_bytes
+            )));
+        }
         let wcfg = WorkerConfig {
             spin: config.spin,
             max_sleep: config.max_sleep,
@@ -311,6 +344,7 @@ impl TransferEngine {
             send_buffers: config.send_buffers,
             max_message: config.max_message_bytes,
             cpu: config.worker_cpu,
+            cuda_device: config.cuda_device,
         };
         // Domains are opened on the worker thread, which owns them from then on.
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
@@ -350,13 +384,20 @@ impl TransferEngine {
             })
             .min(1 << 30);
         let params = ShardParams::new(n, config.min_shard_bytes, max_op)?;
+        let staged_params = ShardParams::new(
+            n,
+            config.min_shard_bytes,
+            (config.max_message_bytes as u64).min(max_op),
+        )?;
         let addr = PeerAddr {
             engine_id: random_u64(),
             domains: domain_addrs,
+            nvlink: None,
         };
         Ok(TransferEngine {
             config,
             params,
+            staged_params,
             addr,
             attrs,
             tx,
@@ -385,6 +426,11 @@ impl TransferEngine {
     /// The sharding parameters in force.
     pub fn shard_params(&self) -> ShardParams {
         self.params
+    }
+
+    /// The sharding parameters for staged (GPU) transfers: ops of at most one message buffer.
+    pub fn staged_shard_params(&self) -> ShardParams {
+        self.staged_params
     }
 
     /// The configuration the engine was built with.
@@ -455,12 +501,150 @@ impl TransferEngine {
             base: ptr as u64,
             len,
             keys,
+            gpu: None,
         };
         Ok(MemoryRegion {
             inner: Arc::new(RegionInner {
                 id,
                 ptr,
                 len,
+                mem: RegionMem::Host,
+                engine_id: self.addr.engine_id,
+                desc,
+                revoked: AtomicBool::new(false),
+                tx: self.tx.clone(),
+                _owner: owner,
+            }),
+        })
+    }
+
+    /// Registers GPU memory (a device pointer of the engine's `cuda_device`, or any device with
+    /// unified addressing). Over providers that cannot touch GPU memory it is moved through
+    /// pinned staging buffers; peers learn of a write only after it sits in GPU memory.
+    ///
+    /// # Safety
+    /// As for [`Self::register`], for device memory.
+    pub unsafe fn register_gpu(
+        &self,
+        ptr: u64,
+        len: u64,
+        owner: Option<Box<dyn Any + Send + Sync>>,
+    ) -> Result<MemoryRegion> {
+        let Some(dev) = self.config.cuda_device else {
+            return Err(Error::Config(
+                "GPU memory needs an engine opened with cuda_device".into(),
+            ));
+        };
+        let ctx = stolon_cuda::Device::get(dev)
+            .and_then(|d| d.primary_context())
+            .map_err(crate::staging::cuda_err)?;
+        let info = stolon_cuda::pointer_info(&ctx, ptr).map_err(crate::staging::cuda_err)?;
+        if info.memory_type != stolon_cuda::MemoryType::Device {
+            return Err(Error::InvalidArgument(format!(
+                "{ptr:#x} is not device memory ({:?})",
+                info.memory_type
+            )));
+        }
+        if ptr
+            .checked_add(len)
+            .is_none_or(|end| end > info.range_start + info.range_size as u64)
+        {
+            return Err(Error::OutOfBounds(format!(
+                "{len} bytes at {ptr:#x} run past the allocation [{:#x}, +{})",
+                info.range_start, info.range_size
+            )));
+        }
+        let device = info.device.unwrap_or(dev) as u32;
+        // CUDA IPC (NVLink between processes) where the allocation allows it.
+        let (ipc_handle, ipc_offset) = match stolon_cuda::IpcMemHandle::export(&ctx, ptr) {
+            Ok(x) => (x.handle.as_bytes().to_vec(), x.offset as u64),
+            Err(_) => (Vec::new(), 0),
+        };
+        let gpu = crate::desc::GpuDesc {
+            device,
+            ipc_handle,
+            ipc_offset,
+        };
+        // SAFETY: forwarded contract.
+        unsafe {
+            self.register_staged(
+                crate::staging::Mem::Gpu(ptr),
+                len,
+                RegionMem::Gpu(device),
+                gpu,
+                owner,
+            )
+        }
+    }
+
+    /// Registers host memory that peers write through the staging protocol, exactly as they
+    /// would write GPU memory (a test hook for machines without a GPU).
+    ///
+    /// # Safety
+    /// As for [`Self::register`].
+    pub unsafe fn register_staged_host(
+        &self,
+        ptr: usize,
+        len: u64,
+        owner: Option<Box<dyn Any + Send + Sync>>,
+    ) -> Result<MemoryRegion> {
+        let gpu = crate::desc::GpuDesc {
+            device: STAGED_HOST_DEVICE,
+            ipc_handle: Vec::new(),
+            ipc_offset: 0,
+        };
+        // SAFETY: forwarded contract.
+        unsafe {
+            self.register_staged(
+                crate::staging::Mem::Host(ptr),
+                len,
+                RegionMem::StagedHost,
+                gpu,
+                owner,
+            )
+        }
+    }
+
+    /// # Safety
+    /// As for [`Self::register`].
+    unsafe fn register_staged(
+        &self,
+        base: crate::staging::Mem,
+        len: u64,
+        mem: RegionMem,
+        gpu: crate::desc::GpuDesc,
+        owner: Option<Box<dyn Any + Send + Sync>>,
+    ) -> Result<MemoryRegion> {
+        let ptr = match base {
+            crate::staging::Mem::Host(p) => p,
+            crate::staging::Mem::Gpu(p) => p as usize,
+        };
+        if ptr == 0 && len > 0 {
+            return Err(Error::InvalidArgument("null pointer".into()));
+        }
+        let id = self.next_region.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.send_req(Request::RegisterStaged {
+            id,
+            base,
+            len: len as usize,
+            reply,
+        })?;
+        rx.recv().map_err(|_| Error::Stopped)??;
+        let desc = MemDesc {
+            owner: self.addr.clone(),
+            region_id: id,
+            base: ptr as u64,
+            len,
+            keys: vec![0; self.addr.domains.len()],
+            gpu: Some(gpu),
+        };
+        Ok(MemoryRegion {
+            inner: Arc::new(RegionInner {
+                id,
+                ptr,
+                len,
+                mem,
                 engine_id: self.addr.engine_id,
                 desc,
                 revoked: AtomicBool::new(false),
@@ -550,25 +734,64 @@ impl TransferEngine {
         peers: &[u32],
         imm: Option<u32>,
     ) -> Vec<Op> {
+        use crate::staging::Mem;
         plans
             .iter()
             .map(|p| {
                 let dst = dsts[p.dst];
                 let rd = p.domain % dst.owner.domains.len();
-                Op {
-                    domain: p.domain,
-                    peer: peers[p.dst],
-                    kind: OpKind::Write {
-                        region: src.inner.id,
-                        src: src.inner.ptr + p.src_off as usize,
+                let at = src.inner.ptr + p.src_off as usize;
+                let src_mem = match src.inner.mem {
+                    RegionMem::Gpu(_) => Mem::Gpu(at as u64),
+                    RegionMem::Host | RegionMem::StagedHost => Mem::Host(at),
+                };
+                let kind = if dst.gpu.is_some() {
+                    OpKind::StagedSend {
+                        src: src_mem,
+                        len: p.len as usize,
+                        region: dst.region_id,
+                        offset: p.dst_off,
+                        imm,
+                    }
+                } else if let Mem::Gpu(_) = src_mem {
+                    OpKind::StagedWrite {
+                        src: src_mem,
                         len: p.len as usize,
                         raddr: dst.remote_addr(rd, p.dst_off),
                         rkey: dst.keys[rd],
                         imm,
-                    },
+                    }
+                } else {
+                    OpKind::Write {
+                        region: src.inner.id,
+                        src: at,
+                        len: p.len as usize,
+                        raddr: dst.remote_addr(rd, p.dst_off),
+                        rkey: dst.keys[rd],
+                        imm,
+                    }
+                };
+                Op {
+                    domain: p.domain,
+                    peer: peers[p.dst],
+                    kind,
                 }
             })
             .collect()
+    }
+
+    /// Whether a transfer from `src` to `dst` goes through staging buffers.
+    fn is_staged(src: &MemoryRegion, dst: &MemDesc) -> bool {
+        dst.gpu.is_some() || matches!(src.inner.mem, RegionMem::Gpu(_))
+    }
+
+    /// The planning parameters for a transfer between `src` and `dst`.
+    fn params_for(&self, src: &MemoryRegion, dst: &MemDesc) -> &ShardParams {
+        if Self::is_staged(src, dst) {
+            &self.staged_params
+        } else {
+            &self.params
+        }
     }
 
     fn prepared(
@@ -658,18 +881,27 @@ impl TransferEngine {
         dst.check_range(dst_off, len)?;
         let peer = self.peer_id(&dst.owner)?;
         let sharding = sharding.unwrap_or(self.config.sharding);
-        let plans = self
-            .params
-            .plan_single(sharding, self.rotation(), src_off, dst_off, len)?;
+        let plans = self.params_for(src, dst).plan_single(
+            sharding,
+            self.rotation(),
+            src_off,
+            dst_off,
+            len,
+        )?;
         let counts = vec![if imm.is_some() { plans.len() } else { 0 }];
         let ops = self.write_ops(&plans, src, &[dst], &[peer], imm);
         Ok(self.prepared(ops, vec![src.inner.clone()], None, counts, timeout))
     }
 
-    /// Immediates a receiver gets from [`Self::write`] of `len` bytes with an immediate.
-    pub fn imm_count_write(&self, len: u64, sharding: Option<Sharding>) -> usize {
-        self.params
-            .imm_count_single(sharding.unwrap_or(self.config.sharding), len)
+    /// Immediates a receiver gets from [`Self::write`] of `len` bytes with an immediate;
+    /// `staged` when the source or the destination is GPU memory moved through staging.
+    pub fn imm_count_write(&self, len: u64, sharding: Option<Sharding>, staged: bool) -> usize {
+        let p = if staged {
+            &self.staged_params
+        } else {
+            &self.params
+        };
+        p.imm_count_single(sharding.unwrap_or(self.config.sharding), len)
     }
 
     /// Sends only an immediate to `peer` (a zero-byte write into its scratch region).
@@ -729,15 +961,22 @@ impl TransferEngine {
         }
         let peer = self.peer_id(&dst.owner)?;
         let sharding = sharding.unwrap_or(self.config.sharding);
-        let plans = self.params.plan_paged(sharding, self.rotation(), spec)?;
+        let plans = self
+            .params_for(src, dst)
+            .plan_paged(sharding, self.rotation(), spec)?;
         let counts = vec![if imm.is_some() { plans.len() } else { 0 }];
         let ops = self.write_ops(&plans, src, &[dst], &[peer], imm);
         Ok(self.prepared(ops, vec![src.inner.clone()], None, counts, timeout))
     }
 
     /// Immediates a receiver gets from a paged write of `pages` pages of `page_bytes`.
-    pub fn imm_count_paged(&self, pages: usize, page_bytes: u64) -> usize {
-        self.params.imm_count_paged(pages, page_bytes)
+    pub fn imm_count_paged(&self, pages: usize, page_bytes: u64, staged: bool) -> usize {
+        let p = if staged {
+            &self.staged_params
+        } else {
+            &self.params
+        };
+        p.imm_count_paged(pages, page_bytes)
     }
 
     /// Writes one source region to many destinations; destination `i` of `dsts` is reached
@@ -776,7 +1015,14 @@ impl TransferEngine {
             dst.check_range(it.dst_off, it.len)?;
         }
         let sharding = sharding.unwrap_or(self.config.sharding);
-        let plans = self.params.plan_scatter(sharding, self.rotation(), items)?;
+        let staged =
+            matches!(src.inner.mem, RegionMem::Gpu(_)) || dsts.iter().any(|d| d.gpu.is_some());
+        let p = if staged {
+            &self.staged_params
+        } else {
+            &self.params
+        };
+        let plans = p.plan_scatter(sharding, self.rotation(), items)?;
         let mut counts = vec![0usize; dsts.len()];
         if imm.is_some() {
             for p in &plans {

@@ -46,6 +46,9 @@ pub enum Error {
     /// A wait ran past its deadline.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// A CUDA call failed, or CUDA is not usable here.
+    #[error("CUDA: {0}")]
+    Cuda(String),
     /// The engine was stopped.
     #[error("engine is stopped")]
     Stopped,

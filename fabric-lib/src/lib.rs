@@ -17,7 +17,7 @@
 //! // The descriptor travels to the writer as bytes (dst.descriptor().to_bytes()).
 //! let t = a.write(&src, 0, dst.descriptor(), 0, 1 << 20, Some(42), None, None)?;
 //! t.wait(Duration::from_secs(5))?;                              // sender: ops completed
-//! let n = a.imm_count_write(1 << 20, None) as u64;
+//! let n = a.imm_count_write(1 << 20, None, false) as u64;
 //! b.imm_counter().wait(42, n, Duration::from_secs(5))?;        // receiver: all shards landed
 //! # Ok(()) }
 //! ```
@@ -46,11 +46,12 @@ pub mod imm;
 pub mod libfabric;
 pub mod reorder;
 pub mod shard;
+mod staging;
 pub mod sys;
 pub mod transfer;
 mod worker;
 
-pub use desc::{DomainAddr, MemDesc, PeerAddr};
+pub use desc::{DomainAddr, GpuDesc, MemDesc, NvlinkAddr, PeerAddr};
 pub use engine::{
     is_socket_provider, EngineConfig, MemoryRegion, Prepared, StatsSnapshot, TransferEngine,
     WatchCallback,

@@ -18,6 +18,7 @@ use crate::domain::{Domain, MrHandle};
 use crate::engine::{RegionInner, Shared};
 use crate::error::{Error, Result};
 use crate::libfabric::{CqError, Posted};
+use crate::staging::{Copier, Header, Mem, Ticket, HEADER, KIND_STAGED, KIND_USER};
 use crate::sys::libfabric::{self as fi, fi_addr_t};
 use crate::transfer::TransferState;
 
@@ -38,6 +39,22 @@ pub(crate) enum OpKind {
     },
     /// A message from the transfer's payload.
     Send,
+    /// GPU source to a host destination: copy a chunk into a send buffer, then RMA-write it.
+    StagedWrite {
+        src: Mem,
+        len: usize,
+        raddr: u64,
+        rkey: u64,
+        imm: Option<u32>,
+    },
+    /// Any source to a staged (GPU) destination region: one message with a header.
+    StagedSend {
+        src: Mem,
+        len: usize,
+        region: u64,
+        offset: u64,
+        imm: Option<u32>,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -104,6 +121,13 @@ impl Watch {
 }
 
 pub(crate) enum Request {
+    /// A region peers write through staging (GPU memory, or a staged host region).
+    RegisterStaged {
+        id: u64,
+        base: Mem,
+        len: usize,
+        reply: std::sync::mpsc::SyncSender<Result<()>>,
+    },
     Register {
         id: u64,
         ptr: usize,
@@ -141,6 +165,13 @@ enum Tag {
         buf: u32,
     },
     Send {
+        slot: u32,
+        buf: u32,
+        domain: u8,
+        len: usize,
+    },
+    /// A staged write posted from send buffer `buf`.
+    StagedWrite {
         slot: u32,
         buf: u32,
         domain: u8,
@@ -189,6 +220,24 @@ pub(crate) struct WorkerConfig {
     pub send_buffers: usize,
     pub max_message: usize,
     pub cpu: Option<usize>,
+    pub cuda_device: Option<usize>,
+}
+
+/// What happens when a staged copy has finished.
+enum AfterCopy {
+    /// Post the staged op from send buffer `buf` (its data is in place).
+    Post {
+        op: Op,
+        slot: u32,
+        buf: u32,
+        len: usize,
+    },
+    /// A staged message landed in its destination: repost the receive buffer, count `imm`.
+    Landed {
+        domain: u8,
+        buf: u32,
+        imm: Option<u32>,
+    },
 }
 
 pub(crate) struct Worker {
@@ -206,7 +255,15 @@ pub(crate) struct Worker {
     n_pending: usize,
     peers: HashMap<u32, PeerEntry>,
     regions: HashMap<u64, Vec<MrHandle>>,
+    /// Regions peers write through staging: id -> (first byte, length).
+    staged_regions: HashMap<u64, (Mem, usize)>,
+    copier: Copier,
+    /// Staged copies in flight, in stream order.
+    copies: VecDeque<(Ticket, AfterCopy)>,
+    /// Pins `msg_mem` for asynchronous CUDA copies; declared before it so it is dropped first.
+    _pinned: Option<stolon_cuda::HostRegistration>,
     /// Backing store of message buffers: recv buffers of every domain, then send buffers.
+    /// Each buffer is `HEADER + max_message` bytes.
     msg_mem: Box<[u8]>,
     free_send: Vec<u32>,
     waiting_sends: VecDeque<(u32, usize, u32)>,
@@ -235,8 +292,30 @@ impl Worker {
             domains.push(Domain::open(s)?);
         }
         let nd = domains.len();
-        let msg_len = SCRATCH + (nd * cfg.recv_buffers + cfg.send_buffers) * cfg.max_message;
+        let buf_size = HEADER + cfg.max_message;
+        let msg_len = SCRATCH + (nd * cfg.recv_buffers + cfg.send_buffers) * buf_size;
         let msg_mem = vec![0u8; msg_len].into_boxed_slice();
+        let (copier, pinned) = match cfg.cuda_device {
+            None => (Copier::Host, None),
+            Some(dev) => {
+                let copier = Copier::cuda(dev)?;
+                let Copier::Cuda { ctx, .. } = &copier else {
+                    unreachable!()
+                };
+                // SAFETY: msg_mem lives in the worker and is dropped after the registration
+                // (field order), so the pinned range stays valid while registered.
+                let reg = unsafe {
+                    stolon_cuda::HostRegistration::new(
+                        ctx,
+                        msg_mem.as_ptr() as *mut u8,
+                        msg_len,
+                        stolon_cuda::HostRegistration::DEFAULT_FLAGS,
+                    )
+                }
+                .map_err(crate::staging::cuda_err)?;
+                (copier, Some(reg))
+            }
+        };
         let mut w = Worker {
             domains,
             rx,
@@ -249,6 +328,10 @@ impl Worker {
             n_pending: 0,
             peers: HashMap::new(),
             regions: HashMap::new(),
+            staged_regions: HashMap::new(),
+            copier,
+            copies: VecDeque::new(),
+            _pinned: pinned,
             msg_mem,
             free_send: (0..cfg.send_buffers as u32).rev().collect(),
             waiting_sends: VecDeque::new(),
@@ -330,13 +413,18 @@ impl Worker {
         tag
     }
 
+    /// Address and size of message buffer `index` (receive buffers first, then send buffers).
     fn msg_buf(&self, index: usize) -> (*const u8, usize) {
-        let off = SCRATCH + index * self.cfg.max_message;
+        let size = HEADER + self.cfg.max_message;
+        let off = SCRATCH + index * size;
         // SAFETY: index < number of buffers, so the range lies inside msg_mem.
-        (
-            unsafe { self.msg_mem.as_ptr().add(off) },
-            self.cfg.max_message,
-        )
+        (unsafe { self.msg_mem.as_ptr().add(off) }, size)
+    }
+
+    /// Address of send buffer `buf`.
+    fn send_buf(&self, buf: u32) -> *mut u8 {
+        let index = self.domains.len() * self.cfg.recv_buffers + buf as usize;
+        self.msg_buf(index).0 as *mut u8
     }
 
     fn internal_desc(&self, d: usize) -> *mut c_void {
@@ -385,6 +473,9 @@ impl Worker {
             }
             for d in 0..self.domains.len() {
                 busy |= self.poll_domain(d) > 0;
+            }
+            if !self.copies.is_empty() {
+                busy |= self.poll_copies();
             }
             if !self.watches.is_empty() {
                 busy |= self.poll_watches();
@@ -438,7 +529,17 @@ impl Worker {
             } => {
                 let _ = reply.send(self.register(id, ptr, len));
             }
+            Request::RegisterStaged {
+                id,
+                base,
+                len,
+                reply,
+            } => {
+                self.staged_regions.insert(id, (base, len));
+                let _ = reply.send(Ok(()));
+            }
             Request::Unregister { id } => {
+                self.staged_regions.remove(&id);
                 if let Some(mrs) = self.regions.remove(&id) {
                     for (d, mr) in mrs.into_iter().enumerate() {
                         self.domains[d].close_mr(mr);
@@ -641,26 +742,191 @@ impl Worker {
                     return Err(Error::InvalidArgument("send without payload".into()));
                 };
                 let len = payload.len();
-                let index = self.domains.len() * self.cfg.recv_buffers + buf as usize;
-                let (p, _) = self.msg_buf(index);
-                // SAFETY: p points to a send buffer of max_message bytes inside msg_mem and
-                // len <= max_message (checked by the engine); the source is the payload Vec.
-                unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), p as *mut u8, len) };
-                let desc = self.internal_desc(d);
-                let ctx = self.alloc_ctx(Tag::Send {
+                let p = self.send_buf(buf);
+                // SAFETY: p points to a send buffer of HEADER + max_message bytes inside msg_mem
+                // and len <= max_message (checked by the engine); the source is the payload Vec.
+                unsafe {
+                    Header::user(len).encode(std::slice::from_raw_parts_mut(p, HEADER));
+                    std::ptr::copy_nonoverlapping(payload.as_ptr(), p.add(HEADER), len);
+                }
+                self.post_from_send_buf(op, slot, buf, len)
+            }
+            OpKind::StagedWrite { src, len, .. } | OpKind::StagedSend { src, len, .. } => {
+                let Some(buf) = self.free_send.pop() else {
+                    return Ok(false);
+                };
+                let p = self.send_buf(buf);
+                let data = if let OpKind::StagedSend {
+                    region,
+                    offset,
+                    imm,
+                    ..
+                } = op.kind
+                {
+                    let h = Header {
+                        kind: KIND_STAGED,
+                        imm,
+                        len: len as u32,
+                        region,
+                        offset,
+                    };
+                    // SAFETY: p points to a send buffer of at least HEADER bytes.
+                    h.encode(unsafe { std::slice::from_raw_parts_mut(p, HEADER) });
+                    // SAFETY: HEADER + len <= buffer size (staged ops are planned at most
+                    // max_message bytes long).
+                    unsafe { p.add(HEADER) }
+                } else {
+                    p
+                };
+                // SAFETY: the send buffer stays reserved until the op completes; the source
+                // region is kept alive by its transfer.
+                match unsafe { self.copier.copy(Mem::Host(data as usize), src, len) } {
+                    Ok(ticket) => {
+                        self.copies
+                            .push_back((ticket, AfterCopy::Post { op, slot, buf, len }));
+                        Ok(true)
+                    }
+                    Err(e) => {
+                        self.free_send.push(buf);
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Posts `op` (a send or a staged op) whose bytes are in send buffer `buf`. The buffer is
+    /// released on completion, or now if the op could not be posted.
+    fn post_from_send_buf(&mut self, op: Op, slot: u32, buf: u32, len: usize) -> Result<bool> {
+        let d = op.domain;
+        let dest = match self.peers.get(&op.peer).map(|p| &p.addrs) {
+            Some(Ok(a)) => a[d],
+            Some(Err(e)) => {
+                self.free_send.push(buf);
+                return Err(e.clone());
+            }
+            None => {
+                self.free_send.push(buf);
+                return Err(Error::InvalidArgument(format!("unknown peer {}", op.peer)));
+            }
+        };
+        let p = self.send_buf(buf);
+        let desc = self.internal_desc(d);
+        let domain = d as u8;
+        let r = match op.kind {
+            OpKind::StagedWrite {
+                raddr, rkey, imm, ..
+            } => {
+                let ctx = self.alloc_ctx(Tag::StagedWrite {
                     slot,
                     buf,
-                    domain: d as u8,
+                    domain,
                     len,
                 });
                 // SAFETY: the send buffer is in the internal region, registered for the worker's
-                // lifetime and not reused until this send completes; ctx as above.
-                let r = unsafe { self.domains[d].post_send(p, len, desc, dest, ctx) };
-                let out = self.finish_post(d, ctx, r);
-                if !matches!(out, Ok(true)) {
-                    self.free_send.push(buf);
+                // lifetime and reserved until this op completes; raddr/rkey come from a
+                // validated descriptor; ctx is a stable slab block.
+                let r = unsafe {
+                    self.domains[d].post_write(
+                        p,
+                        len,
+                        desc,
+                        dest,
+                        raddr,
+                        rkey,
+                        imm.map(u64::from),
+                        ctx,
+                    )
+                };
+                self.finish_post(d, ctx, r)
+            }
+            _ => {
+                let ctx = self.alloc_ctx(Tag::Send {
+                    slot,
+                    buf,
+                    domain,
+                    len,
+                });
+                // SAFETY: as above; the message is the header plus `len` bytes.
+                let r = unsafe { self.domains[d].post_send(p, HEADER + len, desc, dest, ctx) };
+                self.finish_post(d, ctx, r)
+            }
+        };
+        if !matches!(r, Ok(true)) {
+            self.free_send.push(buf);
+        }
+        r
+    }
+
+    /// Advances staged copies that have finished (in stream order).
+    fn poll_copies(&mut self) -> bool {
+        let mut progressed = false;
+        while let Some((ticket, _)) = self.copies.front() {
+            match ticket.is_done() {
+                Ok(false) => break,
+                Ok(true) => {}
+                Err(e) => {
+                    // A failed copy: fail what it served, keep going.
+                    let (_, after) = self.copies.pop_front().unwrap();
+                    self.copy_failed(after, e);
+                    progressed = true;
+                    continue;
                 }
-                out
+            }
+            let (_, after) = self.copies.pop_front().unwrap();
+            progressed = true;
+            match after {
+                AfterCopy::Post { op, slot, buf, len } => {
+                    let alive = self
+                        .active
+                        .get(slot as usize)
+                        .is_some_and(|a| a.as_ref().is_some_and(|a| !a.reported));
+                    if !alive {
+                        self.free_send.push(buf);
+                        self.op_done(slot, Ok(()));
+                        continue;
+                    }
+                    // Re-reserve the buffer: post_from_send_buf releases it on failure.
+                    match self.post_from_send_buf(op, slot, buf, len) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            // Queue full: the buffer was released; redo the copy later.
+                            self.pending[op.domain].push_back(Pending { op, slot });
+                            self.n_pending += 1;
+                        }
+                        Err(e) => self.op_done(slot, Err(e)),
+                    }
+                }
+                AfterCopy::Landed { domain, buf, imm } => {
+                    if let Err(e) = self.post_recv(domain as usize, buf) {
+                        self.shared.stats[domain as usize]
+                            .errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        eprintln!("stolon: cannot repost receive buffer: {e}");
+                    }
+                    if let Some(imm) = imm {
+                        if !self.fire_trigger(imm) {
+                            self.shared.imm.arrive(imm);
+                        }
+                    }
+                }
+            }
+        }
+        progressed
+    }
+
+    fn copy_failed(&mut self, after: AfterCopy, e: Error) {
+        match after {
+            AfterCopy::Post { slot, buf, .. } => {
+                self.free_send.push(buf);
+                self.op_done(slot, Err(e));
+            }
+            AfterCopy::Landed { domain, buf, .. } => {
+                self.shared.stats[domain as usize]
+                    .errors
+                    .fetch_add(1, Ordering::Relaxed);
+                eprintln!("stolon: staged copy into GPU memory failed: {e}");
+                let _ = self.post_recv(domain as usize, buf);
             }
         }
     }
@@ -805,24 +1071,90 @@ impl Worker {
                 self.op_done(slot, Ok(()));
             }
             Tag::Recv { domain, buf } => {
-                let (p, _) = self.msg_buf(buf as usize);
-                let n = len.min(self.cfg.max_message);
-                // SAFETY: the provider wrote `len` bytes into this receive buffer.
-                let msg = unsafe { std::slice::from_raw_parts(p, n) }.to_vec();
                 self.shared.stats[d]
                     .messages_received
                     .fetch_add(1, Ordering::Relaxed);
-                self.shared.messages.push(msg);
-                if let Err(e) = self.post_recv(domain as usize, buf) {
-                    self.shared.stats[domain as usize]
-                        .errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    eprintln!("stolon: cannot repost receive buffer: {e}");
-                }
+                self.on_message(domain, buf, len);
+            }
+            Tag::StagedWrite {
+                slot,
+                buf,
+                domain,
+                len,
+            } => {
+                let s = &self.shared.stats[domain as usize];
+                s.write_ops.fetch_add(1, Ordering::Relaxed);
+                s.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
+                self.free_send.push(buf);
+                self.op_done(slot, Ok(()));
             }
             Tag::Free => {}
         }
         let _ = flags;
+    }
+
+    /// A message arrived in receive buffer `buf` of `domain` (`len` as the provider reports it,
+    /// which may be 0: the header says how long the body is).
+    fn on_message(&mut self, domain: u8, buf: u32, _len: usize) {
+        let (p, size) = self.msg_buf(buf as usize);
+        // SAFETY: the provider wrote the message into this receive buffer of `size` bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(p, size) };
+        let header = Header::decode(bytes).filter(|h| h.len as usize <= size - HEADER);
+        match header {
+            Some(h) if h.kind == KIND_USER => {
+                let msg = bytes[HEADER..HEADER + h.len as usize].to_vec();
+                self.shared.messages.push(msg);
+            }
+            Some(h) if h.kind == KIND_STAGED => {
+                let dst = self
+                    .staged_regions
+                    .get(&h.region)
+                    .and_then(|&(base, rlen)| {
+                        let end = h.offset.checked_add(h.len as u64)?;
+                        (end <= rlen as u64).then_some(match base {
+                            Mem::Host(b) => Mem::Host(b + h.offset as usize),
+                            Mem::Gpu(b) => Mem::Gpu(b + h.offset),
+                        })
+                    });
+                if let Some(dst) = dst {
+                    let src = Mem::Host(p as usize + HEADER);
+                    // SAFETY: the destination range lies inside a registered staged region
+                    // (checked above); the receive buffer is not reposted until the copy is done.
+                    match unsafe { self.copier.copy(dst, src, h.len as usize) } {
+                        Ok(ticket) => {
+                            let after = AfterCopy::Landed {
+                                domain,
+                                buf,
+                                imm: h.imm,
+                            };
+                            self.copies.push_back((ticket, after));
+                            return;
+                        }
+                        Err(e) => eprintln!("stolon: staged copy failed: {e}"),
+                    }
+                } else {
+                    eprintln!(
+                        "stolon: dropped a staged message for region {} [{}, +{}): not a \
+                         registered staged region or out of its bounds",
+                        h.region, h.offset, h.len
+                    );
+                }
+                self.shared.stats[domain as usize]
+                    .errors
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                self.shared.stats[domain as usize]
+                    .errors
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Err(e) = self.post_recv(domain as usize, buf) {
+            self.shared.stats[domain as usize]
+                .errors
+                .fetch_add(1, Ordering::Relaxed);
+            eprintln!("stolon: cannot repost receive buffer: {e}");
+        }
     }
 
     fn on_error(&mut self, d: usize, e: CqError) {
@@ -835,7 +1167,7 @@ impl Worker {
         let err = Error::TransferFailed(e.message);
         match tag {
             Tag::Transfer { slot, .. } => self.op_done(slot, Err(err)),
-            Tag::Send { slot, buf, .. } => {
+            Tag::Send { slot, buf, .. } | Tag::StagedWrite { slot, buf, .. } => {
                 self.free_send.push(buf);
                 self.op_done(slot, Err(err));
             }

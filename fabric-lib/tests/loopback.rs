@@ -55,7 +55,7 @@ fn roundtrip(provider: &str, n: usize) {
         .write(&src, 5, &desc, 100, (len - 5) as u64, Some(9), None, None)
         .unwrap();
     t.wait(T).unwrap();
-    let expect = a.imm_count_write((len - 5) as u64, None) as u64;
+    let expect = a.imm_count_write((len - 5) as u64, None, false) as u64;
     assert_eq!(t.imm_count() as u64, expect);
     if n > 1 {
         assert_eq!(expect, n as u64, "a 3 MiB write is split over every domain");
@@ -113,7 +113,7 @@ fn paged_scatter_imm_barrier_and_messages() {
         .unwrap();
     t.wait(T).unwrap();
     b.imm_counter()
-        .wait(77, a.imm_count_paged(4, page as u64) as u64, T)
+        .wait(77, a.imm_count_paged(4, page as u64, false) as u64, T)
         .unwrap();
     for (s, d) in spec.src_pages.iter().zip(&spec.dst_pages) {
         let (s, d) = (*s as usize * page, *d as usize * page);
@@ -315,4 +315,69 @@ fn a_watched_counter_releases_prepared_transfers_step_by_step() {
         s,
         (0..layers as u64).map(|i| (i, i + 1)).collect::<Vec<_>>()
     );
+}
+
+/// The staging protocol (the path GPU destinations take over providers without GPU support),
+/// run with a staged host region: bytes land only through the receiver's copy-out step, and
+/// every immediate is counted after its chunk is in place.
+#[test]
+fn staged_destinations_receive_every_kind_of_write() {
+    let Some((a, b)) = engines("tcp", 2) else {
+        return;
+    };
+    let len = (3 << 20) + 777;
+    let src = a.register_buffer(pattern(len, 4)).unwrap();
+    let mem = vec![0u8; len + 8192].into_boxed_slice();
+    let (ptr, mlen) = (mem.as_ptr() as usize, mem.len() as u64);
+    // SAFETY: the boxed slice is kept by the region and does not move.
+    let dst = unsafe { b.register_staged_host(ptr, mlen, Some(Box::new(mem))) }.unwrap();
+    let desc = fabric_lib::MemDesc::from_bytes(&dst.descriptor().to_bytes()).unwrap();
+    assert!(desc.gpu.is_some());
+    // A large single write: sharded over both domains, chunked at max_message_bytes.
+    let t = a
+        .write(&src, 0, &desc, 100, len as u64, Some(11), None, None)
+        .unwrap();
+    t.wait(T).unwrap();
+    let n = a.imm_count_write(len as u64, None, true);
+    assert_eq!(t.imm_count(), n);
+    assert!(n >= len / (64 << 10), "chunked into message-sized pieces");
+    b.imm_counter().wait(11, n as u64, T).unwrap();
+    assert_eq!(b.imm_counter().count(11), 0);
+    assert_same(
+        &bytes(&dst)[100..100 + len],
+        &bytes(&src)[..],
+        "staged single",
+    );
+    // Paged and scatter into the staged region.
+    let spec = PagedSpec {
+        page_bytes: 4096,
+        src_pages: vec![3, 0, 7],
+        dst_pages: vec![0, 1, 2],
+        src_stride: 4096,
+        dst_stride: 4096,
+        src_offset: 0,
+        dst_offset: (len + 100) as u64 - 3 * 4096,
+    };
+    let t = a
+        .write_paged(&src, &desc, &spec, Some(12), None, None)
+        .unwrap();
+    t.wait(T).unwrap();
+    assert_eq!(t.imm_count(), a.imm_count_paged(3, 4096, true));
+    b.imm_counter().wait(12, t.imm_count() as u64, T).unwrap();
+    let base = len + 100 - 3 * 4096;
+    for (i, sp) in [3usize, 0, 7].iter().enumerate() {
+        assert_same(
+            &bytes(&dst)[base + i * 4096..base + (i + 1) * 4096],
+            &bytes(&src)[sp * 4096..(sp + 1) * 4096],
+            "staged page",
+        );
+    }
+    // Bytes outside every written range are untouched.
+    assert!(bytes(&dst)[..100].iter().all(|&x| x == 0));
+    assert!(bytes(&dst)[len + 100..].iter().all(|&x| x == 0));
+    // Out of range is refused before anything is sent.
+    assert!(matches!(
+        a.write(&src, 0, &desc, mlen - 10, 11, Some(13), None, None),
+        Err(Error::OutOfBounds(_))
+    ));
 }

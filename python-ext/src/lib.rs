@@ -175,6 +175,11 @@ impl MemoryDescriptor {
     fn length(&self) -> u64 {
         self.inner.len
     }
+    /// Whether the region is GPU memory (written through staging or NVLink).
+    #[getter]
+    fn staged(&self) -> bool {
+        self.inner.gpu.is_some()
+    }
     /// The owner's address.
     #[getter]
     fn address(&self) -> Address {
@@ -216,6 +221,15 @@ impl MemoryRegion {
     #[getter]
     fn revoked(&self) -> bool {
         self.inner.is_revoked()
+    }
+    /// "host", "gpu" or "staged_host".
+    #[getter]
+    fn memory(&self) -> &'static str {
+        match self.inner.memory() {
+            fl::engine::RegionMem::Host => "host",
+            fl::engine::RegionMem::Gpu(_) => "gpu",
+            fl::engine::RegionMem::StagedHost => "staged_host",
+        }
     }
     fn __len__(&self) -> usize {
         self.inner.len() as usize
@@ -504,7 +518,7 @@ impl TransferEngine {
     #[pyo3(signature = (provider="tcp", domains=None, *, interfaces=None, nodes=None, timeout=30.0,
                         min_shard_bytes=1048576, max_op_bytes=None, recv_buffers=64,
                         send_buffers=64, max_message_bytes=65536, worker_cpu=None,
-                        spin_us=20000, max_sleep_us=500))]
+                        spin_us=20000, max_sleep_us=500, cuda_device=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -521,6 +535,7 @@ impl TransferEngine {
         worker_cpu: Option<usize>,
         spin_us: u64,
         max_sleep_us: u64,
+        cuda_device: Option<usize>,
     ) -> PyResult<Self> {
         let n = domains
             .or(interfaces.as_ref().map(Vec::len))
@@ -550,6 +565,7 @@ impl TransferEngine {
         cfg.worker_cpu = worker_cpu;
         cfg.spin = Duration::from_micros(spin_us);
         cfg.max_sleep = Duration::from_micros(max_sleep_us.max(1));
+        cfg.cuda_device = cuda_device;
         let engine = py
             .allow_threads(move || fl::TransferEngine::new(cfg))
             .map_err(to_py)?;
@@ -597,6 +613,48 @@ impl TransferEngine {
         // pins it: a buffer export prevents resizing) or a raw pointer the caller vouches for;
         // the owner is kept alive for as long as the region and any transfer using it.
         let r = py.allow_threads(move || unsafe { engine.register(ptr, length, owner) });
+        Ok(MemoryRegion {
+            inner: r.map_err(to_py)?,
+        })
+    }
+
+    /// Registers `length` bytes of GPU memory at device address `ptr` (the engine needs
+    /// `cuda_device`); `owner` (e.g. the tensor) is kept alive while the region is.
+    #[pyo3(signature = (ptr, length, owner=None))]
+    fn register_gpu_ptr(
+        &self,
+        py: Python<'_>,
+        ptr: u64,
+        length: u64,
+        owner: Option<PyObject>,
+    ) -> PyResult<MemoryRegion> {
+        let owner: Option<Box<dyn std::any::Any + Send + Sync>> =
+            owner.map(|o| Box::new(o) as Box<dyn std::any::Any + Send + Sync>);
+        let engine = self.inner.clone();
+        // SAFETY: the Python layer passes a tensor's data pointer and size with the tensor as
+        // owner, which keeps the device memory allocated while the region lives.
+        let r = py.allow_threads(move || unsafe { engine.register_gpu(ptr, length, owner) });
+        Ok(MemoryRegion {
+            inner: r.map_err(to_py)?,
+        })
+    }
+
+    /// Registers host memory that peers write through the staging protocol exactly as they
+    /// would GPU memory (tests of that protocol on machines without a GPU).
+    #[pyo3(signature = (ptr, length, owner=None))]
+    fn register_staged_host_ptr(
+        &self,
+        py: Python<'_>,
+        ptr: usize,
+        length: u64,
+        owner: Option<PyObject>,
+    ) -> PyResult<MemoryRegion> {
+        let owner: Option<Box<dyn std::any::Any + Send + Sync>> =
+            owner.map(|o| Box::new(o) as Box<dyn std::any::Any + Send + Sync>);
+        let engine = self.inner.clone();
+        // SAFETY: as for register_ptr.
+        let r =
+            py.allow_threads(move || unsafe { engine.register_staged_host(ptr, length, owner) });
         Ok(MemoryRegion {
             inner: r.map_err(to_py)?,
         })
@@ -956,27 +1014,36 @@ impl TransferEngine {
         Ok(())
     }
 
-    /// Immediates a receiver gets from `write(..., length, imm)`.
-    #[pyo3(signature = (length, *, sharding=None, pin_domain=None))]
+    /// Immediates a receiver gets from `write(..., length, imm)`. `staged=True` when the
+    /// source or the destination is GPU memory moved through staging buffers.
+    #[pyo3(signature = (length, *, sharding=None, pin_domain=None, staged=false))]
     fn imm_count_write(
         &self,
         length: u64,
         sharding: Option<&str>,
         pin_domain: Option<usize>,
+        staged: bool,
     ) -> PyResult<usize> {
         Ok(self
             .inner
-            .imm_count_write(length, self::sharding(sharding, pin_domain)?))
+            .imm_count_write(length, self::sharding(sharding, pin_domain)?, staged))
     }
 
     /// Immediates a receiver gets from a paged write of `pages` pages.
-    fn imm_count_paged(&self, pages: usize, page_bytes: u64) -> usize {
-        self.inner.imm_count_paged(pages, page_bytes)
+    #[pyo3(signature = (pages, page_bytes, *, staged=false))]
+    fn imm_count_paged(&self, pages: usize, page_bytes: u64, staged: bool) -> usize {
+        self.inner.imm_count_paged(pages, page_bytes, staged)
     }
 
     /// Immediates one scatter destination gets for an item of `length` bytes.
-    fn imm_count_scatter_item(&self, length: u64) -> usize {
-        self.inner.shard_params().imm_count_scatter_item(length)
+    #[pyo3(signature = (length, *, staged=false))]
+    fn imm_count_scatter_item(&self, length: u64, staged: bool) -> usize {
+        let p = if staged {
+            self.inner.staged_shard_params()
+        } else {
+            self.inner.shard_params()
+        };
+        p.imm_count_scatter_item(length)
     }
 
     /// Arms a worker-side trigger: each of the next `times` arrivals of `imm` posts a prepared

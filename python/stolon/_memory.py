@@ -8,8 +8,18 @@ from typing import Any, Optional, Tuple
 from .errors import InvalidArgumentError
 
 
+def cuda_tensor(obj: Any) -> Optional[Tuple[int, int, int]]:
+    """(device pointer, bytes, device index) when `obj` is a CUDA torch tensor, else None."""
+    if hasattr(obj, "data_ptr") and hasattr(obj, "element_size") and hasattr(obj, "device"):
+        if obj.device.type == "cuda":
+            if not obj.is_contiguous():
+                raise InvalidArgumentError("tensor must be contiguous")
+            return obj.data_ptr(), obj.numel() * obj.element_size(), obj.device.index
+    return None
+
+
 def buffer_address(obj: Any, length: Optional[int] = None) -> Tuple[int, int, Any]:
-    """Returns (address, length, owner) for `obj`.
+    """Returns (address, length, owner) for `obj` in host memory.
 
     `owner` must be kept alive while the memory is registered: for buffer-protocol objects it
     holds a buffer export, which also stops the object from being resized.
@@ -23,10 +33,7 @@ def buffer_address(obj: Any, length: Optional[int] = None) -> Tuple[int, int, An
     if hasattr(obj, "data_ptr") and hasattr(obj, "element_size") and hasattr(obj, "device"):
         # A torch tensor (torch is never imported here).
         if obj.device.type != "cpu":
-            raise InvalidArgumentError(
-                f"tensor on {obj.device}: this engine registers host memory; GPU memory "
-                "registration is provided by the GPU backend"
-            )
+            raise InvalidArgumentError(f"tensor on {obj.device} is not host memory")
         if not obj.is_contiguous():
             raise InvalidArgumentError("tensor must be contiguous")
         nbytes = obj.numel() * obj.element_size()

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from . import _native
-from ._memory import buffer_address
+from ._memory import buffer_address, cuda_tensor
 from ._native import Address, MemoryDescriptor, MemoryRegion, TransferFuture
+from .errors import InvalidArgumentError
 
 __all__ = [
     "loopback_nodes",
@@ -36,10 +37,31 @@ class TransferEngine(_native.TransferEngine):
     (:meth:`wait_imm`), senders wait on the returned :class:`TransferFuture`.
     """
 
-    def register(self, obj: Any, length: Optional[int] = None) -> MemoryRegion:
-        """Registers a writable buffer, numpy array, CPU torch tensor, or int pointer (+length).
+    def register(
+        self, obj: Any, length: Optional[int] = None, *, staged: bool = False
+    ) -> MemoryRegion:
+        """Registers memory and returns its region; pass ``region.descriptor`` to peers.
 
-        The region keeps ``obj`` alive; pass ``region.descriptor`` to peers that write here.
+        ``obj`` is a writable buffer, numpy array, CPU torch tensor, int pointer (+ length), or
+        a CUDA torch tensor (the engine needs ``cuda_device``; over providers that cannot touch
+        GPU memory its bytes move through pinned staging buffers, and a receiver counts an
+        immediate only once the bytes sit in GPU memory). The region keeps ``obj`` alive.
+        ``staged=True`` makes host memory take the staging path too (a test hook).
         """
+        gpu = cuda_tensor(obj)
+        if gpu is not None:
+            ptr, nbytes, _device = gpu
+            if length is not None:
+                if not 0 <= length <= nbytes:
+                    raise InvalidArgumentError(f"length {length} exceeds the tensor's {nbytes}")
+                nbytes = length
+            return self.register_gpu_ptr(ptr, nbytes, obj)
         ptr, nbytes, owner = buffer_address(obj, length)
+        if staged:
+            return self.register_staged_host_ptr(ptr, nbytes, owner)
         return self.register_ptr(ptr, nbytes, owner)
+
+    def imm_count_for(self, src: MemoryRegion, dst: MemoryDescriptor, length: int) -> int:
+        """Immediates the receiver gets from ``write(src, _, dst, _, length, imm)``."""
+        staged = dst.staged or src.memory == "gpu"
+        return self.imm_count_write(length, staged=staged)

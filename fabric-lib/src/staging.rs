@@ -1,0 +1,187 @@
+//! Staging GPU memory through registered host buffers, for providers that cannot touch GPU
+//! memory (tcp, udp, shm in this libfabric build).
+//!
+//! The protocol never relies on order:
+//! - GPU source, host destination: the sender copies a chunk into one of its registered send
+//!   buffers (device-to-host), then posts an ordinary RMA write (with the immediate) from there.
+//! - Any source, GPU destination: a chunk travels as one message whose 32-byte header names the
+//!   destination region, offset, length and immediate. The receiver copies it host-to-device
+//!   from the receive buffer and counts the immediate only after that copy has finished, so an
+//!   immediate never announces bytes that are not yet in GPU memory.
+//!
+//! Every chunk is at most `max_message_bytes` and carries the immediate, so a staged transfer of
+//! `n` bytes produces `ceil(n / max_message_bytes)` immediates per shard (see
+//! `ShardParams::imm_count_single_chunked`).
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// Bytes reserved at the start of every message buffer.
+pub(crate) const HEADER: usize = 32;
+/// Message kinds (first u32 of the header).
+pub(crate) const KIND_USER: u32 = 0;
+pub(crate) const KIND_STAGED: u32 = 1;
+
+/// The header of a message buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub kind: u32,
+    pub imm: Option<u32>,
+    pub len: u32,
+    pub region: u64,
+    pub offset: u64,
+}
+
+impl Header {
+    pub(crate) fn user(len: usize) -> Self {
+        Header {
+            kind: KIND_USER,
+            imm: None,
+            len: len as u32,
+            region: 0,
+            offset: 0,
+        }
+    }
+
+    pub(crate) fn encode(&self, out: &mut [u8]) {
+        out[0..4].copy_from_slice(&self.kind.to_le_bytes());
+        out[4..8].copy_from_slice(&(self.imm.is_some() as u32).to_le_bytes());
+        out[8..12].copy_from_slice(&self.imm.unwrap_or(0).to_le_bytes());
+        out[12..16].copy_from_slice(&self.len.to_le_bytes());
+        out[16..24].copy_from_slice(&self.region.to_le_bytes());
+        out[24..32].copy_from_slice(&self.offset.to_le_bytes());
+    }
+
+    /// Decodes a received header; `received` is the message length reported by the provider
+    /// (0 when it does not report one).
+    pub(crate) fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() < HEADER {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+        let imm = match u32_at(4) {
+            0 => None,
+            1 => Some(u32_at(8)),
+            _ => return None,
+        };
+        Some(Header {
+            kind: u32_at(0),
+            imm,
+            len: u32_at(12),
+            region: u64_at(16),
+            offset: u64_at(24),
+        })
+    }
+}
+
+/// Where staged copies are done.
+pub(crate) enum Copier {
+    /// Plain memcpy: "staged" host regions (tests of the protocol on machines without a GPU).
+    Host,
+    /// CUDA copies on the worker's own stream.
+    Cuda {
+        ctx: Arc<stolon_cuda::Context>,
+        stream: stolon_cuda::Stream,
+    },
+}
+
+/// A copy in flight.
+pub(crate) enum Ticket {
+    Done,
+    Cuda(stolon_cuda::Event),
+}
+
+impl Ticket {
+    pub(crate) fn is_done(&self) -> Result<bool> {
+        match self {
+            Ticket::Done => Ok(true),
+            Ticket::Cuda(e) => e.query().map_err(cuda_err),
+        }
+    }
+}
+
+pub(crate) fn cuda_err(e: stolon_cuda::Error) -> Error {
+    Error::Cuda(e.to_string())
+}
+
+/// Memory a staged copy reads or writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mem {
+    Host(usize),
+    Gpu(u64),
+}
+
+impl Copier {
+    pub(crate) fn cuda(device: usize) -> Result<Self> {
+        let dev = stolon_cuda::Device::get(device).map_err(cuda_err)?;
+        let ctx = dev.primary_context().map_err(cuda_err)?;
+        let stream = stolon_cuda::Stream::new(&ctx).map_err(cuda_err)?;
+        Ok(Copier::Cuda { ctx, stream })
+    }
+
+    /// Copies `len` bytes from `src` to `dst`, asynchronously where the copier can.
+    ///
+    /// # Safety
+    /// Both ranges must be valid for `len` bytes until the returned ticket is done.
+    pub(crate) unsafe fn copy(&self, dst: Mem, src: Mem, len: usize) -> Result<Ticket> {
+        match (self, dst, src) {
+            (_, Mem::Host(d), Mem::Host(s)) => {
+                // SAFETY: the caller promises both host ranges.
+                unsafe { std::ptr::copy(s as *const u8, d as *mut u8, len) };
+                Ok(Ticket::Done)
+            }
+            (Copier::Cuda { ctx, stream }, dst, src) => {
+                // SAFETY: the caller promises both ranges until the ticket (an event recorded
+                // after the copy on the same stream) is done.
+                unsafe {
+                    match (dst, src) {
+                        (Mem::Gpu(d), Mem::Host(s)) => {
+                            stolon_cuda::memory::copy_htod_async(stream, d, s as *const u8, len)
+                        }
+                        (Mem::Host(d), Mem::Gpu(s)) => {
+                            stolon_cuda::memory::copy_dtoh_async(stream, d as *mut u8, s, len)
+                        }
+                        (Mem::Gpu(d), Mem::Gpu(s)) => {
+                            stolon_cuda::memory::copy_dtod_async(stream, d, s, len)
+                        }
+                        (Mem::Host(_), Mem::Host(_)) => unreachable!(),
+                    }
+                }
+                .map_err(cuda_err)?;
+                let ev = stolon_cuda::Event::new(ctx).map_err(cuda_err)?;
+                ev.record(stream).map_err(cuda_err)?;
+                Ok(Ticket::Cuda(ev))
+            }
+            (Copier::Host, _, _) => Err(Error::Cuda(
+                "GPU memory in an engine opened without cuda_device".into(),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_and_reject_garbage() {
+        let h = Header {
+            kind: KIND_STAGED,
+            imm: Some(7),
+            len: 100,
+            region: 3,
+            offset: 1 << 40,
+        };
+        let mut b = [0u8; HEADER];
+        h.encode(&mut b);
+        assert_eq!(Header::decode(&b), Some(h));
+        let u = Header::user(5);
+        u.encode(&mut b);
+        assert_eq!(Header::decode(&b), Some(u));
+        b[4] = 9;
+        assert_eq!(Header::decode(&b), None);
+        assert_eq!(Header::decode(&b[..10]), None);
+    }
+}

@@ -1,0 +1,88 @@
+"""The staging protocol GPU destinations use over providers without GPU support, run with staged
+host regions so it is tested on machines without a GPU (tests/test_gpu.py runs it with real GPU
+memory). Separate processes, tcp on loopback."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+
+import stolon
+from stolon.engine import loopback_nodes
+
+MiB = 1 << 20
+
+
+def _receiver(conn, size: int) -> None:  # child process
+    with stolon.TransferEngine("tcp", 2, nodes=loopback_nodes("tcp", 2)) as eng:
+        buf = np.zeros(size, dtype=np.uint8)
+        region = eng.register(buf, staged=True)
+        assert region.memory == "staged_host"
+        conn.send(region.descriptor.to_bytes())
+        while True:
+            msg = conn.recv()
+            if msg is None:
+                break
+            imm, count = msg
+            eng.wait_imm(imm, count, timeout=30)
+            conn.send((bytes(buf), eng.imm_count(imm)))
+
+
+@pytest.mark.timeout(120)
+def test_staged_writes_land_exactly_across_processes() -> None:
+    size = 6 * MiB
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_receiver, args=(child, size), daemon=True)
+    proc.start()
+    try:
+        with stolon.TransferEngine("tcp", 2, nodes=loopback_nodes("tcp", 2)) as eng:
+            desc = stolon.MemoryDescriptor.from_bytes(parent.recv())
+            assert desc.staged
+            rng = np.random.default_rng(1)
+            src = rng.integers(0, 256, size, dtype=np.uint8)
+            region = eng.register(src)
+            want = np.zeros(size, dtype=np.uint8)
+            futs = []
+            # A sharded single write, chunked into messages.
+            futs.append(eng.write(region, 0, desc, 0, 4 * MiB + 3, imm=1))
+            want[: 4 * MiB + 3] = src[: 4 * MiB + 3]
+            assert futs[-1].imm_count == eng.imm_count_for(region, desc, 4 * MiB + 3)
+            # Paged into the tail.
+            base = 5 * MiB
+            futs.append(
+                eng.write_paged(region, desc, 8192, [9, 2], [1, 0], dst_offset=base, imm=1)
+            )
+            want[base : base + 8192] = src[2 * 8192 : 3 * 8192]
+            want[base + 8192 : base + 16384] = src[9 * 8192 : 10 * 8192]
+            # Scatter of two items, including an empty one (an immediate only).
+            futs.append(
+                eng.scatter(region, [(desc, 7, 5 * MiB + 20000, 100), (desc, 0, 0, 0)], imm=1)
+            )
+            want[5 * MiB + 20000 : 5 * MiB + 20100] = src[7:107]
+            for f in futs:
+                f.wait(30)
+            total = sum(f.imm_count for f in futs)
+            parent.send((1, total))
+            got, left = parent.recv()
+            assert left == 0
+            got = np.frombuffer(got, dtype=np.uint8)
+            bad = np.nonzero(got != want)[0]
+            assert bad.size == 0, f"first wrong byte at {bad[:1]}"
+        parent.send(None)
+    finally:
+        proc.join(20)
+        if proc.is_alive():
+            proc.kill()
+
+
+def test_staged_region_bounds_and_gpu_without_cuda() -> None:
+    with stolon.TransferEngine("tcp", 1, nodes=loopback_nodes("tcp", 1)) as eng:
+        dst = eng.register(bytearray(1000), staged=True)
+        src = eng.register(bytearray(2000))
+        with pytest.raises(stolon.OutOfBoundsError):
+            eng.write(src, 0, dst.descriptor, 999, 2)
+        with pytest.raises(stolon.ConfigError):
+            eng.register_gpu_ptr(0x1000, 10)
