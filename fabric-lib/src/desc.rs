@@ -40,6 +40,8 @@ pub struct NvlinkAddr {
     pub host_id: Vec<u8>,
     /// Name of the engine's shared-memory mailbox that receives NVLink immediates.
     pub mailbox: String,
+    /// The engine's process id: CUDA IPC is only possible between different processes.
+    pub pid: u32,
 }
 
 /// The address of an engine: one entry per domain.
@@ -216,6 +218,7 @@ impl PeerAddr {
                 w.u8(1);
                 w.bytes(&n.host_id);
                 w.bytes(n.mailbox.as_bytes());
+                w.u64(n.pid as u64);
             }
         }
     }
@@ -257,7 +260,12 @@ impl PeerAddr {
                 let mailbox = std::str::from_utf8(r.bytes(255)?)
                     .map_err(|_| r.err("mailbox name is not UTF-8".into()))?
                     .to_string();
-                Some(NvlinkAddr { host_id, mailbox })
+                let pid = r.u64()? as u32;
+                Some(NvlinkAddr {
+                    host_id,
+                    mailbox,
+                    pid,
+                })
             }
             x => return Err(r.err(format!("bad nvlink flag {x}"))),
         };
@@ -411,7 +419,11 @@ mod tests {
                 proptest::collection::vec(any::<u8>(), 16),
                 "[a-z0-9/_-]{1,40}",
             )
-                .prop_map(|(host_id, mailbox)| NvlinkAddr { host_id, mailbox }),
+                .prop_map(|(host_id, mailbox)| NvlinkAddr {
+                    host_id,
+                    mailbox,
+                    pid: 7,
+                }),
         );
         (any::<u64>(), proptest::collection::vec(dom, 1..=4), nv).prop_map(
             |(engine_id, domains, nvlink)| PeerAddr {

@@ -46,6 +46,9 @@ pub struct EngineConfig {
     /// CUDA device whose memory this engine moves (GPU registration and staging); None for a
     /// host-only engine.
     pub cuda_device: Option<usize>,
+    /// With `cuda_device`: accept and make NVLink (CUDA IPC) writes between processes of this
+    /// host. Off, GPU memory always moves through staging over the fabric.
+    pub nvlink: bool,
 }
 
 impl EngineConfig {
@@ -64,6 +67,7 @@ impl EngineConfig {
             spin: Duration::from_millis(20),
             max_sleep: Duration::from_micros(500),
             cuda_device: None,
+            nvlink: true,
         }
     }
 }
@@ -174,6 +178,8 @@ pub(crate) struct Shared {
     pub imm: ImmCounter,
     pub messages: MessageQueue,
     pub stats: Vec<DomainStats>,
+    /// Counters of the NVLink path.
+    pub nvlink: DomainStats,
     pub next_key: AtomicU64,
 }
 
@@ -217,6 +223,17 @@ pub(crate) struct RegionInner {
     revoked: AtomicBool,
     tx: Sender<Request>,
     _owner: Option<Box<dyn Any + Send + Sync>>,
+}
+
+/// How a transfer's bytes travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// RMA writes between registered host memory.
+    Fabric,
+    /// Through pinned staging buffers (GPU memory over providers without GPU support).
+    Staged,
+    /// CUDA IPC copies between GPUs of one host, immediates through the peer's mailbox.
+    Nvlink,
 }
 
 /// What kind of memory a local region is.
@@ -277,6 +294,10 @@ pub struct TransferEngine {
     params: ShardParams,
     /// Planning for staged transfers: every op is at most one message buffer.
     staged_params: ShardParams,
+    /// Planning for NVLink copies: one copy per write, page or scatter item.
+    nvlink_params: ShardParams,
+    /// Remote GPU regions (peer id, region id) already described to the worker.
+    remote_gpu: Mutex<std::collections::HashSet<(u32, u64)>>,
     addr: PeerAddr,
     attrs: Vec<DomainAttrs>,
     tx: Sender<Request>,
@@ -328,8 +349,14 @@ impl TransferEngine {
                 sink: sink.clone(),
             },
             stats: (0..n).map(|_| DomainStats::default()).collect(),
+            nvlink: DomainStats::default(),
             next_key: AtomicU64::new(1 + (random_u64() & 0xffff) * 0x10000),
         });
+        let engine_id = random_u64();
+        let mailbox = config
+            .cuda_device
+            .filter(|_| config.nvlink)
+            .map(|_| format!("/stolon-{:016x}-{}", engine_id, std::process::id()));
         let (tx, rx) = mpsc::channel();
         if config.max_message_bytes % 4096 != 0 {
             return Err(Error::Config(format!(
@@ -345,6 +372,7 @@ impl TransferEngine {
             max_message: config.max_message_bytes,
             cpu: config.worker_cpu,
             cuda_device: config.cuda_device,
+            mailbox: mailbox.clone(),
         };
         // Domains are opened on the worker thread, which owns them from then on.
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
@@ -389,15 +417,25 @@ impl TransferEngine {
             config.min_shard_bytes,
             (config.max_message_bytes as u64).min(max_op),
         )?;
+        let host = crate::nvlink::host_id();
         let addr = PeerAddr {
-            engine_id: random_u64(),
+            engine_id,
             domains: domain_addrs,
-            nvlink: None,
+            nvlink: mailbox
+                .filter(|_| !host.is_empty())
+                .map(|mailbox| crate::desc::NvlinkAddr {
+                    host_id: host.clone(),
+                    mailbox,
+                    pid: std::process::id(),
+                }),
         };
+        let nvlink_params = ShardParams::new(1, 1 << 40, 1 << 40)?;
         Ok(TransferEngine {
             config,
             params,
             staged_params,
+            nvlink_params,
+            remote_gpu: Mutex::new(std::collections::HashSet::new()),
             addr,
             attrs,
             tx,
@@ -450,6 +488,11 @@ impl TransferEngine {
             .iter()
             .map(DomainStats::snapshot)
             .collect()
+    }
+
+    /// Counters of the NVLink path.
+    pub fn nvlink_stats(&self) -> StatsSnapshot {
+        self.shared.nvlink.snapshot()
     }
 
     /// Fails in a forked child: the worker thread and the libfabric state belong to the parent.
@@ -745,7 +788,16 @@ impl TransferEngine {
                     RegionMem::Gpu(_) => Mem::Gpu(at as u64),
                     RegionMem::Host | RegionMem::StagedHost => Mem::Host(at),
                 };
-                let kind = if dst.gpu.is_some() {
+                let nvlink = matches!(src_mem, Mem::Gpu(_)) && self.path(src, dst) == Path::Nvlink;
+                let kind = if nvlink {
+                    OpKind::NvlinkCopy {
+                        src: at as u64,
+                        len: p.len as usize,
+                        region: dst.region_id,
+                        offset: p.dst_off,
+                        imm,
+                    }
+                } else if dst.gpu.is_some() {
                     OpKind::StagedSend {
                         src: src_mem,
                         len: p.len as usize,
@@ -780,18 +832,65 @@ impl TransferEngine {
             .collect()
     }
 
-    /// Whether a transfer from `src` to `dst` goes through staging buffers.
-    fn is_staged(src: &MemoryRegion, dst: &MemDesc) -> bool {
-        dst.gpu.is_some() || matches!(src.inner.mem, RegionMem::Gpu(_))
+    /// How bytes from `src` reach `dst`.
+    pub fn path(&self, src: &MemoryRegion, dst: &MemDesc) -> Path {
+        let src_gpu = matches!(src.inner.mem, RegionMem::Gpu(_));
+        if let (true, Some(g), Some(mine), Some(theirs)) =
+            (src_gpu, &dst.gpu, &self.addr.nvlink, &dst.owner.nvlink)
+        {
+            if !g.ipc_handle.is_empty() && mine.host_id == theirs.host_id && mine.pid != theirs.pid
+            {
+                return Path::Nvlink;
+            }
+        }
+        if dst.gpu.is_some() || src_gpu {
+            Path::Staged
+        } else {
+            Path::Fabric
+        }
     }
 
     /// The planning parameters for a transfer between `src` and `dst`.
     fn params_for(&self, src: &MemoryRegion, dst: &MemDesc) -> &ShardParams {
-        if Self::is_staged(src, dst) {
-            &self.staged_params
-        } else {
-            &self.params
+        self.params_of(self.path(src, dst))
+    }
+
+    fn params_of(&self, path: Path) -> &ShardParams {
+        match path {
+            Path::Fabric => &self.params,
+            Path::Staged => &self.staged_params,
+            Path::Nvlink => &self.nvlink_params,
         }
+    }
+
+    /// Immediates the receiver gets from a write of `len` bytes from `src` to `dst`.
+    pub fn imm_count_for(
+        &self,
+        src: &MemoryRegion,
+        dst: &MemDesc,
+        len: u64,
+        sharding: Option<Sharding>,
+    ) -> usize {
+        self.params_for(src, dst)
+            .imm_count_single(sharding.unwrap_or(self.config.sharding), len)
+    }
+
+    /// Describes a peer's GPU region to the worker (once) so NVLink copies can map it.
+    fn describe_remote_gpu(&self, peer: u32, dst: &MemDesc) -> Result<()> {
+        let mut seen = self.remote_gpu.lock().unwrap();
+        if seen.contains(&(peer, dst.region_id)) {
+            return Ok(());
+        }
+        let g = dst.gpu.as_ref().expect("NVLink path has a GPU descriptor");
+        self.send_req(Request::AddRemoteGpu {
+            peer,
+            region: dst.region_id,
+            handle: g.ipc_handle.clone(),
+            offset: g.ipc_offset,
+            len: dst.len,
+        })?;
+        seen.insert((peer, dst.region_id));
+        Ok(())
     }
 
     fn prepared(
@@ -880,6 +979,9 @@ impl TransferEngine {
         self.check_local(src, src_off, len)?;
         dst.check_range(dst_off, len)?;
         let peer = self.peer_id(&dst.owner)?;
+        if self.path(src, dst) == Path::Nvlink {
+            self.describe_remote_gpu(peer, dst)?;
+        }
         let sharding = sharding.unwrap_or(self.config.sharding);
         let plans = self.params_for(src, dst).plan_single(
             sharding,
@@ -960,6 +1062,9 @@ impl TransferEngine {
             self.check_local(src, 0, 0)?;
         }
         let peer = self.peer_id(&dst.owner)?;
+        if self.path(src, dst) == Path::Nvlink {
+            self.describe_remote_gpu(peer, dst)?;
+        }
         let sharding = sharding.unwrap_or(self.config.sharding);
         let plans = self
             .params_for(src, dst)
@@ -1005,7 +1110,11 @@ impl TransferEngine {
     ) -> Result<Prepared> {
         let mut peers = Vec::with_capacity(dsts.len());
         for d in dsts {
-            peers.push(self.peer_id(&d.owner)?);
+            let peer = self.peer_id(&d.owner)?;
+            if self.path(src, d) == Path::Nvlink {
+                self.describe_remote_gpu(peer, d)?;
+            }
+            peers.push(peer);
         }
         for it in items {
             let dst = dsts.get(it.dst).ok_or_else(|| {
@@ -1113,6 +1222,9 @@ impl TransferEngine {
         self.check_local(src, src_off, len)?;
         dst.check_range(dst_off, len)?;
         let peer = self.peer_id(&dst.owner)?;
+        if self.path(src, dst) == Path::Nvlink {
+            self.describe_remote_gpu(peer, dst)?;
+        }
         let plans = self
             .params
             .plan_single(Sharding::Pinned(0), 0, src_off, dst_off, len)?;

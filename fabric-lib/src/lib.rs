@@ -44,6 +44,7 @@ pub mod engine;
 pub mod error;
 pub mod imm;
 pub mod libfabric;
+pub mod nvlink;
 pub mod reorder;
 pub mod shard;
 mod staging;

@@ -47,6 +47,15 @@ pub(crate) enum OpKind {
         rkey: u64,
         imm: Option<u32>,
     },
+    /// GPU to GPU on this host: a CUDA copy into the peer's IPC-mapped region, then the
+    /// immediate into the peer's mailbox.
+    NvlinkCopy {
+        src: u64,
+        len: usize,
+        region: u64,
+        offset: u64,
+        imm: Option<u32>,
+    },
     /// Any source to a staged (GPU) destination region: one message with a header.
     StagedSend {
         src: Mem,
@@ -137,6 +146,14 @@ pub(crate) enum Request {
     Unregister {
         id: u64,
     },
+    /// A peer's GPU region reachable over NVLink (CUDA IPC handle, offset, length).
+    AddRemoteGpu {
+        peer: u32,
+        region: u64,
+        handle: Vec<u8>,
+        offset: u64,
+        len: u64,
+    },
     AddPeer {
         id: u32,
         addr: PeerAddr,
@@ -211,6 +228,17 @@ struct Pending {
 struct PeerEntry {
     /// fi_addr on each local domain, or why it could not be added.
     addrs: std::result::Result<Vec<fi_addr_t>, Error>,
+    /// The peer's NVLink mailbox name, and the mailbox once opened.
+    mailbox_name: Option<String>,
+    mailbox: Option<crate::nvlink::Mailbox>,
+}
+
+/// A peer's GPU region reachable over NVLink.
+struct RemoteGpu {
+    handle: Vec<u8>,
+    offset: u64,
+    len: u64,
+    mapping: Option<stolon_cuda::IpcMapping>,
 }
 
 pub(crate) struct WorkerConfig {
@@ -221,10 +249,19 @@ pub(crate) struct WorkerConfig {
     pub max_message: usize,
     pub cpu: Option<usize>,
     pub cuda_device: Option<usize>,
+    /// Name of this engine's NVLink mailbox (created by the worker), if NVLink is on.
+    pub mailbox: Option<String>,
 }
 
 /// What happens when a staged copy has finished.
 enum AfterCopy {
+    /// An NVLink copy has finished: tell the peer (its mailbox), complete the op.
+    Nvlink {
+        slot: u32,
+        peer: u32,
+        imm: Option<u32>,
+        len: usize,
+    },
     /// Post the staged op from send buffer `buf` (its data is in place).
     Post {
         op: Op,
@@ -258,6 +295,10 @@ pub(crate) struct Worker {
     /// Regions peers write through staging: id -> (first byte, length).
     staged_regions: HashMap<u64, (Mem, usize)>,
     copier: Copier,
+    /// This engine's NVLink mailbox (immediates from same-host peers).
+    mailbox: Option<crate::nvlink::Mailbox>,
+    /// Peers' GPU regions reachable over NVLink, by (peer, region id).
+    remote_gpu: HashMap<(u32, u64), RemoteGpu>,
     /// Staged copies in flight, in stream order.
     copies: VecDeque<(Ticket, AfterCopy)>,
     /// Pins `msg_mem` for asynchronous CUDA copies; declared before it so it is dropped first.
@@ -316,6 +357,10 @@ impl Worker {
                 (copier, Some(reg))
             }
         };
+        let mailbox = match &cfg.mailbox {
+            Some(name) => Some(crate::nvlink::Mailbox::create(name, 1 << 16)?),
+            None => None,
+        };
         let mut w = Worker {
             domains,
             rx,
@@ -330,6 +375,8 @@ impl Worker {
             regions: HashMap::new(),
             staged_regions: HashMap::new(),
             copier,
+            mailbox,
+            remote_gpu: HashMap::new(),
             copies: VecDeque::new(),
             _pinned: pinned,
             msg_mem,
@@ -477,6 +524,9 @@ impl Worker {
             if !self.copies.is_empty() {
                 busy |= self.poll_copies();
             }
+            if self.mailbox.is_some() {
+                busy |= self.poll_mailbox();
+            }
             if !self.watches.is_empty() {
                 busy |= self.poll_watches();
             }
@@ -569,7 +619,32 @@ impl Worker {
                         Err(e)
                     }
                 };
-                self.peers.insert(id, PeerEntry { addrs });
+                let mailbox_name = addr.nvlink.as_ref().map(|n| n.mailbox.clone());
+                self.peers.insert(
+                    id,
+                    PeerEntry {
+                        addrs,
+                        mailbox_name,
+                        mailbox: None,
+                    },
+                );
+            }
+            Request::AddRemoteGpu {
+                peer,
+                region,
+                handle,
+                offset,
+                len,
+            } => {
+                self.remote_gpu.insert(
+                    (peer, region),
+                    RemoteGpu {
+                        handle,
+                        offset,
+                        len,
+                        mapping: None,
+                    },
+                );
             }
             Request::Transfer(t) => self.start_transfer(*t),
             Request::Watch(mut w, reply) => {
@@ -751,6 +826,54 @@ impl Worker {
                 }
                 self.post_from_send_buf(op, slot, buf, len)
             }
+            OpKind::NvlinkCopy {
+                src,
+                len,
+                region,
+                offset,
+                imm,
+            } => {
+                let Copier::Cuda { ctx, .. } = &self.copier else {
+                    return Err(Error::Cuda(
+                        "NVLink needs an engine with cuda_device".into(),
+                    ));
+                };
+                let Some(rg) = self.remote_gpu.get_mut(&(op.peer, region)) else {
+                    return Err(Error::InvalidArgument(format!(
+                        "GPU region {region} of peer {} was not described",
+                        op.peer
+                    )));
+                };
+                if rg.mapping.is_none() {
+                    let h = stolon_cuda::IpcMemHandle::from_bytes(&rg.handle)
+                        .map_err(crate::staging::cuda_err)?;
+                    rg.mapping = Some(h.open(ctx).map_err(crate::staging::cuda_err)?);
+                }
+                if offset.checked_add(len as u64).is_none_or(|e| e > rg.len) {
+                    return Err(Error::OutOfBounds(format!(
+                        "NVLink write [{offset}, +{len}) past the {}-byte region",
+                        rg.len
+                    )));
+                }
+                let base = rg.mapping.as_ref().unwrap().ptr() + rg.offset;
+                // SAFETY: the destination lies inside the peer's IPC-mapped allocation (bounds
+                // checked against the descriptor), the source inside a registered GPU region kept
+                // alive by the transfer until the copy's ticket is done.
+                let ticket = unsafe {
+                    self.copier
+                        .copy(Mem::Gpu(base + offset), Mem::Gpu(src), len)
+                }?;
+                self.copies.push_back((
+                    ticket,
+                    AfterCopy::Nvlink {
+                        slot,
+                        peer: op.peer,
+                        imm,
+                        len,
+                    },
+                ));
+                Ok(true)
+            }
             OpKind::StagedWrite { src, len, .. } | OpKind::StagedSend { src, len, .. } => {
                 let Some(buf) = self.free_send.pop() else {
                     return Ok(false);
@@ -897,6 +1020,37 @@ impl Worker {
                         Err(e) => self.op_done(slot, Err(e)),
                     }
                 }
+                AfterCopy::Nvlink {
+                    slot,
+                    peer,
+                    imm,
+                    len,
+                } => {
+                    if let Some(imm) = imm {
+                        match self.push_mailbox(peer, imm) {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                // The peer's mailbox is full: try again on a later poll.
+                                let again = AfterCopy::Nvlink {
+                                    slot,
+                                    peer,
+                                    imm: Some(imm),
+                                    len,
+                                };
+                                self.copies.push_back((Ticket::Done, again));
+                                break;
+                            }
+                            Err(e) => {
+                                self.op_done(slot, Err(e));
+                                continue;
+                            }
+                        }
+                    }
+                    let s = &self.shared.nvlink;
+                    s.write_ops.fetch_add(1, Ordering::Relaxed);
+                    s.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
+                    self.op_done(slot, Ok(()));
+                }
                 AfterCopy::Landed { domain, buf, imm } => {
                     if let Err(e) = self.post_recv(domain as usize, buf) {
                         self.shared.stats[domain as usize]
@@ -915,8 +1069,40 @@ impl Worker {
         progressed
     }
 
+    /// Pushes an immediate into a peer's NVLink mailbox (opened on first use).
+    fn push_mailbox(&mut self, peer: u32, imm: u32) -> Result<bool> {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return Err(Error::InvalidArgument(format!("unknown peer {peer}")));
+        };
+        if p.mailbox.is_none() {
+            let name = p
+                .mailbox_name
+                .as_deref()
+                .ok_or_else(|| Error::InvalidArgument("the peer has no NVLink mailbox".into()))?;
+            p.mailbox = Some(crate::nvlink::Mailbox::open(name)?);
+        }
+        Ok(p.mailbox.as_ref().unwrap().push(imm))
+    }
+
+    /// Takes immediates from this engine's NVLink mailbox.
+    fn poll_mailbox(&mut self) -> bool {
+        let mut any = false;
+        while let Some(imm) = self.mailbox.as_mut().and_then(|m| m.pop()) {
+            any = true;
+            self.shared
+                .nvlink
+                .imms_received
+                .fetch_add(1, Ordering::Relaxed);
+            if !self.fire_trigger(imm) {
+                self.shared.imm.arrive(imm);
+            }
+        }
+        any
+    }
+
     fn copy_failed(&mut self, after: AfterCopy, e: Error) {
         match after {
+            AfterCopy::Nvlink { slot, .. } => self.op_done(slot, Err(e)),
             AfterCopy::Post { slot, buf, .. } => {
                 self.free_send.push(buf);
                 self.op_done(slot, Err(e));

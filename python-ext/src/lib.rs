@@ -518,7 +518,8 @@ impl TransferEngine {
     #[pyo3(signature = (provider="tcp", domains=None, *, interfaces=None, nodes=None, timeout=30.0,
                         min_shard_bytes=1048576, max_op_bytes=None, recv_buffers=64,
                         send_buffers=64, max_message_bytes=65536, worker_cpu=None,
-                        spin_us=20000, max_sleep_us=500, cuda_device=None))]
+                        spin_us=20000, max_sleep_us=500, cuda_device=None,
+                        nvlink=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -536,6 +537,7 @@ impl TransferEngine {
         spin_us: u64,
         max_sleep_us: u64,
         cuda_device: Option<usize>,
+        nvlink: bool,
     ) -> PyResult<Self> {
         let n = domains
             .or(interfaces.as_ref().map(Vec::len))
@@ -566,6 +568,7 @@ impl TransferEngine {
         cfg.spin = Duration::from_micros(spin_us);
         cfg.max_sleep = Duration::from_micros(max_sleep_us.max(1));
         cfg.cuda_device = cuda_device;
+        cfg.nvlink = nvlink;
         let engine = py
             .allow_threads(move || fl::TransferEngine::new(cfg))
             .map_err(to_py)?;
@@ -1079,17 +1082,39 @@ impl TransferEngine {
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         for s in self.inner.stats() {
-            let d = PyDict::new(py);
-            d.set_item("bytes_written", s.bytes_written)?;
-            d.set_item("write_ops", s.write_ops)?;
-            d.set_item("messages_sent", s.messages_sent)?;
-            d.set_item("bytes_sent", s.bytes_sent)?;
-            d.set_item("messages_received", s.messages_received)?;
-            d.set_item("imms_received", s.imms_received)?;
-            d.set_item("errors", s.errors)?;
-            out.append(d)?;
+            out.append(stats_dict(py, &s)?)?;
         }
         Ok(out)
+    }
+
+    /// Counters of the NVLink path (a dict like one entry of `stats()`).
+    fn nvlink_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        stats_dict(py, &self.inner.nvlink_stats())
+    }
+
+    /// How bytes from `src` reach `dst`: "fabric", "staged" or "nvlink".
+    fn path(&self, src: &Bound<'_, MemoryRegion>, dst: &MemoryDescriptor) -> &'static str {
+        match self.inner.path(self.region(src), &dst.inner) {
+            fl::engine::Path::Fabric => "fabric",
+            fl::engine::Path::Staged => "staged",
+            fl::engine::Path::Nvlink => "nvlink",
+        }
+    }
+
+    /// Immediates the receiver gets from `write(src, _, dst, _, length, imm)`.
+    #[pyo3(signature = (src, dst, length, *, sharding=None, pin_domain=None))]
+    fn imm_count_for(
+        &self,
+        src: &Bound<'_, MemoryRegion>,
+        dst: &MemoryDescriptor,
+        length: u64,
+        sharding: Option<&str>,
+        pin_domain: Option<usize>,
+    ) -> PyResult<usize> {
+        let s = self::sharding(sharding, pin_domain)?;
+        Ok(self
+            .inner
+            .imm_count_for(self.region(src), &dst.inner, length, s))
     }
 
     /// Stops the worker; in-flight transfers fail with EngineStoppedError. Idempotent.
@@ -1117,6 +1142,18 @@ impl TransferEngine {
     ) {
         self.stop(py);
     }
+}
+
+fn stats_dict<'py>(py: Python<'py>, s: &fl::StatsSnapshot) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("bytes_written", s.bytes_written)?;
+    d.set_item("write_ops", s.write_ops)?;
+    d.set_item("messages_sent", s.messages_sent)?;
+    d.set_item("bytes_sent", s.bytes_sent)?;
+    d.set_item("messages_received", s.messages_received)?;
+    d.set_item("imms_received", s.imms_received)?;
+    d.set_item("errors", s.errors)?;
+    Ok(d)
 }
 
 fn attrs_dict<'py>(py: Python<'py>, a: &fl::DomainAttrs) -> PyResult<Bound<'py, PyDict>> {

@@ -60,8 +60,3 @@ class TransferEngine(_native.TransferEngine):
         if staged:
             return self.register_staged_host_ptr(ptr, nbytes, owner)
         return self.register_ptr(ptr, nbytes, owner)
-
-    def imm_count_for(self, src: MemoryRegion, dst: MemoryDescriptor, length: int) -> int:
-        """Immediates the receiver gets from ``write(src, _, dst, _, length, imm)``."""
-        staged = dst.staged or src.memory == "gpu"
-        return self.imm_count_write(length, staged=staged)
