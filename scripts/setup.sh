@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-pkgs=(libfabric1 libfabric-bin libfabric-dev iperf3 iproute2 python3-venv python3-dev
+pkgs=(libfabric1 libfabric-bin libfabric-dev libibverbs-dev iperf3 iproute2 python3-venv python3-dev
       build-essential pkg-config curl ca-certificates)
 missing=()
 for p in "${pkgs[@]}"; do

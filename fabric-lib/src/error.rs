@@ -10,7 +10,7 @@ pub enum Error {
     #[error("{0}")]
     LibraryNotFound(String),
     /// No provider/interface matched the request.
-    #[error("no libfabric provider matches {what}: {detail}")]
+    #[error("no provider matches {what}: {detail}")]
     ProviderNotFound { what: String, detail: String },
     /// A libfabric call failed.
     #[error("libfabric {call} failed: {message} ({code})")]

@@ -381,3 +381,14 @@ fn staged_destinations_receive_every_kind_of_write() {
         Err(Error::OutOfBounds(_))
     ));
 }
+
+#[test]
+fn choosing_the_ibverbs_backend_without_a_device_says_what_was_found() {
+    let Err(e) = TransferEngine::new(EngineConfig::new("ibverbs", 1)) else {
+        panic!("an RDMA device is present: run verbs/tests/hardware_loopback.rs instead");
+    };
+    let msg = e.to_string();
+    assert!(matches!(e, Error::ProviderNotFound { .. }), "{msg}");
+    assert!(msg.contains("ibverbs"), "{msg}");
+    eprintln!("{msg}");
+}
