@@ -538,27 +538,7 @@ impl TransferEngine {
             reply,
         })?;
         let keys = rx.recv().map_err(|_| Error::Stopped)??;
-        let desc = MemDesc {
-            owner: self.addr.clone(),
-            region_id: id,
-            base: ptr as u64,
-            len,
-            keys,
-            gpu: None,
-        };
-        Ok(MemoryRegion {
-            inner: Arc::new(RegionInner {
-                id,
-                ptr,
-                len,
-                mem: RegionMem::Host,
-                engine_id: self.addr.engine_id,
-                desc,
-                revoked: AtomicBool::new(false),
-                tx: self.tx.clone(),
-                _owner: owner,
-            }),
-        })
+        Ok(self.new_region(id, ptr, len, keys, RegionMem::Host, None, owner))
     }
 
     /// Registers GPU memory (a device pointer of the engine's `cuda_device`, or any device with
@@ -674,15 +654,30 @@ impl TransferEngine {
             reply,
         })?;
         rx.recv().map_err(|_| Error::Stopped)??;
+        let keys = vec![0; self.addr.domains.len()];
+        Ok(self.new_region(id, ptr, len, keys, mem, Some(gpu), owner))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new_region(
+        &self,
+        id: u64,
+        ptr: usize,
+        len: u64,
+        keys: Vec<u64>,
+        mem: RegionMem,
+        gpu: Option<crate::desc::GpuDesc>,
+        owner: Option<Box<dyn Any + Send + Sync>>,
+    ) -> MemoryRegion {
         let desc = MemDesc {
             owner: self.addr.clone(),
             region_id: id,
             base: ptr as u64,
             len,
-            keys: vec![0; self.addr.domains.len()],
-            gpu: Some(gpu),
+            keys,
+            gpu,
         };
-        Ok(MemoryRegion {
+        MemoryRegion {
             inner: Arc::new(RegionInner {
                 id,
                 ptr,
@@ -694,7 +689,7 @@ impl TransferEngine {
                 tx: self.tx.clone(),
                 _owner: owner,
             }),
-        })
+        }
     }
 
     /// Registers an owned buffer; the region keeps it.

@@ -684,20 +684,18 @@ impl TransferEngine {
         pin_domain: Option<usize>,
         timeout: Option<f64>,
     ) -> PyResult<TransferFuture> {
-        let s = self::sharding(sharding, pin_domain)?;
-        self.inner
-            .write(
-                self.region(src),
-                src_offset,
-                &dst.inner,
-                dst_offset,
-                length,
-                imm,
-                s,
-                dur(timeout)?,
-            )
-            .map(|inner| TransferFuture { inner })
-            .map_err(to_py)
+        let p = self.prepare_write(
+            src,
+            src_offset,
+            dst,
+            dst_offset,
+            length,
+            imm,
+            sharding,
+            pin_domain,
+            timeout,
+        )?;
+        self.submit(&p)
     }
 
     /// Like `write`, but returns a PreparedTransfer instead of submitting.
@@ -882,20 +880,22 @@ impl TransferEngine {
         pin_domain: Option<usize>,
         timeout: Option<f64>,
     ) -> PyResult<TransferFuture> {
-        let spec = fl::PagedSpec {
+        let p = self.prepare_paged(
+            src,
+            dst,
             page_bytes,
             src_pages,
             dst_pages,
-            src_stride: src_stride.unwrap_or(page_bytes),
-            dst_stride: dst_stride.unwrap_or(page_bytes),
+            src_stride,
+            dst_stride,
             src_offset,
             dst_offset,
-        };
-        let s = self::sharding(sharding, pin_domain)?;
-        self.inner
-            .write_paged(self.region(src), &dst.inner, &spec, imm, s, dur(timeout)?)
-            .map(|inner| TransferFuture { inner })
-            .map_err(to_py)
+            imm,
+            sharding,
+            pin_domain,
+            timeout,
+        )?;
+        self.submit(&p)
     }
 
     /// Scatter from one region: items are (descriptor, src_offset, dst_offset, length).
