@@ -35,7 +35,10 @@ def _engine(args: Dict[str, Any]):
     from stolon.engine import loopback_nodes
 
     p, n = args["provider"], args["domains"]
-    return TransferEngine(p, n, nodes=loopback_nodes(p, n), min_shard_bytes=args["min_shard"])
+    extra = {"max_op_bytes": args["max_op"]} if args.get("max_op") else {}
+    return TransferEngine(
+        p, n, nodes=loopback_nodes(p, n), min_shard_bytes=args["min_shard"], **extra
+    )
 
 
 def receiver(args: Dict[str, Any], conn) -> None:
@@ -111,6 +114,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
         "domains": args.domains,
         "buffer": max(max(args.sizes) * 2, 16384 * 64, args.latency_bytes),
         "min_shard": args.min_shard,
+        "max_op": args.max_op,
     }
     proc = ctx.Process(target=receiver, args=(cfg, child), daemon=True)
     proc.start()
@@ -266,6 +270,7 @@ def main() -> int:
     p.add_argument("--min-bytes", type=int, default=512 * MiB, help="bytes per bandwidth row")
     p.add_argument("--min-iters", type=int, default=200)
     p.add_argument("--min-shard", type=int, default=1 * MiB)
+    p.add_argument("--max-op", type=int, default=0, help="largest single op (0: engine default)")
     p.add_argument("--rate-batches", type=int, default=20)
     p.add_argument("--latency-bytes", type=int, default=4 * KiB)
     p.add_argument("--latency-samples", type=int, default=300)

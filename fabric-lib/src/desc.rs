@@ -49,6 +49,8 @@ pub struct NvlinkAddr {
 pub struct PeerAddr {
     /// Random identity of the engine instance (a restarted peer gets a new one).
     pub engine_id: u64,
+    /// Largest message the engine's receive buffers take.
+    pub max_message: u32,
     pub domains: Vec<DomainAddr>,
     /// Present when the engine accepts NVLink writes into its GPU memory.
     pub nvlink: Option<NvlinkAddr>,
@@ -204,6 +206,7 @@ impl<'a> Reader<'a> {
 impl PeerAddr {
     fn write(&self, w: &mut Writer) {
         w.u64(self.engine_id);
+        w.u64(self.max_message as u64);
         w.u8(self.domains.len() as u8);
         for d in &self.domains {
             w.bytes(d.provider.as_bytes());
@@ -225,6 +228,11 @@ impl PeerAddr {
 
     fn read(r: &mut Reader<'_>) -> Result<Self> {
         let engine_id = r.u64()?;
+        let max_message = r.u64()?;
+        if max_message > u32::MAX as u64 {
+            return Err(r.err(format!("max_message {max_message}")));
+        }
+        let max_message = max_message as u32;
         let n = r.u8()? as usize;
         if n == 0 || n > MAX_DOMAINS {
             return Err(r.err(format!("{n} domains (must be 1..={MAX_DOMAINS})")));
@@ -271,6 +279,7 @@ impl PeerAddr {
         };
         Ok(PeerAddr {
             engine_id,
+            max_message,
             domains,
             nvlink,
         })
@@ -428,6 +437,7 @@ mod tests {
         (any::<u64>(), proptest::collection::vec(dom, 1..=4), nv).prop_map(
             |(engine_id, domains, nvlink)| PeerAddr {
                 engine_id,
+                max_message: 65536,
                 domains,
                 nvlink,
             },
@@ -509,6 +519,7 @@ mod tests {
     fn an_address_is_not_a_descriptor() {
         let a = PeerAddr {
             engine_id: 1,
+            max_message: 65536,
             domains: vec![DomainAddr {
                 provider: "tcp;ofi_rxm".into(),
                 name: vec![1, 2, 3],
@@ -530,6 +541,7 @@ mod tests {
         let mut d = MemDesc {
             owner: PeerAddr {
                 engine_id: 1,
+                max_message: 65536,
                 domains: vec![DomainAddr {
                     provider: "shm".into(),
                     name: vec![1],

@@ -420,6 +420,7 @@ impl TransferEngine {
         let host = crate::nvlink::host_id();
         let addr = PeerAddr {
             engine_id,
+            max_message: config.max_message_bytes as u32,
             domains: domain_addrs,
             nvlink: mailbox
                 .filter(|_| !host.is_empty())
@@ -700,10 +701,17 @@ impl TransferEngine {
         unsafe { self.register(ptr, len, Some(Box::new(buf))) }
     }
 
-    /// Revokes a region: later submissions using it fail; the registration is closed once the
-    /// transfers that use it have completed.
+    /// Revokes a region: later submissions using it fail, and its registration is closed at once,
+    /// so peers' writes into it fail too. Transfers from it still in flight may fail.
     pub fn unregister(&self, region: &MemoryRegion) {
-        region.inner.revoked.store(true, Ordering::Release);
+        if region.inner.revoked.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Close the registration now, so peers holding the descriptor can no longer write here
+        // (their writes fail); the memory itself stays with its owner.
+        let _ = self.send_req(Request::Unregister {
+            id: region.inner.id,
+        });
     }
 
     fn check_local(&self, region: &MemoryRegion, off: u64, len: u64) -> Result<()> {
@@ -1144,10 +1152,11 @@ impl TransferEngine {
         data: &[u8],
         timeout: Option<Duration>,
     ) -> Result<Transfer> {
-        if data.len() > self.config.max_message_bytes {
+        let max = self.config.max_message_bytes.min(peer.max_message as usize);
+        if data.len() > max {
             return Err(Error::MessageTooLarge {
                 len: data.len(),
-                max: self.config.max_message_bytes,
+                max,
             });
         }
         let id = self.peer_id(peer)?;

@@ -46,7 +46,9 @@ fn to_py(e: fl::Error) -> PyErr {
 fn dur(seconds: Option<f64>) -> PyResult<Option<Duration>> {
     match seconds {
         None => Ok(None),
-        Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s))),
+        // Anything beyond ~31 years means "practically forever" (and keeps Instant + timeout from
+        // overflowing).
+        Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s.min(1e9)))),
         Some(s) => Err(to_py(fl::Error::InvalidArgument(format!(
             "bad timeout {s}"
         )))),
@@ -685,15 +687,7 @@ impl TransferEngine {
         timeout: Option<f64>,
     ) -> PyResult<TransferFuture> {
         let p = self.prepare_write(
-            src,
-            src_offset,
-            dst,
-            dst_offset,
-            length,
-            imm,
-            sharding,
-            pin_domain,
-            timeout,
+            src, src_offset, dst, dst_offset, length, imm, sharding, pin_domain, timeout,
         )?;
         self.submit(&p)
     }
@@ -881,19 +875,8 @@ impl TransferEngine {
         timeout: Option<f64>,
     ) -> PyResult<TransferFuture> {
         let p = self.prepare_paged(
-            src,
-            dst,
-            page_bytes,
-            src_pages,
-            dst_pages,
-            src_stride,
-            dst_stride,
-            src_offset,
-            dst_offset,
-            imm,
-            sharding,
-            pin_domain,
-            timeout,
+            src, dst, page_bytes, src_pages, dst_pages, src_stride, dst_stride, src_offset,
+            dst_offset, imm, sharding, pin_domain, timeout,
         )?;
         self.submit(&p)
     }

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+from typing import Any, Callable, Optional, TypeVar
 
 from . import _native
 from ._memory import buffer_address, cuda_tensor
@@ -60,3 +61,47 @@ class TransferEngine(_native.TransferEngine):
         if staged:
             return self.register_staged_host_ptr(ptr, nbytes, owner)
         return self.register_ptr(ptr, nbytes, owner)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _typed_range_errors(fn: _F) -> _F:
+    """Turns PyO3's OverflowError for an integer out of range (a negative offset, an immediate
+    above 2**32-1) into stolon.InvalidArgumentError, so `except stolon.StolonError` sees it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except OverflowError as e:
+            msg = f"{fn.__name__}: integer argument out of range ({e})"
+            raise InvalidArgumentError(msg) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+for _name in (
+    "write",
+    "write_imm",
+    "write_paged",
+    "scatter",
+    "send",
+    "prepare_write",
+    "prepare_paged",
+    "trigger_write",
+    "wait_imm",
+    "expect_imm",
+    "expect_imm_flag",
+    "imm_count",
+    "imm_count_write",
+    "imm_count_paged",
+    "imm_count_scatter_item",
+    "imm_count_for",
+    "barrier",
+    "register_ptr",
+    "register_gpu_ptr",
+    "register_staged_host_ptr",
+):
+    setattr(TransferEngine, _name, _typed_range_errors(getattr(_native.TransferEngine, _name)))
+

@@ -151,6 +151,41 @@ fn strdup(s: &str) -> Result<*mut std::ffi::c_char> {
     Ok(p)
 }
 
+/// The first IPv4 address of network interface `name`.
+fn interface_ipv4(name: &str) -> Result<String> {
+    let mut found = None;
+    // SAFETY: getifaddrs allocates a list we only read and then free with freeifaddrs.
+    unsafe {
+        let mut head: *mut libc::ifaddrs = ptr::null_mut();
+        if libc::getifaddrs(&mut head) != 0 {
+            return Err(Error::Config(format!(
+                "getifaddrs: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            let ifa = &*cur;
+            if !ifa.ifa_addr.is_null()
+                && (*ifa.ifa_addr).sa_family as i32 == libc::AF_INET
+                && CStr::from_ptr(ifa.ifa_name).to_bytes() == name.as_bytes()
+            {
+                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                found = Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+                break;
+            }
+            cur = ifa.ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    found
+        .map(|a| a.to_string())
+        .ok_or_else(|| Error::ProviderNotFound {
+            what: format!("interface {name:?}"),
+            detail: "no such interface with an IPv4 address".into(),
+        })
+}
+
 /// Whether small writes may use `fi_inject_write*` on this provider.
 ///
 /// Only where it was seen to be safe: on libfabric 1.17, injected writes to a peer that dies make
@@ -238,7 +273,15 @@ fn getinfo(lib: &'static LibFabric, spec: Option<&DomainSpec>) -> Result<*mut fi
                 if let Some(iface) = &spec.interface {
                     d.name = strdup(iface)?;
                 }
-                if let Some(n) = &spec.node {
+                // Socket providers in 1.17 ignore the domain-name hint: bind the interface's own
+                // address instead, so `interface` really selects the interface.
+                let iface_node = match (&spec.interface, &spec.node) {
+                    (Some(iface), None) if crate::engine::is_socket_provider(&spec.provider) => {
+                        Some(interface_ipv4(iface)?)
+                    }
+                    _ => None,
+                };
+                if let Some(n) = spec.node.as_ref().or(iface_node.as_ref()) {
                     node = Some(
                         CString::new(n.as_str())
                             .map_err(|_| Error::Config(format!("NUL byte in node {n:?}")))?,

@@ -527,7 +527,24 @@ unsafe fn symbol<T: Copy>(lib: &libloading::Library, name: &[u8]) -> Result<T, S
         .map_err(|e| e.to_string())
 }
 
+/// Provider settings stolon chooses unless the user set them: they are read from the
+/// environment when libfabric initialises its providers, so they are put there before loading.
+const DEFAULT_PARAMS: &[(&str, &str)] = &[
+    // Let the kernel coalesce small writes on tcp (Nagle): with immediates every small write is
+    // a separate send, and coalescing raises the 64-byte write rate several times over while a
+    // request/response exchange still goes out at once (nothing is left unacknowledged).
+    ("FI_TCP_NODELAY", "0"),
+];
+
 fn load() -> Result<LibFabric, LoadError> {
+    for (k, v) in DEFAULT_PARAMS {
+        if std::env::var_os(k).is_none() {
+            // This runs once, before libfabric is loaded, from the first engine's construction;
+            // setenv is not synchronised with concurrent getenv in other threads, a risk taken
+            // once per process at start-up.
+            std::env::set_var(k, v);
+        }
+    }
     let mut tried = Vec::new();
     for path in candidate_paths() {
         // SAFETY: loading libfabric runs its constructors, which only initialise its own state.
