@@ -220,6 +220,37 @@ def test_watcher_sees_stream_writes_and_releases_steps() -> None:
         assert seen[-1][1] == 4
 
 
+@needs_two
+@pytest.mark.timeout(300)
+def test_fi_hmem_provider_takes_gpu_memory_directly() -> None:
+    """Where the provider registers GPU memory itself (FI_HMEM: efa, verbs; shm when libfabric
+    was built with CUDA), GPU regions are registered with it and written with plain RMA."""
+    roles = _roles()
+    torch.cuda.set_device(0)
+    probe = roles.engine(0, False, provider="shm")
+    hmem = probe.domain_info()[0]["hmem"]
+    probe.stop()
+    if not hmem:
+        pytest.skip("shm here has no FI_HMEM (libfabric built without CUDA support)")
+    size = 8 * MiB
+    rx = roles.Remote({"device": 1, "size": size, "nvlink": False, "provider": "shm"})
+    try:
+        with roles.engine(0, False, provider="shm") as eng:
+            src = torch.randint(0, 256, (size,), dtype=torch.uint8, device="cuda:0")
+            region = eng.register(src)
+            assert eng.path(region, rx.gpu_desc) == "fabric"
+            f = eng.write(region, 0, rx.gpu_desc, 0, size, imm=3)
+            f.wait(60)
+            rx.expect(3, f.imm_count)
+            rx.result()
+            import hashlib
+
+            want = hashlib.sha256(src.cpu().numpy().tobytes()).hexdigest()
+            assert rx.call("sha", 0, size, "gpu") == want
+    finally:
+        rx.close()
+
+
 def test_gpu_tests_are_collected_even_without_gpus() -> None:
     # This module is importable everywhere torch is; the GPU cases skip with a reason.
     assert os.path.basename(__file__) == "test_gpu.py"

@@ -66,6 +66,9 @@ pub struct GpuDesc {
     pub ipc_handle: Vec<u8>,
     /// Offset of the region's first byte inside that allocation.
     pub ipc_offset: u64,
+    /// Registered with the owner's domains (FI_HMEM): fabric writes go straight into it with
+    /// the descriptor's keys; otherwise they go through staging.
+    pub direct: bool,
 }
 
 /// What a peer needs to write into a registered region: owner, bounds and per-domain keys.
@@ -329,6 +332,7 @@ impl MemDesc {
                 w.u64(g.device as u64);
                 w.bytes(&g.ipc_handle);
                 w.u64(g.ipc_offset);
+                w.u8(g.direct as u8);
             }
         }
         w.finish()
@@ -356,10 +360,16 @@ impl MemDesc {
                 }
                 let ipc_handle = r.bytes(64)?.to_vec();
                 let ipc_offset = r.u64()?;
+                let direct = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    x => return Err(r.err(format!("bad direct flag {x}"))),
+                };
                 Some(GpuDesc {
                     device: device as u32,
                     ipc_handle,
                     ipc_offset,
+                    direct,
                 })
             }
             x => return Err(r.err(format!("bad gpu flag {x}"))),
@@ -463,6 +473,7 @@ mod tests {
                     .collect();
                 let gpu = g.map(|(device, ipc_handle, ipc_offset)| GpuDesc {
                     device,
+                    direct: ipc_offset % 2 == 0,
                     ipc_handle,
                     ipc_offset,
                 });

@@ -114,6 +114,28 @@ impl Domain {
         }
     }
 
+    /// Registers CUDA device memory where the backend can touch it.
+    ///
+    /// # Safety
+    /// The device memory must stay allocated until the region is closed.
+    pub(crate) unsafe fn register_hmem(
+        &mut self,
+        ptr: u64,
+        len: usize,
+        key: u64,
+        device: usize,
+    ) -> Result<MrHandle> {
+        match self {
+            // SAFETY: forwarded contract.
+            Domain::Fabric(d) => {
+                unsafe { d.register_hmem(ptr, len, key, device) }.map(MrHandle::Fabric)
+            }
+            Domain::Reorder(_) => Err(crate::error::Error::Config(
+                "the reorder double has no GPU memory".into(),
+            )),
+        }
+    }
+
     pub(crate) fn close_mr(&mut self, mr: MrHandle) {
         match (self, mr) {
             (Domain::Fabric(d), MrHandle::Fabric(m)) => d.close_mr(m),

@@ -243,6 +243,8 @@ pub enum RegionMem {
     Host,
     /// GPU memory (device ordinal); moved through staging buffers over the fabric.
     Gpu(u32),
+    /// GPU memory registered with every domain (providers with FI_HMEM): plain RMA.
+    GpuDirect(u32),
     /// Host memory that peers write through the staging protocol, as they would GPU memory.
     /// A test hook: it lets the protocol run on machines without a GPU.
     StagedHost,
@@ -376,7 +378,10 @@ impl TransferEngine {
         };
         // Domains are opened on the worker thread, which owns them from then on.
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-        let specs = config.domains.clone();
+        let mut specs = config.domains.clone();
+        for s in &mut specs {
+            s.hmem |= config.cuda_device.is_some();
+        }
         let wshared = shared.clone();
         let handle = std::thread::Builder::new()
             .name("stolon-worker".into())
@@ -584,10 +589,32 @@ impl TransferEngine {
             Ok(x) => (x.handle.as_bytes().to_vec(), x.offset as u64),
             Err(_) => (Vec::new(), 0),
         };
+        if self.attrs.iter().all(|a| a.hmem) {
+            // Every provider of the group registers GPU memory itself: no staging.
+            let id = self.next_region.fetch_add(1, Ordering::Relaxed);
+            let (reply, rx) = mpsc::sync_channel(1);
+            self.send_req(Request::RegisterHmem {
+                id,
+                ptr,
+                len: len as usize,
+                device: device as usize,
+                reply,
+            })?;
+            let keys = rx.recv().map_err(|_| Error::Stopped)??;
+            let gpu = crate::desc::GpuDesc {
+                device,
+                ipc_handle,
+                ipc_offset,
+                direct: true,
+            };
+            let mem = RegionMem::GpuDirect(device);
+            return Ok(self.new_region(id, ptr as usize, len, keys, mem, Some(gpu), owner));
+        }
         let gpu = crate::desc::GpuDesc {
             device,
             ipc_handle,
             ipc_offset,
+            direct: false,
         };
         // SAFETY: forwarded contract.
         unsafe {
@@ -616,6 +643,7 @@ impl TransferEngine {
             device: STAGED_HOST_DEVICE,
             ipc_handle: Vec::new(),
             ipc_offset: 0,
+            direct: false,
         };
         // SAFETY: forwarded contract.
         unsafe {
@@ -788,11 +816,11 @@ impl TransferEngine {
                 let rd = p.domain % dst.owner.domains.len();
                 let at = src.inner.ptr + p.src_off as usize;
                 let src_mem = match src.inner.mem {
-                    RegionMem::Gpu(_) => Mem::Gpu(at as u64),
+                    RegionMem::Gpu(_) | RegionMem::GpuDirect(_) => Mem::Gpu(at as u64),
                     RegionMem::Host | RegionMem::StagedHost => Mem::Host(at),
                 };
-                let nvlink = matches!(src_mem, Mem::Gpu(_)) && self.path(src, dst) == Path::Nvlink;
-                let kind = if nvlink {
+                let path = self.path(src, dst);
+                let kind = if path == Path::Nvlink {
                     OpKind::NvlinkCopy {
                         src: at as u64,
                         len: p.len as usize,
@@ -800,7 +828,7 @@ impl TransferEngine {
                         offset: p.dst_off,
                         imm,
                     }
-                } else if dst.gpu.is_some() {
+                } else if path == Path::Staged && dst.gpu.as_ref().is_some_and(|g| !g.direct) {
                     OpKind::StagedSend {
                         src: src_mem,
                         len: p.len as usize,
@@ -808,7 +836,7 @@ impl TransferEngine {
                         offset: p.dst_off,
                         imm,
                     }
-                } else if let Mem::Gpu(_) = src_mem {
+                } else if path == Path::Staged {
                     OpKind::StagedWrite {
                         src: src_mem,
                         len: p.len as usize,
@@ -837,7 +865,7 @@ impl TransferEngine {
 
     /// How bytes from `src` reach `dst`.
     pub fn path(&self, src: &MemoryRegion, dst: &MemDesc) -> Path {
-        let src_gpu = matches!(src.inner.mem, RegionMem::Gpu(_));
+        let src_gpu = matches!(src.inner.mem, RegionMem::Gpu(_) | RegionMem::GpuDirect(_));
         if let (true, Some(g), Some(mine), Some(theirs)) =
             (src_gpu, &dst.gpu, &self.addr.nvlink, &dst.owner.nvlink)
         {
@@ -846,7 +874,8 @@ impl TransferEngine {
                 return Path::Nvlink;
             }
         }
-        if dst.gpu.is_some() || src_gpu {
+        let dst_staged = dst.gpu.as_ref().is_some_and(|g| !g.direct);
+        if dst_staged || matches!(src.inner.mem, RegionMem::Gpu(_)) {
             Path::Staged
         } else {
             Path::Fabric
@@ -1127,8 +1156,10 @@ impl TransferEngine {
             dst.check_range(it.dst_off, it.len)?;
         }
         let sharding = sharding.unwrap_or(self.config.sharding);
-        let staged =
-            matches!(src.inner.mem, RegionMem::Gpu(_)) || dsts.iter().any(|d| d.gpu.is_some());
+        let staged = matches!(src.inner.mem, RegionMem::Gpu(_))
+            || dsts
+                .iter()
+                .any(|d| d.gpu.as_ref().is_some_and(|g| !g.direct));
         let p = if staged {
             &self.staged_params
         } else {

@@ -142,6 +142,7 @@ impl ReorderDomain {
                 rx_size: DEPTH,
                 cq_data_size: 8,
                 use_inject: false,
+                hmem: false,
             },
             peers: Vec::new(),
             inflight: Vec::new(),

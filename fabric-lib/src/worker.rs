@@ -130,6 +130,14 @@ impl Watch {
 }
 
 pub(crate) enum Request {
+    /// GPU memory registered with every domain (all of them have FI_HMEM).
+    RegisterHmem {
+        id: u64,
+        ptr: u64,
+        len: usize,
+        device: usize,
+        reply: std::sync::mpsc::SyncSender<Result<Vec<u64>>>,
+    },
     /// A region peers write through staging (GPU memory, or a staged host region).
     RegisterStaged {
         id: u64,
@@ -430,6 +438,27 @@ impl Worker {
         Ok(keys)
     }
 
+    fn register_hmem(&mut self, id: u64, ptr: u64, len: usize, device: usize) -> Result<Vec<u64>> {
+        let mut mrs = Vec::with_capacity(self.domains.len());
+        let key = self.shared.next_key.fetch_add(1, Ordering::Relaxed);
+        for d in 0..self.domains.len() {
+            // SAFETY: the region's owner keeps the device memory allocated until Unregister,
+            // which closes these registrations.
+            match unsafe { self.domains[d].register_hmem(ptr, len.max(1), key, device) } {
+                Ok(mr) => mrs.push(mr),
+                Err(e) => {
+                    for (dd, mr) in mrs.into_iter().enumerate() {
+                        self.domains[dd].close_mr(mr);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let keys = mrs.iter().map(MrHandle::key).collect();
+        self.regions.insert(id, mrs);
+        Ok(keys)
+    }
+
     fn alloc_ctx(&mut self, tag: Tag) -> *mut c_void {
         let i = match self.free_ctx.pop() {
             Some(i) => i,
@@ -578,6 +607,15 @@ impl Worker {
                 reply,
             } => {
                 let _ = reply.send(self.register(id, ptr, len));
+            }
+            Request::RegisterHmem {
+                id,
+                ptr,
+                len,
+                device,
+                reply,
+            } => {
+                let _ = reply.send(self.register_hmem(id, ptr, len, device));
             }
             Request::RegisterStaged {
                 id,

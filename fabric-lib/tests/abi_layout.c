@@ -40,6 +40,9 @@ int main(void) {
     O(fi_ops_msg, recv); O(fi_ops_msg, send);
     O(fi_ops_rma, write); O(fi_ops_rma, writedata);
     O(fid_ep, ops); O(fid_ep, cm); O(fid_ep, msg); O(fid_ep, rma);
+    S(fi_mr_attr); O(fi_mr_attr, access); O(fi_mr_attr, requested_key); O(fi_mr_attr, iface);
+    O(fi_mr_attr, device); O(fi_ops_mr, regattr);
+    printf("FI_HMEM_CUDA %d\n", (int)FI_HMEM_CUDA);
     printf("FI_ENABLE %d\n", (int)FI_ENABLE);
     printf("FI_EAVAIL %d\n", (int)FI_EAVAIL);
     printf("FI_ENOKEY %d\n", (int)FI_ENOKEY);

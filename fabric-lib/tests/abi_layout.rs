@@ -132,6 +132,13 @@ fn layouts_match_the_c_headers() {
     check!(c, e, fid_ep.cm);
     check!(c, e, fid_ep.msg);
     check!(c, e, fid_ep.rma);
+    check!(c, e, size fi_mr_attr);
+    check!(c, e, fi_mr_attr.access);
+    check!(c, e, fi_mr_attr.requested_key);
+    check!(c, e, fi_mr_attr.iface);
+    check!(c, e, fi_mr_attr.device);
+    check!(c, e, fi_ops_mr.regattr);
+    assert_eq!(c["FI_HMEM_CUDA"], fi::FI_HMEM_CUDA as usize);
     assert_eq!(c["FI_ENABLE"], fi::FI_ENABLE as usize);
     assert_eq!(c["FI_EAVAIL"], fi::FI_EAVAIL as usize);
     assert_eq!(c["FI_ENOKEY"], fi::FI_ENOKEY as usize);

@@ -15,7 +15,6 @@ const DST: usize = 1 << 20;
 enum Op {
     Single {
         src: usize,
-        dst: usize,
         len: usize,
     },
     Paged {
@@ -32,11 +31,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
     prop_oneof![
         (0..SRC, 0..DST, 0usize..300_000).prop_map(|(s, d, l)| {
             let len = l.min(SRC - s).min(DST - d);
-            Op::Single {
-                src: s,
-                dst: d,
-                len,
-            }
+            Op::Single { src: s, len }
         }),
         (
             1usize..8192,

@@ -229,7 +229,7 @@ impl MemoryRegion {
     fn memory(&self) -> &'static str {
         match self.inner.memory() {
             fl::engine::RegionMem::Host => "host",
-            fl::engine::RegionMem::Gpu(_) => "gpu",
+            fl::engine::RegionMem::Gpu(_) | fl::engine::RegionMem::GpuDirect(_) => "gpu",
             fl::engine::RegionMem::StagedHost => "staged_host",
         }
     }
@@ -1152,6 +1152,7 @@ fn attrs_dict<'py>(py: Python<'py>, a: &fl::DomainAttrs) -> PyResult<Bound<'py, 
     d.set_item("tx_size", a.tx_size)?;
     d.set_item("rx_size", a.rx_size)?;
     d.set_item("cq_data_size", a.cq_data_size)?;
+    d.set_item("hmem", a.hmem)?;
     Ok(d)
 }
 

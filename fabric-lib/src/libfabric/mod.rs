@@ -21,6 +21,9 @@ pub struct DomainSpec {
     pub interface: Option<String>,
     /// Source address to bind (for socket providers an IP address of the interface).
     pub node: Option<String>,
+    /// Ask for FI_HMEM (GPU memory registration); falls back to a host-only endpoint when the
+    /// provider cannot do it.
+    pub hmem: bool,
 }
 
 impl DomainSpec {
@@ -30,6 +33,7 @@ impl DomainSpec {
             provider: provider.to_string(),
             interface: None,
             node: None,
+            hmem: false,
         }
     }
 
@@ -63,6 +67,8 @@ pub struct DomainAttrs {
     pub cq_data_size: usize,
     /// Small writes use `fi_inject_write*` (see [`inject_allowed`]).
     pub use_inject: bool,
+    /// The provider registers GPU memory itself (FI_HMEM granted).
+    pub hmem: bool,
 }
 
 /// A registered memory region on one domain; closed through [`FabricDomain::close_mr`].
@@ -204,7 +210,7 @@ pub fn inject_allowed(provider: &str) -> bool {
 pub fn list_providers(provider: Option<&str>) -> Result<Vec<DomainAttrs>> {
     let lib = fi::lib().map_err(|e| Error::LibraryNotFound(e.to_string()))?;
     let spec = provider.map(DomainSpec::new);
-    let info = getinfo(lib, spec.as_ref())?;
+    let info = getinfo(lib, spec.as_ref(), false)?;
     let mut out = Vec::new();
     let mut cur = info;
     while !cur.is_null() {
@@ -242,11 +248,16 @@ unsafe fn read_attrs(info: *const fi::fi_info) -> DomainAttrs {
             rx_size: (*i.rx_attr).size,
             cq_data_size: d.cq_data_size,
             use_inject: inject_allowed(&cstr_or_empty(f.prov_name)),
+            hmem: i.caps & fi::FI_HMEM != 0,
         }
     }
 }
 
-fn getinfo(lib: &'static LibFabric, spec: Option<&DomainSpec>) -> Result<*mut fi::fi_info> {
+fn getinfo(
+    lib: &'static LibFabric,
+    spec: Option<&DomainSpec>,
+    hmem: bool,
+) -> Result<*mut fi::fi_info> {
     // SAFETY: fi_dupinfo(NULL) allocates an empty fi_info with all attribute structs.
     let hints = unsafe { (lib.dupinfo)(ptr::null()) };
     if hints.is_null() {
@@ -258,11 +269,17 @@ fn getinfo(lib: &'static LibFabric, spec: Option<&DomainSpec>) -> Result<*mut fi
         unsafe {
             let h = &mut *hints;
             h.caps = fi::FI_MSG | fi::FI_RMA | fi::FI_WRITE | fi::FI_REMOTE_WRITE;
+            if hmem {
+                h.caps |= fi::FI_HMEM;
+            }
             h.mode = fi::FI_CONTEXT | fi::FI_CONTEXT2;
             (*h.ep_attr).type_ = fi::FI_EP_RDM;
             let d = &mut *h.domain_attr;
             d.mr_mode =
                 fi::FI_MR_LOCAL | fi::FI_MR_VIRT_ADDR | fi::FI_MR_ALLOCATED | fi::FI_MR_PROV_KEY;
+            if hmem {
+                d.mr_mode |= fi::FI_MR_HMEM;
+            }
             d.threading = fi::FI_THREAD_DOMAIN;
             (*h.tx_attr).msg_order = 0;
             (*h.rx_attr).msg_order = 0;
@@ -324,7 +341,10 @@ impl FabricDomain {
     /// Opens fabric, domain, CQ, AV and an enabled RDM endpoint for `spec`.
     pub fn open(spec: &DomainSpec) -> Result<Self> {
         let lib = fi::lib().map_err(|e| Error::LibraryNotFound(e.to_string()))?;
-        let info = getinfo(lib, Some(spec))?;
+        let info = match spec.hmem {
+            true => getinfo(lib, Some(spec), true).or_else(|_| getinfo(lib, Some(spec), false))?,
+            false => getinfo(lib, Some(spec), false)?,
+        };
         let mut dom = FabricDomain {
             lib,
             info,
@@ -465,6 +485,48 @@ impl FabricDomain {
             )
         };
         check(self.lib, "fi_mr_reg", rc as isize)?;
+        Ok(Mr { raw: mr })
+    }
+
+    /// Registers `len` bytes of CUDA device memory on device `cuda_device` (FI_HMEM).
+    ///
+    /// # Safety
+    /// The device memory must stay allocated until the region is closed.
+    pub unsafe fn register_hmem(
+        &mut self,
+        ptr: u64,
+        len: usize,
+        key: u64,
+        cuda_device: usize,
+    ) -> Result<Mr> {
+        if !self.attrs.hmem {
+            return Err(Error::Config(format!(
+                "{} cannot register GPU memory (no FI_HMEM)",
+                self.attrs.provider
+            )));
+        }
+        let iov = libc::iovec {
+            iov_base: ptr as *mut c_void,
+            iov_len: len,
+        };
+        let attr = fi::fi_mr_attr {
+            mr_iov: &iov,
+            iov_count: 1,
+            access: fi::FI_SEND | fi::FI_RECV | fi::FI_WRITE | fi::FI_REMOTE_WRITE,
+            offset: 0,
+            requested_key: key,
+            context: ptr::null_mut(),
+            auth_key_size: 0,
+            auth_key: ptr::null_mut(),
+            iface: fi::FI_HMEM_CUDA,
+            device: cuda_device as u64,
+        };
+        let mut mr = ptr::null_mut();
+        // SAFETY: the domain is open and was granted FI_HMEM; attr and iov live across the call;
+        // the caller keeps the device memory allocated while registered.
+        let rc =
+            unsafe { ((*(*self.domain).mr).regattr)(&mut (*self.domain).fid, &attr, 0, &mut mr) };
+        check(self.lib, "fi_mr_regattr(FI_HMEM_CUDA)", rc as isize)?;
         Ok(Mr { raw: mr })
     }
 

@@ -272,8 +272,27 @@ pub struct fi_ops_mr {
         *mut c_void,
     ) -> c_int,
     pub regv: Opaque,
-    pub regattr: Opaque,
+    pub regattr: unsafe extern "C" fn(*mut fid, *const fi_mr_attr, u64, *mut *mut fid_mr) -> c_int,
 }
+
+/// `struct fi_mr_attr` as of 1.17 (the layout providers use for API version 1.17).
+#[repr(C)]
+pub struct fi_mr_attr {
+    pub mr_iov: *const libc::iovec,
+    pub iov_count: usize,
+    pub access: u64,
+    pub offset: u64,
+    pub requested_key: u64,
+    pub context: *mut c_void,
+    pub auth_key_size: usize,
+    pub auth_key: *mut u8,
+    pub iface: c_int,
+    /// The `device` union: `int cuda` sits in its first bytes.
+    pub device: u64,
+}
+
+/// `enum fi_hmem_iface`: CUDA device memory.
+pub const FI_HMEM_CUDA: c_int = 1;
 
 #[repr(C)]
 pub struct fid_domain {
