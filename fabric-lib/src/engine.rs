@@ -600,15 +600,18 @@ impl TransferEngine {
                 device: device as usize,
                 reply,
             })?;
-            let keys = rx.recv().map_err(|_| Error::Stopped)??;
-            let gpu = crate::desc::GpuDesc {
-                device,
-                ipc_handle,
-                ipc_offset,
-                direct: true,
-            };
-            let mem = RegionMem::GpuDirect(device);
-            return Ok(self.new_region(id, ptr as usize, len, keys, mem, Some(gpu), owner));
+            // A provider may grant FI_HMEM and still refuse CUDA memory (libfabric built without
+            // CUDA, seen with shm on 1.17): then the region takes the staging path.
+            if let Ok(keys) = rx.recv().map_err(|_| Error::Stopped)? {
+                let gpu = crate::desc::GpuDesc {
+                    device,
+                    ipc_handle,
+                    ipc_offset,
+                    direct: true,
+                };
+                let mem = RegionMem::GpuDirect(device);
+                return Ok(self.new_region(id, ptr as usize, len, keys, mem, Some(gpu), owner));
+            }
         }
         let gpu = crate::desc::GpuDesc {
             device,

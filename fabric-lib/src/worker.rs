@@ -290,7 +290,11 @@ pub(crate) struct Worker {
     rx: Receiver<Request>,
     shared: Arc<Shared>,
     cfg: WorkerConfig,
-    ctxs: Vec<Box<OpCtx>>,
+    /// Operation contexts, in fixed-address chunks: a pointer from a completion is accepted only
+    /// if it points at one of these entries (providers have been seen to report contexts they
+    /// were never given).
+    ctxs: Vec<Box<[OpCtx]>>,
+    n_ctx: usize,
     free_ctx: Vec<u32>,
     active: Vec<Option<Active>>,
     free_active: Vec<u32>,
@@ -374,6 +378,7 @@ impl Worker {
             rx,
             shared,
             ctxs: Vec::new(),
+            n_ctx: 0,
             free_ctx: Vec::new(),
             active: Vec::new(),
             free_active: Vec::new(),
@@ -460,33 +465,48 @@ impl Worker {
     }
 
     fn alloc_ctx(&mut self, tag: Tag) -> *mut c_void {
+        const CHUNK: usize = 1024;
         let i = match self.free_ctx.pop() {
-            Some(i) => i,
+            Some(i) => i as usize,
             None => {
-                self.ctxs.push(Box::new(OpCtx {
-                    fi_ctx: [0; 8],
-                    tag: Tag::Free,
-                }));
-                (self.ctxs.len() - 1) as u32
+                if self.n_ctx == self.ctxs.len() * CHUNK {
+                    let chunk: Vec<OpCtx> = (0..CHUNK)
+                        .map(|_| OpCtx {
+                            fi_ctx: [0; 8],
+                            tag: Tag::Free,
+                        })
+                        .collect();
+                    self.ctxs.push(chunk.into_boxed_slice());
+                }
+                self.n_ctx += 1;
+                self.n_ctx - 1
             }
         };
-        let c = &mut self.ctxs[i as usize];
+        let c = &mut self.ctxs[i / CHUNK][i % CHUNK];
         c.tag = tag;
-        c.fi_ctx[7] = i as usize;
-        (&mut **c as *mut OpCtx).cast()
+        (c as *mut OpCtx).cast()
     }
 
-    /// Takes back the context behind a completion and returns its tag.
-    ///
-    /// # Safety
-    /// `p` must be a pointer returned by `alloc_ctx` whose op has completed.
-    unsafe fn take_ctx(&mut self, p: *mut c_void) -> Tag {
-        // SAFETY: p points to a live boxed OpCtx of this worker (caller's promise).
-        let i = unsafe { (*(p as *mut OpCtx)).fi_ctx[7] } as u32;
-        let c = &mut self.ctxs[i as usize];
-        let tag = std::mem::replace(&mut c.tag, Tag::Free);
-        self.free_ctx.push(i);
-        tag
+    /// Takes back the context behind a completion and returns its tag, or None when `p` is not
+    /// a context of this worker with an operation in flight (nothing is dereferenced then).
+    fn take_ctx(&mut self, p: *mut c_void) -> Option<Tag> {
+        let size = std::mem::size_of::<OpCtx>();
+        let addr = p as usize;
+        for (c, chunk) in self.ctxs.iter_mut().enumerate() {
+            let base = chunk.as_ptr() as usize;
+            let end = base + chunk.len() * size;
+            if addr < base || addr >= end || (addr - base) % size != 0 {
+                continue;
+            }
+            let k = (addr - base) / size;
+            let tag = std::mem::replace(&mut chunk[k].tag, Tag::Free);
+            if matches!(tag, Tag::Free) {
+                return None;
+            }
+            self.free_ctx.push((c * chunk.len() + k) as u32);
+            return Some(tag);
+        }
+        None
     }
 
     /// Address and size of message buffer `index` (receive buffers first, then send buffers).
@@ -1159,8 +1179,8 @@ impl Worker {
         match r {
             Ok(Posted::Yes) => Ok(true),
             other => {
-                // SAFETY: the op was not posted, so libfabric holds no reference to ctx.
-                unsafe { self.take_ctx(ctx) };
+                // The op was not posted, so libfabric holds no reference to ctx.
+                self.take_ctx(ctx);
                 match other {
                     Ok(_) => {
                         self.poll_domain(d);
@@ -1256,21 +1276,27 @@ impl Worker {
     }
 
     fn on_completion(&mut self, d: usize, ctx: *mut c_void, flags: u64, len: usize, data: u64) {
-        if ctx.is_null() {
-            if flags & fi::FI_REMOTE_CQ_DATA != 0 {
-                self.shared.stats[d]
-                    .imms_received
-                    .fetch_add(1, Ordering::Relaxed);
-                let imm = data as u32;
-                if self.fire_trigger(imm) {
-                    return;
-                }
+        // Remote events are recognised by their flags, never by the context (which the target
+        // side did not post).
+        if flags & fi::FI_REMOTE_CQ_DATA != 0 {
+            self.shared.stats[d]
+                .imms_received
+                .fetch_add(1, Ordering::Relaxed);
+            let imm = data as u32;
+            if !self.fire_trigger(imm) {
                 self.shared.imm.arrive(imm);
             }
             return;
         }
-        // SAFETY: a non-null context in a completion is one this worker posted.
-        match unsafe { self.take_ctx(ctx) } {
+        if ctx.is_null() || flags & (fi::FI_REMOTE_WRITE | fi::FI_REMOTE_READ) != 0 {
+            return;
+        }
+        let Some(tag) = self.take_ctx(ctx) else {
+            // Not one of ours: count it, never dereference it.
+            self.shared.stats[d].errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        match tag {
             Tag::Transfer { slot, domain, len } => {
                 let s = &self.shared.stats[domain as usize];
                 s.write_ops.fetch_add(1, Ordering::Relaxed);
@@ -1386,8 +1412,9 @@ impl Worker {
         if e.op_context.is_null() {
             return;
         }
-        // SAFETY: a non-null context in an error completion is one this worker posted.
-        let tag = unsafe { self.take_ctx(e.op_context) };
+        let Some(tag) = self.take_ctx(e.op_context) else {
+            return;
+        };
         let err = Error::TransferFailed(e.message);
         match tag {
             Tag::Transfer { slot, .. } => self.op_done(slot, Err(err)),
