@@ -35,7 +35,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q "maturin>=1.5,<2" pytest hypothesis numpy pytest-timeout \
-  ruff mypy typing_extensions
+  ruff mypy typing_extensions ml_dtypes
 # Builds the Rust extension and installs the package in editable mode into the venv.
 VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH" .venv/bin/maturin develop --release -q
 echo "setup: stolon built into .venv"
