@@ -274,21 +274,21 @@ impl ShardParams {
     ) -> Result<Vec<OpPlan>> {
         let mut out = Vec::with_capacity(items.len());
         for (k, it) in items.iter().enumerate() {
-            let op = OpPlan {
-                domain: self.domain_for(sharding, rotation, k)?,
-                dst: it.dst,
-                src_off: it.src_off,
-                dst_off: it.dst_off,
-                len: it.len,
-            };
-            self.push_ops(&mut out, op);
+            // Destination k starts on domain (rotation + k), so peers spread over the NICs; an
+            // item large enough to shard is also split over the domains like a single write.
+            for mut op in
+                self.plan_single(sharding, rotation + k, it.src_off, it.dst_off, it.len)?
+            {
+                op.dst = it.dst;
+                out.push(op);
+            }
         }
         Ok(out)
     }
 
     /// Immediates one scatter destination receives for an item of `len` bytes.
-    pub fn imm_count_scatter_item(&self, len: u64) -> usize {
-        self.ops_for_len(len)
+    pub fn imm_count_scatter_item(&self, sharding: Sharding, len: u64) -> usize {
+        self.imm_count_single(sharding, len)
     }
 }
 
@@ -424,7 +424,10 @@ mod tests {
             p.plan_scatter(Sharding::RoundRobin, 0, &big).unwrap().len(),
             4
         );
-        assert_eq!(p.imm_count_scatter_item((3 << 20) + 1), 4);
+        assert_eq!(
+            p.imm_count_scatter_item(Sharding::RoundRobin, (3 << 20) + 1),
+            4
+        );
     }
 
     #[test]

@@ -1029,7 +1029,7 @@ impl TransferEngine {
         } else {
             self.inner.shard_params()
         };
-        p.imm_count_scatter_item(length)
+        p.imm_count_scatter_item(fl::Sharding::RoundRobin, length)
     }
 
     /// Arms a worker-side trigger: each of the next `times` arrivals of `imm` posts a prepared
