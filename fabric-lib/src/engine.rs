@@ -521,6 +521,13 @@ impl TransferEngine {
         self.tx.send(req).map_err(|_| Error::Stopped)
     }
 
+    /// Sends a request that carries a reply channel and waits for the worker's answer.
+    fn ask_worker<T>(&self, make: impl FnOnce(mpsc::SyncSender<T>) -> Request) -> Result<T> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.send_req(make(reply))?;
+        rx.recv().map_err(|_| Error::Stopped)
+    }
+
     /// Registers `len` bytes at `ptr`; `owner` is kept alive as long as the region is.
     ///
     /// # Safety
@@ -536,14 +543,13 @@ impl TransferEngine {
             return Err(Error::InvalidArgument("null pointer".into()));
         }
         let id = self.next_region.fetch_add(1, Ordering::Relaxed);
-        let (reply, rx) = mpsc::sync_channel(1);
-        self.send_req(Request::Register {
+        let len_ = len as usize;
+        let keys = self.ask_worker(|reply| Request::Register {
             id,
             ptr,
-            len: len as usize,
+            len: len_,
             reply,
-        })?;
-        let keys = rx.recv().map_err(|_| Error::Stopped)??;
+        })??;
         Ok(self.new_region(id, ptr, len, keys, RegionMem::Host, None, owner))
     }
 
@@ -592,17 +598,17 @@ impl TransferEngine {
         if self.attrs.iter().all(|a| a.hmem) {
             // Every provider of the group registers GPU memory itself: no staging.
             let id = self.next_region.fetch_add(1, Ordering::Relaxed);
-            let (reply, rx) = mpsc::sync_channel(1);
-            self.send_req(Request::RegisterHmem {
+            let len_ = len as usize;
+            let registered = self.ask_worker(|reply| Request::RegisterHmem {
                 id,
                 ptr,
-                len: len as usize,
+                len: len_,
                 device: device as usize,
                 reply,
             })?;
             // A provider may grant FI_HMEM and still refuse CUDA memory (libfabric built without
             // CUDA, seen with shm on 1.17): then the region takes the staging path.
-            if let Ok(keys) = rx.recv().map_err(|_| Error::Stopped)? {
+            if let Ok(keys) = registered {
                 let gpu = crate::desc::GpuDesc {
                     device,
                     ipc_handle,
@@ -678,14 +684,13 @@ impl TransferEngine {
             return Err(Error::InvalidArgument("null pointer".into()));
         }
         let id = self.next_region.fetch_add(1, Ordering::Relaxed);
-        let (reply, rx) = mpsc::sync_channel(1);
-        self.send_req(Request::RegisterStaged {
+        let len_ = len as usize;
+        self.ask_worker(|reply| Request::RegisterStaged {
             id,
             base,
-            len: len as usize,
+            len: len_,
             reply,
-        })?;
-        rx.recv().map_err(|_| Error::Stopped)??;
+        })??;
         let keys = vec![0; self.addr.domains.len()];
         Ok(self.new_region(id, ptr, len, keys, mem, Some(gpu), owner))
     }
@@ -1267,15 +1272,13 @@ impl TransferEngine {
             .params
             .plan_single(Sharding::Pinned(0), 0, src_off, dst_off, len)?;
         let ops = self.write_ops(&plans, src, &[dst], &[peer], reply_imm);
-        let (reply, armed) = mpsc::sync_channel(1);
         let trigger = Trigger {
             imm,
             times,
             ops,
             _keep: vec![src.inner.clone()],
         };
-        self.send_req(Request::Trigger(Box::new(trigger), reply))?;
-        armed.recv().map_err(|_| Error::Stopped)
+        self.ask_worker(|reply| Request::Trigger(Box::new(trigger), reply))
     }
 
     /// Watches a 64-bit counter that other code (a GPU kernel, a stream memory operation, another
@@ -1319,12 +1322,8 @@ impl TransferEngine {
                 sink.submit(Box::new(move || cb(old, new)));
             }) as Box<dyn Fn(u64, u64) + Send>
         });
-        let (reply, armed) = mpsc::sync_channel(1);
-        self.send_req(Request::Watch(
-            Box::new(crate::worker::Watch::new(id, ptr, owner, callback, reqs)),
-            reply,
-        ))?;
-        armed.recv().map_err(|_| Error::Stopped)?;
+        let watch = crate::worker::Watch::new(id, ptr, owner, callback, reqs);
+        self.ask_worker(|reply| Request::Watch(Box::new(watch), reply))?;
         Ok((id, handles))
     }
 

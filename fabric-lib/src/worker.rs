@@ -422,34 +422,32 @@ impl Worker {
     }
 
     fn register(&mut self, id: u64, ptr: usize, len: usize) -> Result<Vec<u64>> {
-        let mut mrs = Vec::with_capacity(self.domains.len());
-        let key = self.shared.next_key.fetch_add(1, Ordering::Relaxed);
-        for d in 0..self.domains.len() {
+        self.register_on_all(id, |dom, key| {
             // SAFETY: the region's owner keeps the memory alive until Unregister, which closes
-            // these MRs (regions are unregistered only when their last handle is dropped, and
-            // every in-flight op holds a handle).
-            match unsafe { self.domains[d].register(ptr as *const u8, len.max(1), key) } {
-                Ok(mr) => mrs.push(mr),
-                Err(e) => {
-                    for (dd, mr) in mrs.into_iter().enumerate() {
-                        self.domains[dd].close_mr(mr);
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        let keys = mrs.iter().map(MrHandle::key).collect();
-        self.regions.insert(id, mrs);
-        Ok(keys)
+            // these MRs (regions are unregistered only when their last handle is dropped, or
+            // explicitly, and every in-flight op holds a handle).
+            unsafe { dom.register(ptr as *const u8, len.max(1), key) }
+        })
     }
 
     fn register_hmem(&mut self, id: u64, ptr: u64, len: usize, device: usize) -> Result<Vec<u64>> {
+        self.register_on_all(id, |dom, key| {
+            // SAFETY: the region's owner keeps the device memory allocated until Unregister,
+            // which closes these registrations.
+            unsafe { dom.register_hmem(ptr, len.max(1), key, device) }
+        })
+    }
+
+    /// Registers one region on every domain (all or none) and returns its per-domain keys.
+    fn register_on_all(
+        &mut self,
+        id: u64,
+        reg: impl Fn(&mut Domain, u64) -> Result<MrHandle>,
+    ) -> Result<Vec<u64>> {
         let mut mrs = Vec::with_capacity(self.domains.len());
         let key = self.shared.next_key.fetch_add(1, Ordering::Relaxed);
         for d in 0..self.domains.len() {
-            // SAFETY: the region's owner keeps the device memory allocated until Unregister,
-            // which closes these registrations.
-            match unsafe { self.domains[d].register_hmem(ptr, len.max(1), key, device) } {
+            match reg(&mut self.domains[d], key) {
                 Ok(mr) => mrs.push(mr),
                 Err(e) => {
                     for (dd, mr) in mrs.into_iter().enumerate() {
