@@ -915,6 +915,16 @@ impl TransferEngine {
             .imm_count_single(sharding.unwrap_or(self.config.sharding), len)
     }
 
+    /// The worker's id for `dst`'s owner; on the NVLink path also makes sure the worker knows
+    /// the destination region.
+    fn route(&self, src: &MemoryRegion, dst: &MemDesc) -> Result<u32> {
+        let peer = self.peer_id(&dst.owner)?;
+        if self.path(src, dst) == Path::Nvlink {
+            self.describe_remote_gpu(peer, dst)?;
+        }
+        Ok(peer)
+    }
+
     /// Describes a peer's GPU region to the worker (once) so NVLink copies can map it.
     fn describe_remote_gpu(&self, peer: u32, dst: &MemDesc) -> Result<()> {
         let mut seen = self.remote_gpu.lock().unwrap();
@@ -1018,10 +1028,7 @@ impl TransferEngine {
     ) -> Result<Prepared> {
         self.check_local(src, src_off, len)?;
         dst.check_range(dst_off, len)?;
-        let peer = self.peer_id(&dst.owner)?;
-        if self.path(src, dst) == Path::Nvlink {
-            self.describe_remote_gpu(peer, dst)?;
-        }
+        let peer = self.route(src, dst)?;
         let sharding = sharding.unwrap_or(self.config.sharding);
         let plans = self.params_for(src, dst).plan_single(
             sharding,
@@ -1101,10 +1108,7 @@ impl TransferEngine {
         } else {
             self.check_local(src, 0, 0)?;
         }
-        let peer = self.peer_id(&dst.owner)?;
-        if self.path(src, dst) == Path::Nvlink {
-            self.describe_remote_gpu(peer, dst)?;
-        }
+        let peer = self.route(src, dst)?;
         let sharding = sharding.unwrap_or(self.config.sharding);
         let plans = self
             .params_for(src, dst)
@@ -1150,11 +1154,7 @@ impl TransferEngine {
     ) -> Result<Prepared> {
         let mut peers = Vec::with_capacity(dsts.len());
         for d in dsts {
-            let peer = self.peer_id(&d.owner)?;
-            if self.path(src, d) == Path::Nvlink {
-                self.describe_remote_gpu(peer, d)?;
-            }
-            peers.push(peer);
+            peers.push(self.route(src, d)?);
         }
         for it in items {
             let dst = dsts.get(it.dst).ok_or_else(|| {
@@ -1264,10 +1264,7 @@ impl TransferEngine {
         }
         self.check_local(src, src_off, len)?;
         dst.check_range(dst_off, len)?;
-        let peer = self.peer_id(&dst.owner)?;
-        if self.path(src, dst) == Path::Nvlink {
-            self.describe_remote_gpu(peer, dst)?;
-        }
+        let peer = self.route(src, dst)?;
         let plans = self
             .params
             .plan_single(Sharding::Pinned(0), 0, src_off, dst_off, len)?;

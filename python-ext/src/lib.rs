@@ -611,8 +611,7 @@ impl TransferEngine {
         length: u64,
         owner: Option<PyObject>,
     ) -> PyResult<MemoryRegion> {
-        let owner: Option<Box<dyn std::any::Any + Send + Sync>> =
-            owner.map(|o| Box::new(o) as Box<dyn std::any::Any + Send + Sync>);
+        let owner = boxed_owner(owner);
         let engine = self.inner.clone();
         // SAFETY: the Python layer passes the address of a buffer exported by `owner` (which
         // pins it: a buffer export prevents resizing) or a raw pointer the caller vouches for;
@@ -633,8 +632,7 @@ impl TransferEngine {
         length: u64,
         owner: Option<PyObject>,
     ) -> PyResult<MemoryRegion> {
-        let owner: Option<Box<dyn std::any::Any + Send + Sync>> =
-            owner.map(|o| Box::new(o) as Box<dyn std::any::Any + Send + Sync>);
+        let owner = boxed_owner(owner);
         let engine = self.inner.clone();
         // SAFETY: the Python layer passes a tensor's data pointer and size with the tensor as
         // owner, which keeps the device memory allocated while the region lives.
@@ -654,8 +652,7 @@ impl TransferEngine {
         length: u64,
         owner: Option<PyObject>,
     ) -> PyResult<MemoryRegion> {
-        let owner: Option<Box<dyn std::any::Any + Send + Sync>> =
-            owner.map(|o| Box::new(o) as Box<dyn std::any::Any + Send + Sync>);
+        let owner = boxed_owner(owner);
         let engine = self.inner.clone();
         // SAFETY: as for register_ptr.
         let r =
@@ -1125,6 +1122,11 @@ impl TransferEngine {
     ) {
         self.stop(py);
     }
+}
+
+/// The Python object that owns registered memory, kept alive by the region.
+fn boxed_owner(owner: Option<PyObject>) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+    owner.map(|o| Box::new(o) as Box<dyn std::any::Any + Send + Sync>)
 }
 
 fn stats_dict<'py>(py: Python<'py>, s: &fl::StatsSnapshot) -> PyResult<Bound<'py, PyDict>> {
