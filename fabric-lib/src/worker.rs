@@ -22,6 +22,9 @@ use crate::staging::{Copier, Header, Mem, Ticket, HEADER, KIND_STAGED, KIND_USER
 use crate::sys::libfabric::{self as fi, fi_addr_t};
 use crate::transfer::TransferState;
 
+/// Transfer slot of ops fired by a trigger: nobody waits for them.
+const TRIGGERED: u32 = u32::MAX;
+
 /// Region id of the worker's own registered buffer (message buffers and the scratch target).
 pub(crate) const INTERNAL_REGION: u64 = 0;
 
@@ -830,7 +833,7 @@ impl Worker {
                     };
                 }
                 let desc = mrs[d].desc();
-                let tag = if slot == u32::MAX {
+                let tag = if slot == TRIGGERED {
                     Tag::Triggered {
                         domain: d as u8,
                         len,
@@ -1056,11 +1059,7 @@ impl Worker {
             progressed = true;
             match after {
                 AfterCopy::Post { op, slot, buf, len } => {
-                    let alive = self
-                        .active
-                        .get(slot as usize)
-                        .is_some_and(|a| a.as_ref().is_some_and(|a| !a.reported));
-                    if !alive {
+                    if !self.is_live(slot) {
                         self.free_send.push(buf);
                         self.op_done(slot, Ok(()));
                         continue;
@@ -1196,12 +1195,7 @@ impl Worker {
         for d in 0..self.pending.len() {
             while let Some(p) = self.pending[d].pop_front() {
                 self.n_pending -= 1;
-                let alive = p.slot == u32::MAX
-                    || self
-                        .active
-                        .get(p.slot as usize)
-                        .is_some_and(|a| a.as_ref().is_some_and(|a| !a.reported));
-                if !alive {
+                if !self.is_live(p.slot) {
                     // Its transfer already failed or timed out: drop the op.
                     self.op_done(p.slot, Ok(()));
                     progressed = true;
@@ -1224,9 +1218,19 @@ impl Worker {
         progressed
     }
 
+    /// Whether ops of `slot` should still be posted: a triggered op (no transfer), or a transfer
+    /// that has not failed or timed out.
+    fn is_live(&self, slot: u32) -> bool {
+        slot == TRIGGERED
+            || self
+                .active
+                .get(slot as usize)
+                .is_some_and(|a| a.as_ref().is_some_and(|a| !a.reported))
+    }
+
     /// Accounts one finished op of a transfer.
     fn op_done(&mut self, slot: u32, result: Result<()>) {
-        if slot == u32::MAX {
+        if slot == TRIGGERED {
             return;
         }
         let Some(Some(a)) = self.active.get_mut(slot as usize) else {
@@ -1472,7 +1476,7 @@ impl Worker {
             self.triggers.remove(&imm);
         }
         for op in ops {
-            self.post_or_queue(op, u32::MAX);
+            self.post_or_queue(op, TRIGGERED);
         }
         true
     }
