@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-.venv/bin/python -m stolon info | head -n 12
+.venv/bin/python -m stolon info
 .venv/bin/python -m stolon demo "$@"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -83,7 +84,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_demo.add_argument("--size", type=int, default=256 << 20, help="bytes per write")
     p_demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:
+        # `stolon info | head`: the reader left; that is not an error.
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":
