@@ -81,7 +81,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_demo = sub.add_parser("demo", help="two processes move a buffer, verify it, print GB/s")
     p_demo.add_argument("--provider", default="tcp")
     p_demo.add_argument("--domains", type=int, default=2)
-    p_demo.add_argument("--size", type=int, default=256 << 20, help="bytes per write")
+    p_demo.add_argument("--size", type=int, default=64 << 20, help="bytes per write")
     p_demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     try:

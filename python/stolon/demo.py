@@ -19,14 +19,15 @@ def _writer(provider: str, domains: int, size: int, conn) -> None:  # pragma: no
         conn.send(hashlib.sha256(src.tobytes()).hexdigest())
         rounds = conn.recv()
         t0 = time.perf_counter()
-        for _ in range(rounds):
-            eng.write(region, 0, desc, 0, size, imm=1).wait(60)
+        futures = [eng.write(region, 0, desc, 0, size, imm=1) for _ in range(rounds)]
+        for f in futures:
+            f.wait(60)
         conn.send(time.perf_counter() - t0)
         conn.recv()
 
 
 def run_demo(
-    provider: str = "tcp", domains: int = 2, size: int = 256 << 20, rounds: int = 4
+    provider: str = "tcp", domains: int = 2, size: int = 64 << 20, rounds: int = 16
 ) -> int:
     import numpy as np
 
