@@ -52,9 +52,7 @@ def test_staged_writes_land_exactly_across_processes() -> None:
             assert futs[-1].imm_count == eng.imm_count_for(region, desc, 4 * MiB + 3)
             # Paged into the tail.
             base = 5 * MiB
-            futs.append(
-                eng.write_paged(region, desc, 8192, [9, 2], [1, 0], dst_offset=base, imm=1)
-            )
+            futs.append(eng.write_paged(region, desc, 8192, [9, 2], [1, 0], dst_offset=base, imm=1))
             want[base : base + 8192] = src[2 * 8192 : 3 * 8192]
             want[base + 8192 : base + 16384] = src[9 * 8192 : 10 * 8192]
             # Scatter of two items, including an empty one (an immediate only).

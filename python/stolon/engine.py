@@ -104,4 +104,3 @@ for _name in (
     "register_staged_host_ptr",
 ):
     setattr(TransferEngine, _name, _typed_range_errors(getattr(_native.TransferEngine, _name)))
-
