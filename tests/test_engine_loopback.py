@@ -440,7 +440,7 @@ def run_batch(lab: Lab, provider: str, b: Batch) -> None:
             for it in op["items"]:
                 r, n, so, do = it["region"], it["length"], it["src_offset"], it["dst_offset"]
                 items.append((descs[r], so, do, n))
-                c = eng.imm_count_scatter_item(n)
+                c = eng.imm_count_scatter_item(n, **shard_kw(op["sharding"]))
                 per_dest[r] = per_dest.get(r, 0) + c
                 expected[r][do : do + n] = src[so : so + n]
                 bytes_total += n

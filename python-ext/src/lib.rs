@@ -1018,15 +1018,23 @@ impl TransferEngine {
         self.inner.imm_count_paged(pages, page_bytes, staged)
     }
 
-    /// Immediates one scatter destination gets for an item of `length` bytes.
-    #[pyo3(signature = (length, *, staged=false))]
-    fn imm_count_scatter_item(&self, length: u64, staged: bool) -> usize {
+    /// Immediates one scatter destination gets for an item of `length` bytes (an item large
+    /// enough to shard is split over the domains like a single write).
+    #[pyo3(signature = (length, *, sharding=None, pin_domain=None, staged=false))]
+    fn imm_count_scatter_item(
+        &self,
+        length: u64,
+        sharding: Option<&str>,
+        pin_domain: Option<usize>,
+        staged: bool,
+    ) -> PyResult<usize> {
         let p = if staged {
             self.inner.staged_shard_params()
         } else {
             self.inner.shard_params()
         };
-        p.imm_count_scatter_item(fl::Sharding::RoundRobin, length)
+        let s = self::sharding(sharding, pin_domain)?.unwrap_or(fl::Sharding::RoundRobin);
+        Ok(p.imm_count_scatter_item(s, length))
     }
 
     /// Arms a worker-side trigger: each of the next `times` arrivals of `imm` posts a prepared

@@ -258,7 +258,14 @@ class TransferEngine:
         staged: bool = False,
     ) -> int: ...
     def imm_count_paged(self, pages: int, page_bytes: int, *, staged: bool = False) -> int: ...
-    def imm_count_scatter_item(self, length: int, *, staged: bool = False) -> int: ...
+    def imm_count_scatter_item(
+        self,
+        length: int,
+        *,
+        sharding: Optional[str] = None,
+        pin_domain: Optional[int] = None,
+        staged: bool = False,
+    ) -> int: ...
     def trigger_write(
         self,
         imm: int,
