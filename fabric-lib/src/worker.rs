@@ -325,6 +325,8 @@ pub(crate) struct Worker {
     waiting_sends: VecDeque<(u32, usize, u32)>,
     triggers: HashMap<u32, Trigger>,
     watches: Vec<Watch>,
+    /// Completion entries reused by every poll.
+    cq_entries: Vec<fi::fi_cq_data_entry>,
 }
 
 /// Layout of the internal region: [scratch 64 B][recv buffers][send buffers].
@@ -400,6 +402,7 @@ impl Worker {
             waiting_sends: VecDeque::new(),
             triggers: HashMap::new(),
             watches: Vec::new(),
+            cq_entries: cq_entry_buffer(64),
             cfg,
         };
         let ptr = w.msg_mem.as_ptr() as usize;
@@ -1254,19 +1257,23 @@ impl Worker {
 
     fn poll_domain(&mut self, d: usize) -> usize {
         const BATCH: usize = 64;
-        // SAFETY: fi_cq_data_entry is plain data; all-zero is a valid value.
-        let mut entries: [fi::fi_cq_data_entry; BATCH] = unsafe { std::mem::zeroed() };
+        // Reused across polls (the provider overwrites the entries it returns); a poll nested in
+        // completion handling (a repost that met a full queue) gets its own.
+        let mut entries = std::mem::take(&mut self.cq_entries);
+        if entries.is_empty() {
+            entries = cq_entry_buffer(BATCH);
+        }
         let mut total = 0;
         loop {
             match self.domains[d].poll(&mut entries) {
-                Ok(0) => return total,
+                Ok(0) => break,
                 Ok(n) => {
                     total += n;
                     for e in &entries[..n] {
                         self.on_completion(d, e.op_context, e.flags, e.len, e.data);
                     }
                     if n < BATCH {
-                        return total;
+                        break;
                     }
                 }
                 Err(e) => {
@@ -1275,6 +1282,8 @@ impl Worker {
                 }
             }
         }
+        self.cq_entries = entries;
+        total
     }
 
     fn on_completion(&mut self, d: usize, ctx: *mut c_void, flags: u64, len: usize, data: u64) {
@@ -1467,16 +1476,17 @@ impl Worker {
 
     /// Posts a trigger's prepared ops for an arrival of `imm`; returns false if none is set.
     fn fire_trigger(&mut self, imm: u32) -> bool {
-        let Some(t) = self.triggers.get_mut(&imm) else {
+        // Taken out while its ops are posted (posting needs the whole worker), then put back
+        // unless this was its last firing: no copy of the ops on this path.
+        let Some(mut t) = self.triggers.remove(&imm) else {
             return false;
         };
         t.times -= 1;
-        let ops = t.ops.clone();
-        if t.times == 0 {
-            self.triggers.remove(&imm);
-        }
-        for op in ops {
+        for &op in &t.ops {
             self.post_or_queue(op, TRIGGERED);
+        }
+        if t.times > 0 {
+            self.triggers.insert(imm, t);
         }
         true
     }
@@ -1518,6 +1528,18 @@ impl Worker {
         self.pending.clear();
         self.n_pending = 0;
     }
+}
+
+fn cq_entry_buffer(n: usize) -> Vec<fi::fi_cq_data_entry> {
+    (0..n)
+        .map(|_| fi::fi_cq_data_entry {
+            op_context: std::ptr::null_mut(),
+            flags: 0,
+            len: 0,
+            buf: std::ptr::null_mut(),
+            data: 0,
+        })
+        .collect()
 }
 
 #[cfg(target_os = "linux")]
