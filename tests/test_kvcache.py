@@ -11,9 +11,7 @@ killed mid-stream.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
-import traceback
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -21,6 +19,7 @@ import pytest
 from conftest import require_provider
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from procpool import Pool
 
 import stolon
 from stolon.engine import loopback_nodes
@@ -347,69 +346,13 @@ def _cmd_page_bytes(state: dict, pages: List[int]) -> bytes:
     return b"".join(cache.page(0, 0, p).numpy().tobytes() for p in pages)
 
 
-_COMMANDS = {k[5:]: v for k, v in globals().items() if k.startswith("_cmd_")}
-
-
-def _worker(conn: Any) -> None:  # child process main
-    state: dict = {}
-    while True:
-        msg = conn.recv()
-        if msg is None:
-            break
-        cmd, kw = msg
-        try:
-            conn.send(("ok", _COMMANDS[cmd](state, **kw)))
-        except BaseException as e:  # reported to the parent, which fails the test
-            conn.send(("err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-
-
-class Pool:
-    """Long-lived worker processes (spawn); each test gives them roles."""
-
-    def __init__(self, n: int) -> None:
-        ctx = mp.get_context("spawn")
-        self.conns, self.procs = [], []
-        for _ in range(n):
-            a, b = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(b,), daemon=True)
-            p.start()
-            self.conns.append(a)
-            self.procs.append(p)
-
-    def send(self, i: int, cmd: str, **kw: Any) -> None:
-        self.conns[i].send((cmd, kw))
-
-    def recv(self, i: int, timeout: float = TIMEOUT + 30) -> Any:
-        if not self.conns[i].poll(timeout):
-            raise AssertionError(f"worker {i} gave no answer in {timeout}s")
-        status, res = self.conns[i].recv()
-        if status != "ok":
-            raise AssertionError(f"worker {i}: {res}")
-        return res
-
-    def call(self, i: int, cmd: str, **kw: Any) -> Any:
-        self.send(i, cmd, **kw)
-        return self.recv(i)
-
-    def close(self) -> None:
-        for c in self.conns:
-            try:
-                c.send(None)
-            except OSError:
-                pass
-        for p in self.procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-
-
 DECODE, P1, P2 = 0, 1, 2
 
 
 @pytest.fixture(scope="module")
 def pool():
     require_provider("tcp")
-    p = Pool(3)
+    p = Pool(3, __name__, TIMEOUT + 30)
     yield p
     p.close()
 
@@ -533,7 +476,7 @@ def test_writes_landing_after_the_cancel_ack_never_reach_a_reused_page(pool, ref
 
 @pytest.mark.timeout(60)
 def test_prefill_killed_mid_stream_makes_the_decode_wait_time_out(pool) -> None:
-    victim = Pool(1)
+    victim = Pool(1, __name__, TIMEOUT + 30)
     try:
         dec = pool.call(DECODE, "setup", role="decode", num_pages=16)
         del dec

@@ -10,16 +10,15 @@ after that waits for the release.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
-import traceback
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pytest
 from conftest import require_provider
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from procpool import Pool
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -141,73 +140,10 @@ def _cmd_teardown(state: dict) -> None:
         eng.stop()
 
 
-_COMMANDS = {k[5:]: v for k, v in globals().items() if k.startswith("_cmd_")}
-
-
-def _worker(conn: Any) -> None:  # child process main
-    state: dict = {}
-    while True:
-        msg = conn.recv()
-        if msg is None:
-            break
-        cmd, kw = msg
-        try:
-            conn.send(("ok", _COMMANDS[cmd](state, **kw)))
-        except BaseException as e:  # reported to the parent, which fails the test
-            conn.send(("err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-
-
-# ------------------------------------------------------------------------------------------------
-# the parent
-# ------------------------------------------------------------------------------------------------
-
-
-class Pool:
-    """Long-lived worker processes; each test assigns them roles."""
-
-    def __init__(self, n: int) -> None:
-        ctx = mp.get_context("spawn")
-        self.conns = []
-        self.procs = []
-        for _ in range(n):
-            a, b = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(b,), daemon=True)
-            p.start()
-            self.conns.append(a)
-            self.procs.append(p)
-
-    def send(self, i: int, cmd: str, **kw: Any) -> None:
-        self.conns[i].send((cmd, kw))
-
-    def recv(self, i: int, timeout: float = TIMEOUT) -> Any:
-        if not self.conns[i].poll(timeout):
-            raise AssertionError(f"worker {i} gave no answer in {timeout}s")
-        status, res = self.conns[i].recv()
-        if status != "ok":
-            raise AssertionError(f"worker {i}: {res}")
-        return res
-
-    def all(self, idx: List[int], cmd: str, per: Optional[List[dict]] = None, **kw: Any) -> list:
-        for k, i in enumerate(idx):
-            self.send(i, cmd, **(per[k] if per else {}), **kw)
-        return [self.recv(i) for i in idx]
-
-    def close(self) -> None:
-        for c in self.conns:
-            try:
-                c.send(None)
-            except OSError:
-                pass
-        for p in self.procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-
-
 @pytest.fixture(scope="module")
 def pool():
     require_provider("tcp")
-    p = Pool(WORKERS)
+    p = Pool(WORKERS, __name__, TIMEOUT)
     yield p
     p.close()
 

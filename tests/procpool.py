@@ -1,0 +1,78 @@
+"""Long-lived worker processes (spawn) that run a test module's `_cmd_*` functions on request.
+
+Each worker keeps a `state` dict between commands, so a test can give it a role (an engine,
+registered memory) and drive it step by step. An exception in a worker is sent back and fails
+the test in the parent; every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import traceback
+from typing import Any, List, Optional
+
+
+def serve(conn: Any, module: str) -> None:
+    """Worker main: answers `(command, kwargs)` messages until it receives None."""
+    mod = importlib.import_module(module)
+    commands = {k[5:]: v for k, v in vars(mod).items() if k.startswith("_cmd_")}
+    state: dict = {}
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        cmd, kw = msg
+        try:
+            conn.send(("ok", commands[cmd](state, **kw)))
+        except BaseException as e:  # reported to the parent, which fails the test
+            conn.send(("err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+class Pool:
+    """`n` workers serving the `_cmd_*` functions of `module`."""
+
+    def __init__(self, n: int, module: str, timeout: float) -> None:
+        ctx = mp.get_context("spawn")
+        self.timeout = timeout
+        self.conns: List[Any] = []
+        self.procs: List[Any] = []
+        for _ in range(n):
+            a, b = ctx.Pipe()
+            p = ctx.Process(target=serve, args=(b, module), daemon=True)
+            p.start()
+            self.conns.append(a)
+            self.procs.append(p)
+
+    def send(self, i: int, cmd: str, **kw: Any) -> None:
+        self.conns[i].send((cmd, kw))
+
+    def recv(self, i: int, timeout: Optional[float] = None) -> Any:
+        timeout = self.timeout if timeout is None else timeout
+        if not self.conns[i].poll(timeout):
+            raise AssertionError(f"worker {i} gave no answer in {timeout}s")
+        status, res = self.conns[i].recv()
+        if status != "ok":
+            raise AssertionError(f"worker {i}: {res}")
+        return res
+
+    def call(self, i: int, cmd: str, **kw: Any) -> Any:
+        self.send(i, cmd, **kw)
+        return self.recv(i)
+
+    def all(self, idx: List[int], cmd: str, per: Optional[List[dict]] = None, **kw: Any) -> list:
+        """Sends `cmd` to every worker in `idx` (with per-worker extra kwargs), then collects."""
+        for k, i in enumerate(idx):
+            self.send(i, cmd, **(per[k] if per else {}), **kw)
+        return [self.recv(i) for i in idx]
+
+    def close(self) -> None:
+        for c in self.conns:
+            try:
+                c.send(None)
+            except OSError:
+                pass
+        for p in self.procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
