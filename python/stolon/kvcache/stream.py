@@ -27,7 +27,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -74,11 +74,19 @@ class Tail:
     payload: bytes
 
 
-def _registered(engine: Any, obj: Any, need: int, what: str) -> Any:
-    region = engine.register(obj)
+def _registered(engine: Any, obj: Any, need: int, what: str, staged: bool = False) -> Any:
+    region = engine.register(obj, staged=True) if staged else engine.register(obj)
     if region.length < need:
         raise LayoutError(f"{what} holds {region.length} bytes, the layout needs {need}")
     return region
+
+
+def _cuda_device(obj: Any) -> Optional[int]:
+    """The CUDA device index of a torch tensor on a GPU, else None (torch is not imported)."""
+    dev = getattr(obj, "device", None)
+    if getattr(dev, "type", None) == "cuda":
+        return int(dev.index or 0)
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,8 +180,20 @@ class PrefillStream:
         if self.counter.value < target:
             self.counter.set(target)
 
+    def layer_done_on_stream(self, layer: int, stream: int = 0) -> None:
+        """GPU path of :meth:`layer_done`: enqueues the counter write on CUDA ``stream`` (a raw
+        ``CUstream``, e.g. ``torch.cuda.current_stream().cuda_stream``) after the kernels that
+        wrote ``layer``'s pages; the engine's worker releases the layer when the GPU gets there.
+        ``cuStreamWriteValue64`` needs no CPU launch and may be captured in a CUDA graph. The
+        counter must be GPU-mapped (``HostCounter(device=N)``, the default for a CUDA cache)."""
+        self.counter.write_from_stream(self.counter_value(layer), stream)
+
     def finish(self, first_token: int, num_tokens: int, payload: bytes = b"") -> None:
-        """Fills the tail (first token, lengths, request id, payload) and releases its write."""
+        """Fills the tail (first token, lengths, request id, payload) and releases its write.
+
+        With a GPU model, call it once the stream that bumps the counter has passed the last
+        layer (reading the first token with ``.item()`` synchronizes it): the tail is released
+        from the host and the counter only moves forward."""
         n = TAIL_HEADER.size + len(payload)
         if n > self.grant.tail_bytes:
             raise KVStreamError(f"tail of {n} bytes exceeds the slot's {self.grant.tail_bytes}")
@@ -194,6 +214,10 @@ class PrefillStream:
                 raise RequestCancelledError(f"request {self.request_id} was cancelled") from None
             raise
         total = sum(self.imm_counts)
+        try:  # every step was released: the worker need not poll this counter any more
+            self.worker.engine.unwatch(self.watch_id)
+        except StolonError:
+            pass
         with self._lock:
             if self.state != "streaming":
                 raise RequestCancelledError(f"request {self.request_id} was cancelled")
@@ -250,6 +274,7 @@ class PrefillWorker:
         self.tail_bytes = tail_bytes
         self.engine_id = engine.address.engine_id
         self.region = _registered(engine, cache, layout.total_bytes, "the prefill cache")
+        self.device = _cuda_device(cache)
         self.tail_buffer = np.zeros(max_requests * tail_bytes, dtype=np.uint8)
         self.tail_region = engine.register(self.tail_buffer)
         self._free_slots = list(range(max_requests))
@@ -262,6 +287,13 @@ class PrefillWorker:
         self._addresses: Dict[int, Address] = {}
         self.errors: List[str] = []
         engine.on_message(self._on_message)
+
+    @property
+    def descriptor(self) -> MemoryDescriptor:
+        """This worker's cache descriptor: give it (or its bytes) to decode workers, whose
+        :meth:`DecodeReceiver.start_request` derives the exact immediate count from the path
+        (fabric, staged or NVLink) between the two caches."""
+        return self.region.descriptor
 
     def peer_layout(self, grant: proto.Pages) -> KVCacheLayout:
         """The decode side's layout, from the grant's geometry (checked against the shape key)."""
@@ -381,7 +413,8 @@ class PrefillWorker:
 
         ``src_pages``: this side's pages holding the request's KV cache, in token order (as
         many as ``grant.pages``). ``counter``: a fresh :class:`HostCounter` at 0 (GPU-mapped
-        for a GPU model); one is made when omitted.
+        for a GPU model); one is made when omitted, GPU-mapped on the cache's device when the
+        cache is a CUDA tensor.
         """
         if grant.tail_bytes > self.tail_bytes:
             raise KVStreamError(f"tail slot {grant.tail_bytes} > this side's {self.tail_bytes}")
@@ -395,7 +428,9 @@ class PrefillWorker:
                 raise KVStreamError("every tail slot is in use (max_requests)")
             slot = self._free_slots.pop()
             try:
-                stream = PrefillStream(self, grant, src_pages, counter or HostCounter(), slot)
+                if counter is None:
+                    counter = HostCounter(device=self.device)
+                stream = PrefillStream(self, grant, src_pages, counter, slot)
             except BaseException:
                 self._free_slots.append(slot)
                 raise
@@ -428,6 +463,12 @@ class DecodeReceiver:
     ``cache`` holds ``layout`` (numpy array or torch tensor, CPU or CUDA); pages are handed out
     per request and returned by :meth:`release` (or, for cancelled requests, once the prefill
     side's writes are accounted for). The receiver owns the engine's message callback.
+
+    How many immediates a request brings depends on the path between the two caches (a staged
+    GPU destination gets one per ``max_message_bytes`` chunk of each page, NVLink one per page):
+    pass the prefill worker's cache descriptor (:attr:`PrefillWorker.descriptor`) to
+    :meth:`start_request` so the count is exact for any pair. ``staged_host=True`` registers a
+    host cache through the staging protocol, as a GPU cache would be (a test hook).
     """
 
     def __init__(
@@ -441,6 +482,7 @@ class DecodeReceiver:
         imm_base: int = 0x4B560000,
         timeout: float = 30.0,
         quarantine_timeout: float = 600.0,
+        staged_host: bool = False,
     ) -> None:
         if tail_bytes < TAIL_HEADER.size:
             raise ValueError(f"tail_bytes must be >= {TAIL_HEADER.size}")
@@ -450,7 +492,9 @@ class DecodeReceiver:
         self.timeout = timeout
         self.quarantine_timeout = quarantine_timeout
         self.engine_id = engine.address.engine_id
-        self.region = _registered(engine, cache, layout.total_bytes, "the decode cache")
+        self.region = _registered(
+            engine, cache, layout.total_bytes, "the decode cache", staged=staged_host
+        )
         self.tail_buffer = np.zeros(max_requests * tail_bytes, dtype=np.uint8)
         self.tail_region = engine.register(self.tail_buffer)
         self._imm_base = imm_base
@@ -478,10 +522,21 @@ class DecodeReceiver:
         with self._lock:
             return sorted(p for r in self._quarantine.values() for p in r.pages)
 
-    def expected_imm(self, prompt_pages: int) -> int:
-        """Immediates one request of ``prompt_pages`` pages brings (every layer, tensor, tail)."""
-        per_tensor = self.engine.imm_count_paged(prompt_pages, self.layout.page_bytes)
-        paged = self.layout.num_layers * len(self.layout.tensors) * per_tensor
+    def expected_imm(self, prompt_pages: int, prefill: Optional[MemoryDescriptor] = None) -> int:
+        """Immediates one request of ``prompt_pages`` pages brings (every layer, tensor, tail).
+
+        ``prefill`` is the prefill worker's cache descriptor: the count then follows the path
+        its writes take into this cache (``imm_count_for`` from this side's view of the same
+        pair of regions: fabric, staged or NVLink). Without it the prefill cache is taken to be
+        host memory (or on another host): fabric into a host cache, staged into a GPU one.
+        """
+        peer = self.region.descriptor if prefill is None else prefill
+        # One paged write is one op per page (more when a page exceeds the path's op size):
+        # a single write of one page pinned to one domain has exactly that many.
+        per_page = self.engine.imm_count_for(
+            self.region, peer, self.layout.page_bytes, pin_domain=0
+        )
+        paged = self.layout.num_layers * len(self.layout.tensors) * prompt_pages * per_page
         return paged + self.engine.imm_count_write(self.tail_bytes)
 
     def _take_imm(self) -> int:
@@ -497,7 +552,7 @@ class DecodeReceiver:
 
     def start_request(
         self,
-        prefill: Address,
+        prefill: Union[Address, MemoryDescriptor],
         num_tokens: int,
         *,
         reserve_tokens: int = 0,
@@ -507,8 +562,15 @@ class DecodeReceiver:
         """Allocates pages for ``num_tokens`` (+ ``reserve_tokens`` for decoding) and sends the
         grant to ``prefill``; returns the request id.
 
+        ``prefill`` is the prefill worker's address, or better its cache descriptor
+        (:attr:`PrefillWorker.descriptor`), which makes the expected immediate count exact for
+        GPU caches (see :meth:`expected_imm`).
+
         ``pages`` picks the (free) pages instead, in token order, for engines that keep their
         own block tables."""
+        prefill_desc: Optional[MemoryDescriptor] = None
+        if isinstance(prefill, MemoryDescriptor):
+            prefill_desc, prefill = prefill, prefill.address
         tpp = self.layout.tokens_per_page
         prompt_pages = -(-num_tokens // tpp)
         total = -(-(num_tokens + reserve_tokens) // tpp)
@@ -535,7 +597,7 @@ class DecodeReceiver:
             rid = self._next_rid
             self._next_rid += 1
             req = _Request(rid, prefill, chosen, prompt_pages, slot, imm, 0)
-            req.expected = self.expected_imm(prompt_pages)
+            req.expected = self.expected_imm(prompt_pages, prefill_desc)
             self._requests[rid] = req
         off = slot * self.tail_bytes
         self.tail_buffer[off : off + self.tail_bytes] = 0
