@@ -530,12 +530,14 @@ class DecodeReceiver:
         pair of regions: fabric, staged or NVLink). Without it the prefill cache is taken to be
         host memory (or on another host): fabric into a host cache, staged into a GPU one.
         """
-        peer = self.region.descriptor if prefill is None else prefill
-        # One paged write is one op per page (more when a page exceeds the path's op size):
-        # a single write of one page pinned to one domain has exactly that many.
-        per_page = self.engine.imm_count_for(
-            self.region, peer, self.layout.page_bytes, pin_domain=0
-        )
+        pb = self.layout.page_bytes
+        if self.region.memory == "staged_host":  # the test hook: staged whatever the source
+            per_page = self.engine.imm_count_paged(1, pb, staged=True)
+        else:
+            # One paged write is one op per page (more when a page exceeds the path's op size):
+            # a single write of one page pinned to one domain has exactly that many.
+            peer = self.region.descriptor if prefill is None else prefill
+            per_page = self.engine.imm_count_for(self.region, peer, pb, pin_domain=0)
         paged = self.layout.num_layers * len(self.layout.tensors) * prompt_pages * per_page
         return paged + self.engine.imm_count_write(self.tail_bytes)
 
