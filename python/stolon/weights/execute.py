@@ -159,24 +159,34 @@ def slot_layout(plan: WeightPlan, rank: int) -> SlotLayout:
 
 @dataclass
 class WeightSnapshot:
-    """One landed update on one inference rank: views into its slot (do not write to them)."""
+    """One landed update on one inference rank: views into its slot (do not write to them);
+    numpy arrays, or torch tensors for a GPU receiver."""
 
     version: int
-    tensors: Dict[str, np.ndarray]
-    scales: Dict[str, np.ndarray]
+    tensors: Dict[str, Any]
+    scales: Dict[str, Any]
 
 
 def unpack_slot(layout: SlotLayout, slot: np.ndarray, version: int = -1) -> WeightSnapshot:
     """Typed views of a slot's shards and scales (``slot`` is the slot's uint8 bytes)."""
-    tensors: Dict[str, np.ndarray] = {}
-    scales: Dict[str, np.ndarray] = {}
+    tensors: Dict[str, Any] = {}
+    scales: Dict[str, Any] = {}
+    if not isinstance(slot, np.ndarray):  # a torch tensor (GPU slots): torch dtypes
+        from .gpu import torch_dtype
+
+        def dtype_of(name: str) -> Any:
+            return torch_dtype(name)
+
+        f32: Any = torch_dtype("float32")
+    else:
+        dtype_of, f32 = numpy_dtype, np.float32
     for e in layout.entries:
         raw = slot[e.offset : e.offset + e.nbytes]
-        tensors[e.name] = raw.view(numpy_dtype(e.dtype)).reshape(e.shape)
+        tensors[e.name] = raw.view(dtype_of(e.dtype)).reshape(e.shape)
         if e.scale_offset >= 0:
             n = 4 * e.scale_shape[0] * e.scale_shape[1]
             raw = slot[e.scale_offset : e.scale_offset + n]
-            scales[e.name] = raw.view(np.float32).reshape(e.scale_shape)
+            scales[e.name] = raw.view(f32).reshape(e.scale_shape)
     return WeightSnapshot(version, tensors, scales)
 
 
@@ -217,14 +227,21 @@ class _Program:
             raise ValueError("staging_bytes must be >= 64 and depth >= 1")
         self.plan = plan
         self.rank = rank
-        train, infer = plan.train, plan.infer
+        train = plan.train
         need = train.buffers(rank)
         self.buf_names = sorted(need)
         self.buf_local = {train.buffer_ids[n]: i for i, n in enumerate(self.buf_names)}
-        self.arrays: List[np.ndarray] = []
+        self.arrays: List[Any] = self._load_buffers(buffers, need)
+        self.staging_bytes = staging_bytes
+        self.depth = depth
+        self._build(plan, rank, staging_bytes, depth, host_copy, max_items)
+
+    def _load_buffers(self, buffers: Mapping[str, Any], need: Mapping[str, Any]) -> List[Any]:
+        """This rank's buffers as flat arrays of their dtype (checked against the layout)."""
+        out: List[Any] = []
         for bname in self.buf_names:
             if bname not in buffers:
-                raise WeightTransferError(f"training rank {rank}: buffer {bname!r} not given")
+                raise WeightTransferError(f"training rank {self.rank}: buffer {bname!r} not given")
             a = np.asarray(buffers[bname])
             numel, dt = need[bname]
             dty = numpy_dtype(dt)
@@ -233,9 +250,29 @@ class _Program:
                     f"buffer {bname!r}: needs {numel} contiguous {dt} elements, "
                     f"got {a.dtype} {a.shape}"
                 )
-            self.arrays.append(a.reshape(-1).view(np.uint8)[: numel * dty.itemsize].view(dty))
-        self.staging_bytes = staging_bytes
-        self.depth = depth
+            out.append(a.reshape(-1).view(np.uint8)[: numel * dty.itemsize].view(dty))
+        return out
+
+    def _alloc(self, scales: int, staging: int) -> None:
+        """The scale, tile-maxima, stamp and staging memory (numpy, host)."""
+        self.scale_out = np.ones(max(scales, 1), dtype=np.float32)  # registered: scales go out
+        self.amax = {p: np.zeros(g[0] * g[1], np.float32) for p, g in self.fp8.items()}
+        self.stamp = np.zeros(1, dtype=np.uint64)
+        self.staging = np.zeros(staging, dtype=np.uint8)
+
+    def sync(self) -> None:
+        """Waits until what was filled is in memory (a no-op on the host)."""
+
+    def _build(
+        self,
+        plan: WeightPlan,
+        rank: int,
+        staging_bytes: int,
+        depth: int,
+        host_copy: bool,
+        max_items: int,
+    ) -> None:
+        train, infer = plan.train, plan.infer
         data = plan.data.for_src(rank)
         scales = plan.scales.for_src(rank)
         self.receivers = plan.receivers_of(rank)
@@ -253,12 +290,7 @@ class _Program:
         for p, g in self.fp8.items():
             self.scale_off[p] = n
             n += g[0] * g[1]
-        self.scale_out = np.ones(max(n, 1), dtype=np.float32)  # registered: scales written from it
-        self.amax: Dict[int, np.ndarray] = {
-            p: np.zeros(g[0] * g[1], np.float32) for p, g in self.fp8.items()
-        }
-        self.stamp = np.zeros(1, dtype=np.uint64)
-        self.staging = np.zeros(staging_bytes * depth, dtype=np.uint8)
+        self._alloc(n, staging_bytes * depth)
 
         # the rows of every fp8 parameter (for the amax pass)
         self.rows_by_param: Dict[int, List[Tuple[int, ...]]] = {}
@@ -565,15 +597,32 @@ class WeightReceiver:
 
     ``info()`` goes to every training rank; the hellos the senders return go to
     :meth:`accept`. Then :meth:`wait` for each version, read, :meth:`release`.
+    ``device="cuda:N"`` keeps the slots in GPU memory (snapshots are then torch tensors); once
+    :meth:`wait` returns, every byte of the version is in that memory.
     """
 
-    def __init__(self, engine: Any, plan: WeightPlan, rank: int, *, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        plan: WeightPlan,
+        rank: int,
+        *,
+        timeout: float = 60.0,
+        device: Optional[str] = None,
+    ) -> None:
         self.engine = engine
         self.plan = plan
         self.rank = rank
         self.timeout = timeout
         self.layout = slot_layout(plan, rank)
-        self.memory = np.zeros(2 * self.layout.slot_bytes, dtype=np.uint8)
+        self.device = device
+        self.memory: Any
+        if device is None:
+            self.memory = np.zeros(2 * self.layout.slot_bytes, dtype=np.uint8)
+        else:  # torch memory on `device` ("cuda:N": GPU slots; the engine needs cuda_device)
+            import torch
+
+            self.memory = torch.zeros(2 * self.layout.slot_bytes, dtype=torch.uint8, device=device)
         self.region = engine.register(self.memory)
         self._expected: Optional[int] = None
         self._senders: Dict[int, Any] = {}
@@ -619,7 +668,7 @@ class WeightReceiver:
             raise WeightTransferError("accept() the senders' hellos first")
         return self._expected
 
-    def slot(self, version: int) -> np.ndarray:
+    def slot(self, version: int) -> Any:
         """The bytes of the slot ``version`` lands in."""
         n = self.layout.slot_bytes
         return self.memory[(version % 2) * n : (version % 2 + 1) * n]
@@ -641,7 +690,10 @@ class WeightReceiver:
             self._landed.add(version)
             self._landed.discard(version - 2)
         slot = self.slot(version)
-        stamps = slot[: 8 * len(self.layout.senders)].view(np.uint64)
+        raw = slot[: 8 * len(self.layout.senders)]
+        if not isinstance(raw, np.ndarray):
+            raw = raw.cpu().numpy()
+        stamps = raw.view(np.uint64)
         if np.any(stamps != version):
             raise WeightTransferError(
                 f"inference rank {self.rank}: update {version} counted but stamps are "
@@ -667,6 +719,11 @@ class WeightSender:
     of the live parameters; their contents are read during :meth:`push`). ``host_copy=True``
     gathers even unconverted parameters through the staging ring (the path a rank that keeps
     parameters in unregistered or offloaded memory takes).
+
+    ``device`` ("cuda:N", or "cpu" for torch CPU tensors) takes torch tensors as ``buffers``:
+    staging ring, scales and stamps then live on that device, gather, tile maxima and fp8
+    conversion run as torch ops there (bit-identical to the numpy path), and buffers kept on
+    another device (CPU-offloaded shards) are copied host-to-device in the pipeline.
     """
 
     def __init__(
@@ -680,14 +737,27 @@ class WeightSender:
         depth: int = 4,
         host_copy: bool = False,
         timeout: float = 60.0,
+        device: Optional[str] = None,
     ) -> None:
         self.engine = engine
         self.plan = plan
         self.rank = rank
         self.timeout = timeout
-        self.prog = _Program(
-            plan, rank, buffers, staging_bytes=staging_bytes, depth=depth, host_copy=host_copy
-        )
+        self.prog: _Program
+        if device is None:
+            self.prog = _Program(
+                plan, rank, buffers, staging_bytes=staging_bytes, depth=depth, host_copy=host_copy
+            )
+        else:
+            from .gpu import TorchProgram
+
+            self.prog = TorchProgram(
+                plan, rank, buffers, staging_bytes=staging_bytes, depth=depth,
+                host_copy=host_copy, device=device,
+            )  # fmt: skip
+        # torch buffers (GPU): one write per destination range, so every write takes its own
+        # path (NVLink: one copy, not a scatter's chunks) and counts with imm_count_for
+        self._per_item = device is not None
         pr = self.prog
         self._regions: Dict[Tuple[Any, ...], Any] = {}
         keys: List[Tuple[Any, ...]] = [("staging",), ("scales",), ("stamp",)]
@@ -749,12 +819,18 @@ class WeightSender:
         # immediates per receiver, from this engine's sharding rules
         counts = {d: 0 for d in pr.receivers}
         all_reqs = [r for b in pr.batches for r in b.requests]
+        eng = self.engine
         for req in all_reqs + pr.scale_requests + pr.stamp_requests:
+            src = self._regions[req[1]]
             if req[0] == "scatter":
                 for d, _, _, nbytes in req[2]:
-                    counts[d] += self.engine.imm_count_scatter_item(nbytes)
-            else:
-                counts[req[2]] += self.engine.imm_count_paged(req[4], req[3])
+                    if self._per_item:
+                        counts[d] += eng.imm_count_for(src, self._dst[d][0], nbytes)
+                    else:
+                        counts[d] += eng.imm_count_scatter_item(nbytes)
+            else:  # one op per page on every path (more for pages over the path's op size)
+                per = eng.imm_count_for(src, self._dst[req[2]][0], req[3], pin_domain=0)
+                counts[req[2]] += req[4] * per
         self._counts = counts
         addr = _b64(self.engine.address.to_bytes())
         fp = self.plan.fingerprint()
@@ -804,9 +880,18 @@ class WeightSender:
             )
         self._amax_expected = sum(counts.values())
 
-    def _submit(self, req: _Request, version: int, imm: int, t: float) -> Tuple[Any, List[int]]:
+    def _submit(
+        self, req: _Request, version: int, imm: int, t: float
+    ) -> List[Tuple[Any, List[int]]]:
         par = version % 2
         src = self._regions[req[1]]
+        if req[0] == "scatter" and self._per_item:
+            out = []
+            for d, so, do, n in req[2]:
+                desc, sb = self._dst[d]
+                f = self.engine.write(src, so, desc, par * sb + do, n, imm, timeout=t)
+                out.append((f, [d]))
+            return out
         if req[0] == "scatter":
             items = []
             order: List[int] = []
@@ -815,7 +900,7 @@ class WeightSender:
                 items.append((desc, so, par * sb + do, n))
                 if d not in order:
                     order.append(d)
-            return self.engine.scatter(src, items, imm, timeout=t), order
+            return [(self.engine.scatter(src, items, imm, timeout=t), order)]
         _, _, d, pb, cnt, so, sst, do, dst = req
         desc, sb = self._dst[d]
         pages = list(range(cnt))
@@ -832,7 +917,7 @@ class WeightSender:
             imm=imm,
             timeout=t,
         )
-        return f, [d]
+        return [(f, [d])]
 
     def push(self, version: int, timeout: Optional[float] = None) -> Dict[str, float]:
         """Writes update ``version`` (versions go up by one per update). Returns phase timings.
@@ -878,6 +963,7 @@ class WeightSender:
             for f in amax_futs:
                 f.wait(t)
             pr.finish_scales()
+            pr.sync()
         t1 = time.perf_counter()
         stats["amax_s"] = t1 - t0
         # 2. the slot is free once every receiver released version - 2
@@ -887,7 +973,7 @@ class WeightSender:
         stats["release_wait_s"] = t2 - t1
         imm = imm_for(IMM_DATA, version)
         for r in pr.scale_requests:
-            futs.append(self._submit(r, version, imm, t))
+            futs.extend(self._submit(r, version, imm, t))
         # 3. the pipeline: fill a staging buffer once its previous writes completed
         ring_futs: Dict[int, List[Any]] = {}
         window: List[List[Any]] = []
@@ -898,12 +984,13 @@ class WeightSender:
                     f.wait(t)
                 tf = time.perf_counter()
                 pr.fill(b)
+                pr.sync()  # the writes read what the fill wrote
                 fill_s += time.perf_counter() - tf
             else:
                 if len(window) >= pr.depth:
                     for f in window.pop(0):
                         f.wait(t)
-            mine = [self._submit(r, version, imm, t) for r in b.requests]
+            mine = [x for r in b.requests for x in self._submit(r, version, imm, t)]
             futs.extend(mine)
             if b.ring >= 0:
                 ring_futs[b.ring] = [f for f, _ in mine]
@@ -911,8 +998,9 @@ class WeightSender:
                 window.append([f for f, _ in mine])
         # 4. stamps
         pr.stamp[0] = version
+        pr.sync()
         for r in pr.stamp_requests:
-            futs.append(self._submit(r, version, imm, t))
+            futs.extend(self._submit(r, version, imm, t))
         t3 = time.perf_counter()
         got = {d: 0 for d in pr.receivers}
         for f, order in futs:
@@ -949,13 +1037,19 @@ def simulate(
     staging_bytes: int = 1 << 16,
     depth: int = 2,
     host_copy: bool = False,
+    device: Optional[str] = None,
 ) -> Dict[int, WeightSnapshot]:
     """Runs every training rank's program with memory copies instead of writes; returns each
-    inference rank's snapshot. ``buffers[rank]`` are that training rank's buffers."""
+    inference rank's snapshot. ``buffers[rank]`` are that training rank's buffers (torch
+    tensors with ``device``: the torch program, gathering and converting on that device)."""
+    kw: Dict[str, Any] = dict(staging_bytes=staging_bytes, depth=depth, host_copy=host_copy)
+    if device is not None:
+        from .gpu import TorchProgram
+
+        kw["device"] = device
+    make: Any = _Program if device is None else TorchProgram
     progs = {
-        r: _Program(
-            plan, r, buffers[r], staging_bytes=staging_bytes, depth=depth, host_copy=host_copy
-        )
+        r: make(plan, r, buffers[r], **kw)
         for r in range(plan.train.world)
         if len(plan.data.for_src(r)) or len(plan.scales.for_src(r))
     }
@@ -978,8 +1072,11 @@ def simulate(
 
 
 def _apply(pr: _Program, reqs: List[_Request], slots: Dict[int, np.ndarray]) -> None:
+    pr.sync()
     for r in reqs:
         src = pr.source(r[1])
+        if not isinstance(src, np.ndarray):  # torch: the bytes on the host
+            src = src.cpu().numpy()
         if r[0] == "scatter":
             for d, so, do, n in r[2]:
                 slots[d][do : do + n] = src[so : so + n]
