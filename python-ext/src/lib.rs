@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+mod moe;
+
 use fabric_lib as fl;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -29,7 +31,12 @@ fn to_py(e: fl::Error) -> PyErr {
         fl::Error::Stopped => "EngineStoppedError",
         _ => "StolonError",
     };
-    let msg = e.to_string();
+    stolon_err(name, e.to_string())
+}
+
+/// An instance of the `stolon.errors` class `name` carrying `msg` (a ValueError if the module
+/// cannot be imported).
+pub(crate) fn stolon_err(name: &str, msg: String) -> PyErr {
     Python::with_gil(|py| {
         static ERRORS: GILOnceCell<Py<PyModule>> = GILOnceCell::new();
         let module = ERRORS.get_or_try_init(py, || py.import("stolon.errors").map(|m| m.unbind()));
@@ -300,22 +307,13 @@ impl TransferFuture {
     }
 }
 
-fn cuda_err(e: stolon_cuda::Error) -> PyErr {
-    let msg = e.to_string();
-    Python::with_gil(|py| {
-        let cls = if e.is_unavailable() {
-            "CudaUnavailableError"
-        } else {
-            "CudaError"
-        };
-        match py.import("stolon.errors").and_then(|m| m.getattr(cls)) {
-            Ok(c) => match c.call1((msg.clone(),)) {
-                Ok(inst) => PyErr::from_value(inst),
-                Err(err) => err,
-            },
-            Err(_) => PyValueError::new_err(msg),
-        }
-    })
+pub(crate) fn cuda_err(e: stolon_cuda::Error) -> PyErr {
+    let cls = if e.is_unavailable() {
+        "CudaUnavailableError"
+    } else {
+        "CudaError"
+    };
+    stolon_err(cls, e.to_string())
 }
 
 enum CounterMem {
@@ -1232,6 +1230,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Address>()?;
     m.add_class::<HostCounter>()?;
     m.add_class::<PreparedTransfer>()?;
+    m.add_class::<moe::MoeAllToAll>()?;
     m.add_function(wrap_pyfunction!(cuda_info, m)?)?;
     m.add_function(wrap_pyfunction!(libfabric_info, m)?)?;
     m.add_function(wrap_pyfunction!(list_providers, m)?)?;

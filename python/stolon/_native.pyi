@@ -95,6 +95,53 @@ class HostCounter:
     def wait_on_stream(self, value: int, stream: int = 0) -> None: ...
 
 @final
+class MoeAllToAll:
+    def __new__(
+        cls,
+        *,
+        device: int,
+        rank: int,
+        world: int,
+        num_experts: int,
+        topk: int,
+        max_tokens: int,
+        hidden: int,
+        dispatch_elem_bytes: int,
+        scales_per_token: int,
+        combine_dtype: str,
+        ranks_per_node: Optional[int] = None,
+        capacity: Optional[int] = None,
+        timeout: float = 10.0,
+    ) -> MoeAllToAll: ...
+    def handle(self) -> bytes: ...
+    def connect(self, handles: List[bytes]) -> None: ...
+    def dispatch_send(
+        self,
+        stream: int,
+        x: int,
+        x_stride: int,
+        scales: int,
+        s_stride: int,
+        idx: int,
+        idx64: bool,
+        idx_stride: int,
+        weights: int,
+        w_stride: int,
+        num_tokens: Optional[int],
+        num_tokens_ptr: int,
+    ) -> None: ...
+    def dispatch_recv(
+        self, stream: int, out_x: int, out_s: int, counts: int, offsets: int
+    ) -> None: ...
+    def combine_send(self, stream: int, y: int, y_stride: int) -> None: ...
+    def combine_recv(self, stream: int, out: int, out_stride: int, accumulate: bool) -> None: ...
+    def synchronize(self, stream: int, timeout: float) -> None: ...
+    def check(self) -> None: ...
+    def steps(self) -> List[int]: ...
+    def layout(self) -> Dict[str, int]: ...
+    def close(self) -> None: ...
+
+@final
 class PreparedTransfer:
     @property
     def imm_counts(self) -> List[int]: ...

@@ -19,6 +19,8 @@ __all__ = [
     "EngineStoppedError",
     "CudaError",
     "CudaUnavailableError",
+    "AllToAllError",
+    "AllToAllTimeoutError",
 ]
 
 
@@ -84,3 +86,14 @@ class CudaError(StolonError):
 
 class CudaUnavailableError(CudaError, ImportError):
     """CUDA is not usable here (no driver library, or no GPU); the message says what was tried."""
+
+
+class AllToAllError(StolonError):
+    """The MoE all-to-all failed: ranks disagree, a kernel recorded an error, or it was closed.
+
+    After a kernel error the all-to-all is broken on every rank; build a new one.
+    """
+
+
+class AllToAllTimeoutError(AllToAllError, TimeoutError):
+    """An all-to-all kernel waited past its deadline for a peer (dead, or out of step)."""

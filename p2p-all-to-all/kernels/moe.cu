@@ -1,0 +1,603 @@
+// MoE dispatch and combine between the GPUs of one host (and, through a host proxy, beyond).
+//
+// Four kernels, each one phase of a step, queued in this order on one stream per rank:
+//
+//   dispatch_send  every token is written once to every rank that holds one of its top-k
+//                  experts (peer memory mapped through CUDA IPC, or a local staging area the
+//                  host proxy forwards), with its routing (local expert, weight, position).
+//   dispatch_recv  waits for every source rank's flag, packs the received tokens expert by
+//                  expert into one contiguous output (rows of expert e start at offsets[e]).
+//   combine_send   for every received token, the weighted sum of its local experts' outputs
+//                  is written back into the source rank's receive area (the same memory the
+//                  dispatch used: the buffers are shared between the two halves).
+//   combine_recv   waits for every rank's flag and sums the partial results of each token.
+//
+// Nothing depends on the order in which writes land: a receiver learns that a source's data
+// is complete from a 64-bit flag the source stores with release semantics after a system-wide
+// fence. The step number lives in device memory (one counter per phase, advanced by the last
+// block of each launch), so a CUDA graph of the four phases replays without new arguments.
+// Reuse of the shared receive area is guarded by release notices: before writing into peer
+// p's area, a rank waits until p has finished reading what was there (release values 2n-1
+// after p's dispatch_recv of step n, 2n after its combine_recv).
+//
+// Every wait has a deadline (globaltimer); a timeout is recorded in host-mapped memory and the
+// kernel finishes without touching the data it waited for.
+
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxWorld = 64;
+constexpr int kMaxTopk = 16;
+
+// Error codes; keep in sync with p2p-all-to-all/src/lib.rs (KernelError).
+constexpr uint32_t kErrTimeout = 1;
+constexpr uint32_t kErrBadExpert = 2;
+constexpr uint32_t kErrCapacity = 3;
+constexpr uint32_t kErrTooManyTokens = 4;
+
+// Per peer: where this rank writes what is meant for the peer (remote side), and where it
+// reads what the peer sent (local side). Layout mirrored by `PeerEntry` in src/lib.rs.
+struct Peer {
+    uint8_t* data;      // peer's receive slots for tokens from this rank
+    uint8_t* meta;      // peer's routing entries for tokens from this rank
+    int32_t* ecount;    // peer's per-local-expert token counts from this rank
+    uint64_t* dflag;    // peer's "dispatch from this rank complete" flag: step << 32 | tokens
+    uint64_t* cflag;    // peer's "combine from this rank complete" flag: step
+    uint64_t* rel;      // peer's copy of this rank's release notices
+    const uint8_t* rx_data;
+    const uint8_t* rx_meta;
+    const int32_t* rx_ecount;
+    const uint64_t* rx_dflag;
+    const uint64_t* rx_cflag;
+    const uint64_t* rel_in;  // the peer's release notices to this rank
+};
+
+struct State {
+    uint64_t seq[4];   // last completed step of each phase
+    uint32_t done[4];  // blocks of the running launch that finished, per phase
+    int32_t my_ntok;   // tokens this rank dispatched in the current step
+    int32_t pad;
+};
+
+struct Error {
+    uint32_t code;
+    uint32_t phase;
+    uint32_t peer;
+    uint32_t detail;
+    uint64_t step;
+};
+
+// Mirrored by `KernelParams` in src/lib.rs: same order, same types.
+struct Params {
+    const Peer* peers;
+    State* st;
+    Error* err;  // host-mapped
+    uint64_t* tok_mask;      // [max_tokens] ranks each token went to
+    int32_t* ecount_local;   // [num_experts] running counts during dispatch_send
+    int32_t* route_rows;     // [world][max_tokens][topk] output row of each received entry
+    const int32_t* num_tokens_ptr;  // used when num_tokens < 0
+    const uint8_t* x;        // dispatch input rows
+    const uint8_t* scales;   // their scales (or null)
+    const void* idx;         // [tokens][topk] expert ids, int32 or int64
+    const float* weights;    // [tokens][topk]
+    uint8_t* out_x;          // dispatch output rows [capacity][x_bytes]
+    uint8_t* out_s;          // dispatch output scales [capacity][s_bytes]
+    int32_t* expert_counts;  // [experts_per_rank]
+    int32_t* expert_offsets; // [experts_per_rank + 1]
+    const uint8_t* y;        // combine input rows [capacity][hidden] (out dtype)
+    uint8_t* out;            // combine output rows [tokens][hidden]
+    int64_t x_stride;        // bytes between input rows
+    int64_t s_stride;
+    int64_t idx_stride;      // elements between routing rows
+    int64_t w_stride;
+    int64_t y_stride;        // bytes
+    int64_t out_stride;      // bytes
+    uint64_t timeout_ns;
+    int32_t rank;
+    int32_t world;
+    int32_t experts_per_rank;
+    int32_t topk;
+    int32_t max_tokens;
+    int32_t num_tokens;      // >= 0: this many tokens; < 0: read *num_tokens_ptr
+    int32_t x_bytes;         // multiple of 16
+    int32_t s_bytes;         // multiple of 4 (0 without scales)
+    int32_t slot_bytes;      // multiple of 16
+    int32_t meta_bytes;      // multiple of 16: int32 le[topk], int32 pos[topk], float w[topk]
+    int32_t capacity;        // rows of out_x
+    int32_t hidden;
+    int32_t idx64;
+    int32_t accumulate;
+};
+
+__device__ __forceinline__ uint64_t ld_acquire(const uint64_t* p) {
+    uint64_t v;
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void st_release(uint64_t* p, uint64_t v) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ uint64_t now_ns() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+__device__ void record_error(const Params& P, uint32_t code, uint32_t phase, uint32_t peer,
+                             uint32_t detail, uint64_t step) {
+    if (atomicCAS_system(&P.err->code, 0u, code) == 0u) {
+        P.err->phase = phase;
+        P.err->peer = peer;
+        P.err->detail = detail;
+        P.err->step = step;
+        __threadfence_system();
+    }
+}
+
+__device__ __forceinline__ bool timed_out_elsewhere(const Params& P) {
+    return *reinterpret_cast<volatile uint32_t*>(&P.err->code) == kErrTimeout;
+}
+
+// Spins until (*p >> shift) >= target. False (and an error recorded) after the deadline, or at
+// once when another wait of this rank already timed out.
+__device__ bool wait_at_least(const Params& P, const uint64_t* p, uint64_t target, int shift,
+                              uint32_t phase, uint32_t peer, uint64_t step) {
+    if ((ld_acquire(p) >> shift) >= target) return true;
+    const uint64_t start = now_ns();
+    uint64_t next_check = start + 20000;
+    while ((ld_acquire(p) >> shift) < target) {
+        const uint64_t t = now_ns();
+        if (t >= next_check) {
+            if (timed_out_elsewhere(P)) return false;
+            if (t - start > P.timeout_ns) {
+                record_error(P, kErrTimeout, phase, peer, static_cast<uint32_t>(target), step);
+                return false;
+            }
+            next_check = t + 20000;
+        }
+    }
+    return true;
+}
+
+// Waits, in threads 0..world-1, for each peer's value; true in every thread when all arrived.
+__device__ bool wait_all_peers(const Params& P, const uint64_t* const Peer::*field,
+                               uint64_t target, int shift, uint32_t phase, uint64_t step) {
+    __shared__ int s_ok;
+    if (threadIdx.x == 0) s_ok = 1;
+    __syncthreads();
+    if (threadIdx.x < P.world) {
+        if (!wait_at_least(P, P.peers[threadIdx.x].*field, target, shift, phase, threadIdx.x,
+                           step))
+            atomicAnd(&s_ok, 0);
+    }
+    __syncthreads();
+    return s_ok != 0;
+}
+
+// Marks this block finished for `phase`; true in every thread of the last block to finish,
+// which then sees every other block's writes.
+__device__ bool last_block(const Params& P, int phase) {
+    __shared__ int s_last;
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const uint32_t prev = atomicAdd(&P.st->done[phase], 1u);
+        s_last = prev == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (s_last) __threadfence_system();
+    return s_last != 0;
+}
+
+__device__ void finish_phase(const Params& P, int phase, uint64_t n) {
+    if (threadIdx.x == 0) {
+        P.st->done[phase] = 0;
+        P.st->seq[phase] = n;
+    }
+}
+
+__device__ __forceinline__ int64_t expert_of(const Params& P, int t, int k) {
+    if (P.idx64) return static_cast<const int64_t*>(P.idx)[t * P.idx_stride + k];
+    return static_cast<const int32_t*>(P.idx)[t * P.idx_stride + k];
+}
+
+__device__ __forceinline__ int meta_le(const uint8_t* m, int k) {
+    return __ldcg(reinterpret_cast<const int32_t*>(m) + k);
+}
+__device__ __forceinline__ int meta_pos(const uint8_t* m, int topk, int k) {
+    return __ldcg(reinterpret_cast<const int32_t*>(m) + topk + k);
+}
+__device__ __forceinline__ float meta_w(const uint8_t* m, int topk, int k) {
+    return __ldcg(reinterpret_cast<const float*>(m) + 2 * topk + k);
+}
+
+// Tokens each source sent in this step (from the dispatch flags) and their running sum.
+__device__ void source_prefix(const Params& P, int* s_start) {
+    if (threadIdx.x == 0) {
+        int acc = 0;
+        for (int s = 0; s < P.world; ++s) {
+            s_start[s] = acc;
+            acc += static_cast<int>(ld_acquire(P.peers[s].rx_dflag) & 0xffffffffu);
+        }
+        s_start[P.world] = acc;
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ int source_of(const int* s_start, int world, int i) {
+    int s = 0;
+    while (s + 1 < world && s_start[s + 1] <= i) ++s;
+    return s;
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kThreads) moe_dispatch_send(Params P) {
+    __shared__ int s_e[kMaxTopk];
+    __shared__ float s_w[kMaxTopk];
+    __shared__ int s_pos[kMaxTopk];
+    __shared__ unsigned long long s_mask;
+    __shared__ uint8_t* s_dst[kMaxWorld];
+    const int tid = threadIdx.x;
+    const uint64_t n = P.st->seq[0] + 1;
+    int ntok = P.num_tokens >= 0 ? P.num_tokens : *P.num_tokens_ptr;
+    if (ntok < 0 || ntok > P.max_tokens) {
+        if (blockIdx.x == 0 && tid == 0)
+            record_error(P, kErrTooManyTokens, 0, P.rank, static_cast<uint32_t>(ntok), n);
+        ntok = ntok < 0 ? 0 : P.max_tokens;
+    }
+    const int experts = P.world * P.experts_per_rank;
+    // Each peer must have read what this rank wrote into its area in the previous step.
+    const bool ok = wait_all_peers(P, &Peer::rel_in, 2 * n - 2, 0, 0, n);
+    if (tid < P.world) s_dst[tid] = P.peers[tid].data;
+    __syncthreads();
+    const int x_vecs = P.x_bytes / 16;
+    const int s_words = P.s_bytes / 4;
+    const int s_off = P.x_bytes;
+    for (int t = blockIdx.x; ok && t < ntok; t += gridDim.x) {
+        if (tid == 0) s_mask = 0;
+        __syncthreads();
+        if (tid < P.topk) {
+            const int64_t e = expert_of(P, t, tid);
+            if (e < 0 || e >= experts) {
+                record_error(P, kErrBadExpert, 0, P.rank, static_cast<uint32_t>(t), n);
+                s_e[tid] = -1;
+                s_pos[tid] = 0;
+                s_w[tid] = 0.f;
+            } else {
+                s_e[tid] = static_cast<int>(e);
+                s_w[tid] = P.weights[t * P.w_stride + tid];
+                s_pos[tid] = atomicAdd(&P.ecount_local[e], 1);
+                atomicOr(&s_mask, 1ull << (e / P.experts_per_rank));
+            }
+        }
+        __syncthreads();
+        const uint64_t mask = s_mask;
+        // Routing entries go to every rank (all -1 where the token has no expert there).
+        for (int i = tid; i < P.world * P.topk; i += blockDim.x) {
+            const int d = i / P.topk, k = i % P.topk;
+            const int e = s_e[k];
+            const int le = (e >= 0 && e / P.experts_per_rank == d) ? e % P.experts_per_rank : -1;
+            uint8_t* m = P.peers[d].meta + static_cast<size_t>(t) * P.meta_bytes;
+            reinterpret_cast<int32_t*>(m)[k] = le;
+            reinterpret_cast<int32_t*>(m)[P.topk + k] = s_pos[k];
+            reinterpret_cast<float*>(m)[2 * P.topk + k] = s_w[k];
+        }
+        // The token itself, read once, stored once per destination rank.
+        const uint4* src = reinterpret_cast<const uint4*>(P.x + t * P.x_stride);
+        const size_t slot = static_cast<size_t>(t) * P.slot_bytes;
+        for (int v = tid; v < x_vecs; v += blockDim.x) {
+            const uint4 val = src[v];
+            for (uint64_t m = mask; m; m &= m - 1) {
+                const int d = __ffsll(static_cast<long long>(m)) - 1;
+                reinterpret_cast<uint4*>(s_dst[d] + slot)[v] = val;
+            }
+        }
+        if (P.scales) {
+            const uint32_t* ssrc = reinterpret_cast<const uint32_t*>(P.scales + t * P.s_stride);
+            for (int v = tid; v < s_words; v += blockDim.x) {
+                const uint32_t val = ssrc[v];
+                for (uint64_t m = mask; m; m &= m - 1) {
+                    const int d = __ffsll(static_cast<long long>(m)) - 1;
+                    reinterpret_cast<uint32_t*>(s_dst[d] + slot + s_off)[v] = val;
+                }
+            }
+        }
+        if (tid == 0) P.tok_mask[t] = mask;
+        __syncthreads();
+    }
+    if (!last_block(P, 0)) return;
+    for (int i = tid; i < experts; i += blockDim.x) {
+        const int d = i / P.experts_per_rank;
+        P.peers[d].ecount[i % P.experts_per_rank] = atomicExch(&P.ecount_local[i], 0);
+    }
+    if (tid == 0) P.st->my_ntok = ok ? ntok : 0;
+    __threadfence_system();
+    __syncthreads();
+    if (tid < P.world && ok)
+        st_release(P.peers[tid].dflag, (n << 32) | static_cast<uint32_t>(ntok));
+    finish_phase(P, 0, n);
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads) moe_dispatch_recv(Params P) {
+    extern __shared__ int s_dyn[];  // off[world * experts_per_rank], cnt[experts_per_rank]
+    __shared__ int s_start[kMaxWorld + 1];
+    __shared__ int s_rows[kMaxTopk];
+    __shared__ int s_any;
+    const int tid = threadIdx.x;
+    const int epr = P.experts_per_rank;
+    int* s_off = s_dyn;
+    int* s_cnt = s_dyn + P.world * epr;
+    const uint64_t n = P.st->seq[1] + 1;
+    const bool ok = wait_all_peers(P, &Peer::rx_dflag, n, 32, 1, n);
+    if (ok) {
+        source_prefix(P, s_start);
+        // Rows of local expert le: sources in rank order, each source's tokens in the
+        // positions it assigned. off[s][le] is where source s's first token for le goes.
+        for (int le = tid; le < epr; le += blockDim.x) {
+            int c = 0;
+            for (int s = 0; s < P.world; ++s) {
+                s_off[s * epr + le] = c;
+                c += __ldcg(P.peers[s].rx_ecount + le);
+            }
+            s_cnt[le] = c;
+        }
+        __syncthreads();
+        if (tid == 0) {
+            int base = 0;
+            for (int le = 0; le < epr; ++le) {
+                const int c = s_cnt[le];
+                s_cnt[le] = base;
+                base += c;
+            }
+            s_start[P.world] = s_start[P.world];  // unchanged; keeps the prefix visible
+            if (blockIdx.x == 0) {
+                P.expert_offsets[epr] = base;
+                if (base > P.capacity)
+                    record_error(P, kErrCapacity, 1, P.rank, static_cast<uint32_t>(base), n);
+            }
+        }
+        __syncthreads();
+        for (int i = tid; i < P.world * epr; i += blockDim.x) s_off[i] += s_cnt[i % epr];
+        __syncthreads();
+        if (blockIdx.x == 0) {
+            for (int le = tid; le < epr; le += blockDim.x) {
+                P.expert_offsets[le] = s_cnt[le];
+                const int next = le + 1 < epr ? s_cnt[le + 1] : P.expert_offsets[epr];
+                P.expert_counts[le] = next - s_cnt[le];
+            }
+        }
+        const int items = s_start[P.world];
+        const int x_vecs = P.x_bytes / 16;
+        const int s_words = P.s_bytes / 4;
+        for (int i = blockIdx.x; i < items; i += gridDim.x) {
+            const int s = source_of(s_start, P.world, i);
+            const int t = i - s_start[s];
+            const uint8_t* m = P.peers[s].rx_meta + static_cast<size_t>(t) * P.meta_bytes;
+            if (tid == 0) s_any = 0;
+            __syncthreads();
+            if (tid < P.topk) {
+                const int le = meta_le(m, tid);
+                int row = -1;
+                if (le >= 0 && le < epr) {
+                    row = s_off[s * epr + le] + meta_pos(m, P.topk, tid);
+                    if (row >= P.capacity) row = -1;
+                }
+                s_rows[tid] = row;
+                P.route_rows[(static_cast<size_t>(s) * P.max_tokens + t) * P.topk + tid] = row;
+                if (row >= 0) atomicOr(&s_any, 1);
+            }
+            __syncthreads();
+            if (s_any) {
+                const uint8_t* slot = P.peers[s].rx_data + static_cast<size_t>(t) * P.slot_bytes;
+                const uint4* src = reinterpret_cast<const uint4*>(slot);
+                for (int v = tid; v < x_vecs; v += blockDim.x) {
+                    const uint4 val = __ldcg(src + v);
+                    for (int k = 0; k < P.topk; ++k) {
+                        const int row = s_rows[k];
+                        if (row >= 0)
+                            reinterpret_cast<uint4*>(P.out_x +
+                                                     static_cast<size_t>(row) * P.x_bytes)[v] = val;
+                    }
+                }
+                const uint32_t* ssrc = reinterpret_cast<const uint32_t*>(slot + P.x_bytes);
+                for (int v = tid; v < s_words; v += blockDim.x) {
+                    const uint32_t val = __ldcg(ssrc + v);
+                    for (int k = 0; k < P.topk; ++k) {
+                        const int row = s_rows[k];
+                        if (row >= 0)
+                            reinterpret_cast<uint32_t*>(P.out_s +
+                                                        static_cast<size_t>(row) * P.s_bytes)[v] =
+                                val;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    if (!last_block(P, 1)) return;
+    if (tid < P.world && ok) st_release(P.peers[tid].rel, 2 * n - 1);
+    finish_phase(P, 1, n);
+}
+
+namespace {
+
+template <typename T>
+struct Vec;  // 16 bytes of T, converted to and from float
+
+template <>
+struct Vec<__nv_bfloat16> {
+    static constexpr int N = 8;
+    __device__ static void load(const uint4& v, float* f) {
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 p = __bfloat1622float2(h[i]);
+            f[2 * i] = p.x;
+            f[2 * i + 1] = p.y;
+        }
+    }
+    __device__ static uint4 store(const float* f) {
+        uint4 v;
+        __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+        return v;
+    }
+};
+
+template <>
+struct Vec<__half> {
+    static constexpr int N = 8;
+    __device__ static void load(const uint4& v, float* f) {
+        const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 p = __half22float2(h[i]);
+            f[2 * i] = p.x;
+            f[2 * i + 1] = p.y;
+        }
+    }
+    __device__ static uint4 store(const float* f) {
+        uint4 v;
+        __half2* h = reinterpret_cast<__half2*>(&v);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+        return v;
+    }
+};
+
+template <>
+struct Vec<float> {
+    static constexpr int N = 4;
+    __device__ static void load(const uint4& v, float* f) {
+        f[0] = __uint_as_float(v.x);
+        f[1] = __uint_as_float(v.y);
+        f[2] = __uint_as_float(v.z);
+        f[3] = __uint_as_float(v.w);
+    }
+    __device__ static uint4 store(const float* f) {
+        return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]),
+                          __float_as_uint(f[3]));
+    }
+};
+
+template <typename T>
+__device__ void combine_send(const Params& P) {
+    __shared__ int s_start[kMaxWorld + 1];
+    __shared__ int s_rows[kMaxTopk];
+    __shared__ float s_w[kMaxTopk];
+    __shared__ int s_any;
+    constexpr int N = Vec<T>::N;
+    const int tid = threadIdx.x;
+    const uint64_t n = P.st->seq[2] + 1;
+    // Each source must have finished reading its receive area (its dispatch_recv of step n).
+    const bool ok = wait_all_peers(P, &Peer::rel_in, 2 * n - 1, 0, 2, n);
+    if (ok) {
+        source_prefix(P, s_start);
+        const int items = s_start[P.world];
+        const int vecs = P.hidden / N;
+        for (int i = blockIdx.x; i < items; i += gridDim.x) {
+            const int s = source_of(s_start, P.world, i);
+            const int t = i - s_start[s];
+            const uint8_t* m = P.peers[s].rx_meta + static_cast<size_t>(t) * P.meta_bytes;
+            if (tid == 0) s_any = 0;
+            __syncthreads();
+            if (tid < P.topk) {
+                const int row =
+                    P.route_rows[(static_cast<size_t>(s) * P.max_tokens + t) * P.topk + tid];
+                s_rows[tid] = row;
+                s_w[tid] = meta_w(m, P.topk, tid);
+                if (row >= 0) atomicOr(&s_any, 1);
+            }
+            __syncthreads();
+            if (s_any) {
+                uint4* dst = reinterpret_cast<uint4*>(P.peers[s].data +
+                                                      static_cast<size_t>(t) * P.slot_bytes);
+                for (int v = tid; v < vecs; v += blockDim.x) {
+                    float acc[N];
+#pragma unroll
+                    for (int j = 0; j < N; ++j) acc[j] = 0.f;
+                    for (int k = 0; k < P.topk; ++k) {
+                        const int row = s_rows[k];
+                        if (row < 0) continue;
+                        const uint4 raw = reinterpret_cast<const uint4*>(
+                            P.y + static_cast<size_t>(row) * P.y_stride)[v];
+                        float f[N];
+                        Vec<T>::load(raw, f);
+                        const float w = s_w[k];
+#pragma unroll
+                        for (int j = 0; j < N; ++j) acc[j] = fmaf(w, f[j], acc[j]);
+                    }
+                    dst[v] = Vec<T>::store(acc);
+                }
+            }
+            __syncthreads();
+        }
+    }
+    if (!last_block(P, 2)) return;
+    if (tid < P.world && ok) st_release(P.peers[tid].cflag, n);
+    finish_phase(P, 2, n);
+}
+
+template <typename T>
+__device__ void combine_recv(const Params& P) {
+    constexpr int N = Vec<T>::N;
+    const int tid = threadIdx.x;
+    const uint64_t n = P.st->seq[3] + 1;
+    const bool ok = wait_all_peers(P, &Peer::rx_cflag, n, 0, 3, n);
+    if (ok) {
+        const int ntok = P.st->my_ntok;
+        const int vecs = P.hidden / N;
+        for (int t = blockIdx.x; t < ntok; t += gridDim.x) {
+            const uint64_t mask = P.tok_mask[t];
+            uint4* dst = reinterpret_cast<uint4*>(P.out + static_cast<size_t>(t) * P.out_stride);
+            for (int v = tid; v < vecs; v += blockDim.x) {
+                float acc[N];
+                if (P.accumulate) {
+                    Vec<T>::load(dst[v], acc);
+                } else {
+#pragma unroll
+                    for (int j = 0; j < N; ++j) acc[j] = 0.f;
+                }
+                for (uint64_t m = mask; m; m &= m - 1) {
+                    const int d = __ffsll(static_cast<long long>(m)) - 1;
+                    const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(
+                                                 P.peers[d].rx_data +
+                                                 static_cast<size_t>(t) * P.slot_bytes) +
+                                             v);
+                    float f[N];
+                    Vec<T>::load(raw, f);
+#pragma unroll
+                    for (int j = 0; j < N; ++j) acc[j] += f[j];
+                }
+                dst[v] = Vec<T>::store(acc);
+            }
+        }
+    }
+    if (!last_block(P, 3)) return;
+    if (tid < P.world && ok) st_release(P.peers[tid].rel, 2 * n);
+    finish_phase(P, 3, n);
+}
+
+}  // namespace
+
+#define STOLON_COMBINE(SUFFIX, TYPE)                                                     \
+    extern "C" __global__ void __launch_bounds__(kThreads) moe_combine_send_##SUFFIX(   \
+        Params P) {                                                                      \
+        combine_send<TYPE>(P);                                                           \
+    }                                                                                    \
+    extern "C" __global__ void __launch_bounds__(kThreads) moe_combine_recv_##SUFFIX(   \
+        Params P) {                                                                      \
+        combine_recv<TYPE>(P);                                                           \
+    }
+
+STOLON_COMBINE(bf16, __nv_bfloat16)
+STOLON_COMBINE(f16, __half)
+STOLON_COMBINE(f32, float)

@@ -1,0 +1,605 @@
+//! [`AllToAll`]: the buffers of one rank on its GPU, its peers' buffers mapped over NVLink, and
+//! the launches of the four phases.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stolon_cuda::sys::{self, CUdeviceptr};
+use stolon_cuda::{
+    Context, Device, DeviceBuffer, Function, IpcMapping, Module, PinnedHostBuffer, Stream,
+};
+
+use crate::{Config, Error, Handle, KernelError, Layout, Result, PEER_BYTES, STATE_BYTES};
+
+/// The fatbin `build.rs` compiled (empty when nvcc was missing).
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe.fatbin"));
+
+const THREADS: u32 = 256;
+
+/// Mirror of `Peer` in kernels/moe.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct PeerEntry {
+    data: u64,
+    meta: u64,
+    ecount: u64,
+    dflag: u64,
+    cflag: u64,
+    rel: u64,
+    rx_data: u64,
+    rx_meta: u64,
+    rx_ecount: u64,
+    rx_dflag: u64,
+    rx_cflag: u64,
+    rel_in: u64,
+}
+const _: () = assert!(std::mem::size_of::<PeerEntry>() == PEER_BYTES);
+
+/// Mirror of `Params` in kernels/moe.cu: same fields, same order.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct KernelParams {
+    peers: u64,
+    st: u64,
+    err: u64,
+    tok_mask: u64,
+    ecount_local: u64,
+    route_rows: u64,
+    num_tokens_ptr: u64,
+    x: u64,
+    scales: u64,
+    idx: u64,
+    weights: u64,
+    out_x: u64,
+    out_s: u64,
+    expert_counts: u64,
+    expert_offsets: u64,
+    y: u64,
+    out: u64,
+    x_stride: i64,
+    s_stride: i64,
+    idx_stride: i64,
+    w_stride: i64,
+    y_stride: i64,
+    out_stride: i64,
+    timeout_ns: u64,
+    rank: i32,
+    world: i32,
+    experts_per_rank: i32,
+    topk: i32,
+    max_tokens: i32,
+    num_tokens: i32,
+    x_bytes: i32,
+    s_bytes: i32,
+    slot_bytes: i32,
+    meta_bytes: i32,
+    capacity: i32,
+    hidden: i32,
+    idx64: i32,
+    accumulate: i32,
+}
+const _: () = assert!(std::mem::size_of::<KernelParams>() == 17 * 8 + 7 * 8 + 14 * 4);
+
+/// Inputs of `dispatch_send`. Pointers are device addresses on this rank's GPU; strides are in
+/// bytes for rows of data and in elements for the routing.
+#[derive(Debug, Clone, Copy)]
+pub struct DispatchArgs {
+    /// Token rows (`x_bytes` each, 16-byte aligned).
+    pub x: CUdeviceptr,
+    /// Bytes between token rows (a multiple of 16).
+    pub x_stride: i64,
+    /// float32 scales per token (0 when the config has none).
+    pub scales: CUdeviceptr,
+    /// Bytes between scale rows (a multiple of 4).
+    pub s_stride: i64,
+    /// Expert ids, `[tokens][topk]`, int32 or int64.
+    pub idx: CUdeviceptr,
+    /// True for int64 ids.
+    pub idx64: bool,
+    /// Elements between rows of `idx`.
+    pub idx_stride: i64,
+    /// float32 routing weights `[tokens][topk]`.
+    pub weights: CUdeviceptr,
+    /// Elements between rows of `weights`.
+    pub w_stride: i64,
+    /// Token count this step; `None` reads an int32 at `num_tokens_ptr` (for CUDA graphs).
+    pub num_tokens: Option<usize>,
+    /// Device int32 holding the token count, used when `num_tokens` is `None`.
+    pub num_tokens_ptr: CUdeviceptr,
+}
+
+/// Outputs of `dispatch_recv`: rows of local expert `e` are `offsets[e]..offsets[e] + counts[e]`.
+#[derive(Debug, Clone, Copy)]
+pub struct DispatchOutputs {
+    /// `[capacity][x_bytes]` token rows.
+    pub out_x: CUdeviceptr,
+    /// `[capacity][s_bytes]` scales (0 when none).
+    pub out_s: CUdeviceptr,
+    /// int32 `[experts_per_rank]`.
+    pub counts: CUdeviceptr,
+    /// int32 `[experts_per_rank + 1]`.
+    pub offsets: CUdeviceptr,
+}
+
+/// Inputs and outputs of the combine.
+#[derive(Debug, Clone, Copy)]
+pub struct CombineArgs {
+    /// Expert outputs, rows as the dispatch output (`hidden` elements of the combine dtype).
+    pub y: CUdeviceptr,
+    /// Bytes between rows of `y`.
+    pub y_stride: i64,
+    /// Result rows `[tokens][hidden]`.
+    pub out: CUdeviceptr,
+    /// Bytes between result rows.
+    pub out_stride: i64,
+    /// Add to what `out` holds instead of overwriting it.
+    pub accumulate: bool,
+}
+
+struct Kernels {
+    dispatch_send: Function,
+    dispatch_recv: Function,
+    combine_send: Function,
+    combine_recv: Function,
+}
+
+/// One rank's MoE all-to-all on one GPU.
+pub struct AllToAll {
+    cfg: Config,
+    layout: Layout,
+    ctx: Arc<Context>,
+    kernels: Kernels,
+    rx: DeviceBuffer,
+    local: DeviceBuffer,
+    err: PinnedHostBuffer,
+    mappings: Vec<IpcMapping>,
+    connected: bool,
+    sms: u32,
+}
+
+// SAFETY: the buffers and handles are plain driver objects usable from any thread; the kernels
+// are launched on a caller's stream, which serialises them.
+unsafe impl Send for AllToAll {}
+// SAFETY: as above; `&self` methods only read host-side fields or enqueue work.
+unsafe impl Sync for AllToAll {}
+
+impl AllToAll {
+    /// Allocates this rank's receive area and state on GPU `device` and loads the kernels.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a bad config, [`Error::NoKernels`] for a build without
+    /// nvcc, a CUDA error (no GPU, out of memory).
+    pub fn new(device: usize, cfg: Config) -> Result<AllToAll> {
+        let layout = cfg.layout()?;
+        if FATBIN.is_empty() {
+            return Err(Error::NoKernels);
+        }
+        let dev = Device::get(device)?;
+        let ctx = dev.primary_context()?;
+        let module = Module::load(&ctx, FATBIN)?;
+        let suffix = cfg.combine.suffix();
+        let kernels = Kernels {
+            dispatch_send: module.function("moe_dispatch_send")?,
+            dispatch_recv: module.function("moe_dispatch_recv")?,
+            combine_send: module.function(&format!("moe_combine_send_{suffix}"))?,
+            combine_recv: module.function(&format!("moe_combine_recv_{suffix}"))?,
+        };
+        let rx = DeviceBuffer::alloc_zeroed(&ctx, layout.rx_total)?;
+        let local = DeviceBuffer::alloc_zeroed(&ctx, layout.local_total)?;
+        let mut err = PinnedHostBuffer::alloc(&ctx, 64)?;
+        // SAFETY: no kernel uses the buffer yet; we own it exclusively.
+        unsafe { err.as_mut_slice().fill(0) };
+        let sms = dev.attribute(sys::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        Ok(AllToAll {
+            cfg,
+            layout,
+            ctx,
+            kernels,
+            rx,
+            local,
+            err,
+            mappings: Vec::new(),
+            connected: false,
+            sms,
+        })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The buffer layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The CUDA context (the device's primary context, which torch uses too).
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    /// The bytes peers need to map this rank's receive area ([`Handle`]).
+    ///
+    /// # Errors
+    /// A CUDA error exporting the IPC handle.
+    pub fn handle(&self) -> Result<Vec<u8>> {
+        let ipc = stolon_cuda::IpcMemHandle::of_buffer(&self.rx)?;
+        Ok(Handle {
+            rank: self.cfg.rank,
+            world: self.cfg.world,
+            fingerprint: self.cfg.fingerprint(),
+            pid: std::process::id(),
+            ipc: *ipc.as_bytes(),
+        }
+        .to_bytes())
+    }
+
+    /// Maps every peer's receive area from the handles of all ranks (index = rank, this rank's
+    /// own included) and writes the peer table. Called once.
+    ///
+    /// # Errors
+    /// [`Error::Handshake`] when the handles disagree (world, config, ranks), when a peer is on
+    /// another node (the proxy path is not configured), a CUDA error opening a mapping.
+    pub fn connect(&mut self, handles: &[Vec<u8>]) -> Result<()> {
+        if self.connected {
+            return Err(Error::InvalidArgument(
+                "connect() was already called".to_string(),
+            ));
+        }
+        let world = self.cfg.world;
+        if handles.len() != world {
+            return Err(Error::Handshake(format!(
+                "{} handles for a world of {world}",
+                handles.len()
+            )));
+        }
+        let decoded = handles
+            .iter()
+            .map(|b| Handle::from_bytes(b))
+            .collect::<Result<Vec<_>>>()?;
+        for (r, h) in decoded.iter().enumerate() {
+            if h.rank != r || h.world != world {
+                return Err(Error::Handshake(format!(
+                    "handle {r} is from rank {} of a world of {} (expected rank {r} of {world})",
+                    h.rank, h.world
+                )));
+            }
+            if h.fingerprint != self.cfg.fingerprint() {
+                return Err(Error::Handshake(format!(
+                    "rank {r} was built with a different config (experts, top-k, hidden, \
+                     dtypes, max_tokens, capacity or grouping differ)"
+                )));
+            }
+        }
+        let me = self.cfg.rank;
+        let mut bases = vec![0u64; world];
+        for (r, h) in decoded.iter().enumerate() {
+            if r == me {
+                bases[r] = self.rx.ptr();
+                continue;
+            }
+            if self.cfg.node_of(r) != self.cfg.node_of(me) {
+                return Err(Error::Handshake(format!(
+                    "rank {r} is on another node ({} ranks per node); ranks on other nodes need \
+                     the engine proxy, which this all-to-all was not given",
+                    self.cfg.ranks_per_node
+                )));
+            }
+            let handle = stolon_cuda::IpcMemHandle::from_bytes(&h.ipc)?;
+            let mapping = handle.open(&self.ctx).map_err(|e| {
+                Error::Handshake(format!(
+                    "cannot map rank {r}'s receive area through CUDA IPC (pid {}; is it on this \
+                     host and on a GPU with peer access to this one?): {e}",
+                    h.pid
+                ))
+            })?;
+            bases[r] = mapping.ptr();
+            self.mappings.push(mapping);
+        }
+        let l = &self.layout;
+        let c = &self.cfg;
+        let mine = self.rx.ptr();
+        let slot_region = (c.max_tokens * l.slot_bytes) as u64;
+        let meta_region = (c.max_tokens * l.meta_bytes) as u64;
+        let ecount_region = (l.experts_per_rank * 4) as u64;
+        let (me64, off) = (me as u64, |b: u64, o: usize| b + o as u64);
+        let table: Vec<PeerEntry> = (0..world)
+            .map(|p| {
+                let b = bases[p];
+                let p64 = p as u64;
+                PeerEntry {
+                    data: off(b, l.rx_data) + me64 * slot_region,
+                    meta: off(b, l.rx_meta) + me64 * meta_region,
+                    ecount: off(b, l.rx_ecount) + me64 * ecount_region,
+                    dflag: off(b, l.rx_dflag) + me64 * 8,
+                    cflag: off(b, l.rx_cflag) + me64 * 8,
+                    rel: off(b, l.rx_rel) + me64 * 8,
+                    rx_data: off(mine, l.rx_data) + p64 * slot_region,
+                    rx_meta: off(mine, l.rx_meta) + p64 * meta_region,
+                    rx_ecount: off(mine, l.rx_ecount) + p64 * ecount_region,
+                    rx_dflag: off(mine, l.rx_dflag) + p64 * 8,
+                    rx_cflag: off(mine, l.rx_cflag) + p64 * 8,
+                    rel_in: off(mine, l.rx_rel) + p64 * 8,
+                }
+            })
+            .collect();
+        // SAFETY: PeerEntry is repr(C) plain data; the slice covers exactly the table.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(table.as_ptr().cast::<u8>(), world * PEER_BYTES) };
+        self.local.copy_from_host(l.peers, bytes)?;
+        self.connected = true;
+        Ok(())
+    }
+
+    fn base_params(&self) -> KernelParams {
+        let l = &self.layout;
+        let c = &self.cfg;
+        let local = self.local.ptr();
+        KernelParams {
+            peers: local + l.peers as u64,
+            st: local + l.st as u64,
+            err: self.err.device_ptr(),
+            tok_mask: local + l.tok_mask as u64,
+            ecount_local: local + l.ecount_local as u64,
+            route_rows: local + l.route_rows as u64,
+            timeout_ns: c.timeout.as_nanos().min(u64::MAX as u128) as u64,
+            rank: c.rank as i32,
+            world: c.world as i32,
+            experts_per_rank: l.experts_per_rank as i32,
+            topk: c.topk as i32,
+            max_tokens: c.max_tokens as i32,
+            num_tokens: -1,
+            x_bytes: l.x_bytes as i32,
+            s_bytes: l.s_bytes as i32,
+            slot_bytes: l.slot_bytes as i32,
+            meta_bytes: l.meta_bytes as i32,
+            capacity: l.capacity as i32,
+            hidden: c.hidden as i32,
+            ..KernelParams::default()
+        }
+    }
+
+    fn grid(&self, items: usize) -> u32 {
+        (items.max(1) as u32).min(self.sms * 4)
+    }
+
+    /// # Safety
+    /// Every pointer in `p` must be valid for the kernel until it completes.
+    unsafe fn launch(
+        &self,
+        f: &Function,
+        stream: &Stream,
+        grid: u32,
+        smem: u32,
+        mut p: KernelParams,
+    ) -> Result<()> {
+        if !self.connected {
+            return Err(Error::InvalidArgument(
+                "connect() must be called before the first phase".to_string(),
+            ));
+        }
+        if let Some(e) = self.error() {
+            return Err(Error::Kernel(e));
+        }
+        let mut params = [(&mut p as *mut KernelParams).cast::<c_void>()];
+        // SAFETY: the one parameter is a KernelParams, the kernels' `Params` (checked layout);
+        // the caller promises the pointers inside.
+        unsafe { f.launch(stream, (grid, 1, 1), (THREADS, 1, 1), smem, &mut params)? };
+        Ok(())
+    }
+
+    /// Queues `dispatch_send` on `stream`.
+    ///
+    /// # Safety
+    /// The pointers in `a` must address device memory of this GPU as described, valid (and not
+    /// written by others) until the launch completes.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (too many tokens, misaligned rows), a recorded kernel error.
+    pub unsafe fn dispatch_send(&self, stream: &Stream, a: &DispatchArgs) -> Result<()> {
+        let l = &self.layout;
+        let num_tokens = match a.num_tokens {
+            Some(n) if n > self.cfg.max_tokens => {
+                return Err(Error::InvalidArgument(format!(
+                    "{n} tokens is more than max_tokens ({})",
+                    self.cfg.max_tokens
+                )))
+            }
+            Some(n) => n as i32,
+            None if a.num_tokens_ptr == 0 => {
+                return Err(Error::InvalidArgument(
+                    "neither num_tokens nor a num_tokens pointer given".to_string(),
+                ))
+            }
+            None => -1,
+        };
+        if a.x % 16 != 0 || a.x_stride % 16 != 0 || a.x_stride < l.x_bytes as i64 {
+            return Err(Error::InvalidArgument(format!(
+                "token rows must be 16-byte aligned with a stride of at least {} bytes \
+                 (a multiple of 16); got address {:#x}, stride {}",
+                l.x_bytes, a.x, a.x_stride
+            )));
+        }
+        if (l.s_bytes > 0) != (a.scales != 0) {
+            return Err(Error::InvalidArgument(if l.s_bytes > 0 {
+                "this all-to-all sends scales with every token, but none were given".to_string()
+            } else {
+                "scales given, but this all-to-all was built without scales".to_string()
+            }));
+        }
+        if a.scales != 0 && (a.scales % 4 != 0 || a.s_stride % 4 != 0) {
+            return Err(Error::InvalidArgument(
+                "scales must be 4-byte aligned".to_string(),
+            ));
+        }
+        let p = KernelParams {
+            x: a.x,
+            x_stride: a.x_stride,
+            scales: a.scales,
+            s_stride: a.s_stride,
+            idx: a.idx,
+            idx64: i32::from(a.idx64),
+            idx_stride: a.idx_stride,
+            weights: a.weights,
+            w_stride: a.w_stride,
+            num_tokens,
+            num_tokens_ptr: a.num_tokens_ptr,
+            ..self.base_params()
+        };
+        let grid = self.grid(self.cfg.max_tokens);
+        // SAFETY: the caller promises the inputs; our own buffers live as long as self.
+        unsafe { self.launch(&self.kernels.dispatch_send, stream, grid, 0, p) }
+    }
+
+    /// Queues `dispatch_recv` on `stream`.
+    ///
+    /// # Safety
+    /// `o`'s pointers must address device memory of this GPU of at least the sizes described
+    /// in [`DispatchOutputs`] (with `capacity` rows), valid until the launch completes.
+    ///
+    /// # Errors
+    /// A recorded kernel error.
+    pub unsafe fn dispatch_recv(&self, stream: &Stream, o: &DispatchOutputs) -> Result<()> {
+        if o.out_x % 16 != 0 {
+            return Err(Error::InvalidArgument(
+                "the dispatch output must be 16-byte aligned".to_string(),
+            ));
+        }
+        let p = KernelParams {
+            out_x: o.out_x,
+            out_s: o.out_s,
+            expert_counts: o.counts,
+            expert_offsets: o.offsets,
+            ..self.base_params()
+        };
+        let smem = ((self.cfg.world + 1) * self.layout.experts_per_rank * 4) as u32;
+        let grid = self.grid(self.cfg.world * self.cfg.max_tokens);
+        // SAFETY: as promised by the caller.
+        unsafe { self.launch(&self.kernels.dispatch_recv, stream, grid, smem, p) }
+    }
+
+    /// Queues `combine_send` on `stream`.
+    ///
+    /// # Safety
+    /// `a.y` must hold `capacity` rows of `y_stride` bytes on this GPU until the launch
+    /// completes.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for misaligned rows, a recorded kernel error.
+    pub unsafe fn combine_send(&self, stream: &Stream, a: &CombineArgs) -> Result<()> {
+        let c = self.layout.c_bytes as i64;
+        if a.y % 16 != 0 || a.y_stride % 16 != 0 || a.y_stride < c {
+            return Err(Error::InvalidArgument(format!(
+                "expert output rows must be 16-byte aligned with a stride of at least {c} bytes \
+                 (a multiple of 16)"
+            )));
+        }
+        let p = KernelParams {
+            y: a.y,
+            y_stride: a.y_stride,
+            ..self.base_params()
+        };
+        let grid = self.grid(self.cfg.world * self.cfg.max_tokens);
+        // SAFETY: as promised by the caller.
+        unsafe { self.launch(&self.kernels.combine_send, stream, grid, 0, p) }
+    }
+
+    /// Queues `combine_recv` on `stream`.
+    ///
+    /// # Safety
+    /// `a.out` must hold as many rows of `out_stride` bytes as tokens were dispatched, on this
+    /// GPU, until the launch completes.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for misaligned rows, a recorded kernel error.
+    pub unsafe fn combine_recv(&self, stream: &Stream, a: &CombineArgs) -> Result<()> {
+        let c = self.layout.c_bytes as i64;
+        if a.out % 16 != 0 || a.out_stride % 16 != 0 || a.out_stride < c {
+            return Err(Error::InvalidArgument(format!(
+                "result rows must be 16-byte aligned with a stride of at least {c} bytes \
+                 (a multiple of 16)"
+            )));
+        }
+        let p = KernelParams {
+            out: a.out,
+            out_stride: a.out_stride,
+            accumulate: i32::from(a.accumulate),
+            ..self.base_params()
+        };
+        let grid = self.grid(self.cfg.max_tokens);
+        // SAFETY: as promised by the caller.
+        unsafe { self.launch(&self.kernels.combine_recv, stream, grid, 0, p) }
+    }
+
+    /// What a kernel recorded, if anything failed. Sticky: after a failure the all-to-all
+    /// must be rebuilt on every rank.
+    pub fn error(&self) -> Option<KernelError> {
+        let p = self.err.host_ptr().cast::<u32>();
+        // SAFETY: the buffer is 64 bytes of host memory we own; kernels write it through its
+        // device mapping, so read it volatile.
+        let (code, phase, peer, detail, lo, hi) = unsafe {
+            (
+                p.read_volatile(),
+                p.add(1).read_volatile(),
+                p.add(2).read_volatile(),
+                p.add(3).read_volatile(),
+                p.add(4).read_volatile(),
+                p.add(5).read_volatile(),
+            )
+        };
+        (code != 0).then_some(KernelError {
+            code,
+            phase,
+            peer,
+            detail,
+            step: u64::from(lo) | (u64::from(hi) << 32),
+        })
+    }
+
+    /// Waits until `stream` has run everything queued, at most `timeout`, then reports a
+    /// recorded kernel error.
+    ///
+    /// # Errors
+    /// [`Error::Kernel`], [`Error::Timeout`], a CUDA error.
+    pub fn synchronize(&self, stream: &Stream, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if stream.query()? {
+                break;
+            }
+            if let Some(e) = self.error() {
+                if e.code == 1 {
+                    // The kernels give up on their own; let them finish.
+                    stream.wait_idle(timeout)?;
+                    return Err(Error::Kernel(e));
+                }
+            }
+            if start.elapsed() > timeout {
+                return Err(Error::Timeout(format!(
+                    "the all-to-all's stream did not finish within {timeout:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        match self.error() {
+            Some(e) => Err(Error::Kernel(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Steps each phase has completed (reads device memory; synchronous).
+    ///
+    /// # Errors
+    /// A CUDA error.
+    pub fn steps(&self) -> Result<[u64; 4]> {
+        let mut b = [0u8; STATE_BYTES];
+        self.local.copy_to_host(self.layout.st, &mut b)?;
+        let mut s = [0u64; 4];
+        for (i, v) in s.iter_mut().enumerate() {
+            *v = u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        }
+        Ok(s)
+    }
+}

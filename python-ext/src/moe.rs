@@ -1,0 +1,246 @@
+//! `stolon._native.MoeAllToAll`: the MoE dispatch/combine of one rank (p2p-all-to-all).
+//!
+//! Python passes integers (device pointers, strides, the raw stream) and keeps the tensors
+//! alive; `stolon.moe` validates shapes and dtypes before anything reaches here.
+
+use std::time::Duration;
+
+use p2p_all_to_all as a2a;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use crate::{cuda_err, stolon_err};
+
+fn to_py(e: a2a::Error) -> PyErr {
+    let name = match &e {
+        a2a::Error::InvalidArgument(_) => "InvalidArgumentError",
+        a2a::Error::Cuda(c) => return cuda_err(c.clone()),
+        a2a::Error::NoKernels => "CudaUnavailableError",
+        a2a::Error::Handshake(_) => "AllToAllError",
+        a2a::Error::Kernel(k) if k.code == 1 => "AllToAllTimeoutError",
+        a2a::Error::Timeout(_) => "AllToAllTimeoutError",
+        _ => "AllToAllError",
+    };
+    stolon_err(name, e.to_string())
+}
+
+/// One rank's MoE all-to-all (see `stolon.moe.AllToAll`, which wraps it).
+#[pyclass(module = "stolon._native", name = "MoeAllToAll")]
+pub struct MoeAllToAll {
+    inner: Option<a2a::AllToAll>,
+}
+
+impl MoeAllToAll {
+    fn get(&self) -> PyResult<&a2a::AllToAll> {
+        self.inner
+            .as_ref()
+            .ok_or_else(|| stolon_err("AllToAllError", "the all-to-all was closed".to_string()))
+    }
+
+    fn stream(&self, stream: usize) -> PyResult<stolon_cuda::Stream> {
+        let a = self.get()?;
+        // SAFETY: Python passes a stream handle of this device's primary context (torch's
+        // current stream) or 0, alive for the duration of the call that uses it.
+        Ok(unsafe {
+            stolon_cuda::Stream::from_raw(a.context(), stream as stolon_cuda::sys::CUstream)
+        })
+    }
+}
+
+#[pymethods]
+impl MoeAllToAll {
+    #[new]
+    #[pyo3(signature = (*, device, rank, world, num_experts, topk, max_tokens, hidden,
+                        dispatch_elem_bytes, scales_per_token, combine_dtype,
+                        ranks_per_node=None, capacity=None, timeout=10.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        device: usize,
+        rank: usize,
+        world: usize,
+        num_experts: usize,
+        topk: usize,
+        max_tokens: usize,
+        hidden: usize,
+        dispatch_elem_bytes: usize,
+        scales_per_token: usize,
+        combine_dtype: &str,
+        ranks_per_node: Option<usize>,
+        capacity: Option<usize>,
+        timeout: f64,
+    ) -> PyResult<Self> {
+        if !(timeout.is_finite() && timeout > 0.0) {
+            return Err(stolon_err(
+                "InvalidArgumentError",
+                format!("timeout must be a positive number of seconds, got {timeout}"),
+            ));
+        }
+        let cfg = a2a::Config {
+            rank,
+            world,
+            ranks_per_node: ranks_per_node.unwrap_or(world),
+            num_experts,
+            topk,
+            max_tokens,
+            hidden,
+            dispatch_elem_bytes,
+            scales_per_token,
+            combine: a2a::CombineDtype::parse(combine_dtype).map_err(to_py)?,
+            capacity,
+            timeout: Duration::from_secs_f64(timeout),
+        };
+        let inner = py
+            .allow_threads(|| a2a::AllToAll::new(device, cfg))
+            .map_err(to_py)?;
+        Ok(MoeAllToAll { inner: Some(inner) })
+    }
+
+    /// Bytes the other ranks pass to `connect` to map this rank's receive area.
+    fn handle<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let h = self.get()?.handle().map_err(to_py)?;
+        Ok(PyBytes::new(py, &h))
+    }
+
+    /// Maps every peer from the handles of all ranks, indexed by rank.
+    fn connect(&mut self, py: Python<'_>, handles: Vec<Vec<u8>>) -> PyResult<()> {
+        let a = self
+            .inner
+            .as_mut()
+            .ok_or_else(|| stolon_err("AllToAllError", "the all-to-all was closed".to_string()))?;
+        py.allow_threads(|| a.connect(&handles)).map_err(to_py)
+    }
+
+    #[pyo3(signature = (stream, x, x_stride, scales, s_stride, idx, idx64, idx_stride, weights,
+                        w_stride, num_tokens, num_tokens_ptr))]
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch_send(
+        &self,
+        stream: usize,
+        x: u64,
+        x_stride: i64,
+        scales: u64,
+        s_stride: i64,
+        idx: u64,
+        idx64: bool,
+        idx_stride: i64,
+        weights: u64,
+        w_stride: i64,
+        num_tokens: Option<usize>,
+        num_tokens_ptr: u64,
+    ) -> PyResult<()> {
+        let s = self.stream(stream)?;
+        let args = a2a::DispatchArgs {
+            x,
+            x_stride,
+            scales,
+            s_stride,
+            idx,
+            idx64,
+            idx_stride,
+            weights,
+            w_stride,
+            num_tokens,
+            num_tokens_ptr,
+        };
+        // SAFETY: stolon.moe checked the tensors' devices, shapes, dtypes and strides and keeps
+        // them referenced; the caching allocator does not reuse them before the stream passes.
+        unsafe { self.get()?.dispatch_send(&s, &args) }.map_err(to_py)
+    }
+
+    fn dispatch_recv(
+        &self,
+        stream: usize,
+        out_x: u64,
+        out_s: u64,
+        counts: u64,
+        offsets: u64,
+    ) -> PyResult<()> {
+        let s = self.stream(stream)?;
+        let o = a2a::DispatchOutputs {
+            out_x,
+            out_s,
+            counts,
+            offsets,
+        };
+        // SAFETY: as in dispatch_send; stolon.moe allocated the outputs with capacity rows.
+        unsafe { self.get()?.dispatch_recv(&s, &o) }.map_err(to_py)
+    }
+
+    fn combine_send(&self, stream: usize, y: u64, y_stride: i64) -> PyResult<()> {
+        let s = self.stream(stream)?;
+        let a = a2a::CombineArgs {
+            y,
+            y_stride,
+            out: 0,
+            out_stride: 0,
+            accumulate: false,
+        };
+        // SAFETY: as in dispatch_send; stolon.moe checked y has capacity rows.
+        unsafe { self.get()?.combine_send(&s, &a) }.map_err(to_py)
+    }
+
+    fn combine_recv(
+        &self,
+        stream: usize,
+        out: u64,
+        out_stride: i64,
+        accumulate: bool,
+    ) -> PyResult<()> {
+        let s = self.stream(stream)?;
+        let a = a2a::CombineArgs {
+            y: 0,
+            y_stride: 0,
+            out,
+            out_stride,
+            accumulate,
+        };
+        // SAFETY: as in dispatch_send; stolon.moe checked out has max_tokens rows.
+        unsafe { self.get()?.combine_recv(&s, &a) }.map_err(to_py)
+    }
+
+    /// Waits (GIL released) until `stream` is idle, at most `timeout` seconds; raises what a
+    /// kernel recorded.
+    fn synchronize(&self, py: Python<'_>, stream: usize, timeout: f64) -> PyResult<()> {
+        let s = self.stream(stream)?;
+        let a = self.get()?;
+        let t = Duration::from_secs_f64(timeout.max(0.0));
+        py.allow_threads(|| a.synchronize(&s, t)).map_err(to_py)
+    }
+
+    /// Raises what a kernel recorded, if anything (no synchronisation).
+    fn check(&self) -> PyResult<()> {
+        match self.get()?.error() {
+            Some(e) => Err(to_py(a2a::Error::Kernel(e))),
+            None => Ok(()),
+        }
+    }
+
+    /// Steps completed by each phase (synchronous device read).
+    fn steps(&self) -> PyResult<[u64; 4]> {
+        self.get()?.steps().map_err(to_py)
+    }
+
+    /// Sizes: slot/meta bytes, capacity, and the device memory allocated (`footprint`).
+    fn layout<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let l = self.get()?.layout();
+        let d = PyDict::new(py);
+        d.set_item("x_bytes", l.x_bytes)?;
+        d.set_item("s_bytes", l.s_bytes)?;
+        d.set_item("c_bytes", l.c_bytes)?;
+        d.set_item("slot_bytes", l.slot_bytes)?;
+        d.set_item("meta_bytes", l.meta_bytes)?;
+        d.set_item("experts_per_rank", l.experts_per_rank)?;
+        d.set_item("capacity", l.capacity)?;
+        d.set_item("receive_area_bytes", l.rx_total)?;
+        d.set_item("state_bytes", l.local_total)?;
+        d.set_item("footprint_bytes", l.footprint())?;
+        d.set_item("dispatch_output_bytes", l.dispatch_output_bytes())?;
+        Ok(d)
+    }
+
+    /// Frees the buffers and unmaps the peers (after the stream is idle). Idempotent.
+    fn close(&mut self) {
+        self.inner = None;
+    }
+}

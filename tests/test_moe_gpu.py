@@ -1,0 +1,169 @@
+"""MoE dispatch/combine on GPUs against the plain torch reference (issue 5).
+
+One worker process per GPU (tests/moe_worker.py). Random cases (hypothesis) over world sizes,
+experts, top-k, hidden sizes, dtypes, token counts and routing modes, including the degenerate
+ones (every token to one expert, every token to one rank, most experts empty, ranks with zero
+tokens); the decode and prefill shapes of the benchmark; CUDA-graph capture and replay; a
+silent peer; an out-of-range expert id. Needs torch with CUDA and NVIDIA GPUs; skipped
+elsewhere with the reason. Run on a GPU machine: ``pytest -m gpu tests/test_moe_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed (GPU tests need torch)")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+pytestmark = pytest.mark.gpu
+
+NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
+WORKERS = min(NGPU, 4)
+needs_gpu = pytest.mark.skipif(NGPU < 1, reason="needs an NVIDIA GPU (none visible)")
+needs_two = pytest.mark.skipif(NGPU < 2, reason="needs two NVIDIA GPUs (NVLink peers)")
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def pool():
+    if NGPU < 1:
+        pytest.skip("needs an NVIDIA GPU (none visible)")
+    from procpool import Pool
+
+    p = Pool(WORKERS, "moe_worker", timeout=300)
+    yield p
+    p.close()
+
+
+def run(pool, cmd: str, case: Dict[str, Any]) -> list:
+    import moe_worker
+
+    d = tempfile.mkdtemp(prefix=f"stolon-moe-{next(_ids)}-")
+    return moe_worker.run_all(pool, cmd, case, d, range(case["world"]))
+
+
+def case(**kw: Any) -> Dict[str, Any]:
+    c: Dict[str, Any] = {
+        "world": WORKERS,
+        "experts": 8 * max(WORKERS, 1),
+        "topk": 2,
+        "hidden": 256,
+        "max_tokens": 64,
+        "dispatch": "bf16",
+        "combine": "bf16",
+        "route": "random",
+        "seed": 1,
+        "steps": 2,
+    }
+    c.update(kw)
+    c.setdefault("tokens", [c["max_tokens"]] * c["world"])
+    return c
+
+
+@st.composite
+def cases(draw) -> Dict[str, Any]:
+    world = draw(st.integers(1, max(WORKERS, 1)))
+    epr = draw(st.sampled_from([1, 2, 3, 8, 32, 64, 256]))
+    experts = min(world * epr, 1024 // world * world)
+    route = draw(st.sampled_from(["random", "random", "one_expert", "one_rank", "few_experts"]))
+    topk_max = min(16, experts) if route == "random" else 16
+    max_tokens = draw(st.sampled_from([1, 7, 64, 200, 300]))
+    tokens = [draw(st.integers(0, max_tokens)) for _ in range(world)]
+    return case(
+        world=world,
+        experts=experts,
+        topk=draw(st.integers(1, topk_max)),
+        hidden=draw(st.sampled_from([16, 48, 128, 272, 1024, 7168])),
+        max_tokens=max_tokens,
+        tokens=tokens,
+        dispatch=draw(st.sampled_from(["bf16", "f16", "f32", "fp8"])),
+        combine=draw(st.sampled_from(["bf16", "f16", "f32"])),
+        route=route,
+        idx32=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**30)),
+    )
+
+
+@needs_gpu
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(c=cases())
+def test_random_cases_match_reference(pool, c):
+    res = run(pool, "case", c)
+    assert len(res) == c["world"]
+
+
+@needs_gpu
+@pytest.mark.parametrize(
+    "route,tokens",
+    [
+        ("one_expert", None),  # every top-k slot of every token names one expert
+        ("one_rank", None),  # all tokens to the experts of one rank
+        ("few_experts", None),  # most experts receive nothing
+        ("random", "zero_some"),  # ranks with zero tokens
+        ("random", "zero_all"),  # a step with no tokens anywhere
+    ],
+)
+def test_degenerate_routes(pool, route, tokens):
+    c = case(route=route, topk=4, dispatch="fp8", seed=5)
+    if tokens == "zero_some":
+        c["tokens"] = [0 if r % 2 == 0 else 64 for r in range(c["world"])]
+    elif tokens == "zero_all":
+        c["tokens"] = [0] * c["world"]
+    res = run(pool, "case", c)
+    if tokens == "zero_all":
+        assert all(r["rows"] == 0 for r in res)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dispatch", ["fp8", "bf16"])
+def test_decode_shape(pool, dispatch):
+    """The benchmark's decode configuration: 128 tokens, hidden 7168, 256 experts, top-8."""
+    c = case(experts=256, topk=8, hidden=7168, max_tokens=128, dispatch=dispatch, steps=3, seed=11)
+    res = run(pool, "case", c)
+    assert sum(r["rows"] for r in res) == 3 * 8 * 128 * c["world"]
+
+
+@needs_gpu
+def test_prefill_shape(pool):
+    """The benchmark's prefill configuration: 4096 tokens per rank."""
+    c = case(experts=256, topk=8, hidden=7168, max_tokens=4096, dispatch="fp8", steps=1, seed=3)
+    res = run(pool, "case", c)
+    assert sum(r["rows"] for r in res) == 8 * 4096 * c["world"]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dispatch", ["fp8", "bf16"])
+def test_cuda_graph_replay(pool, dispatch):
+    c = case(
+        experts=32 * max(WORKERS, 1),
+        topk=8,
+        hidden=1024,
+        max_tokens=96,
+        dispatch=dispatch,
+        tokens=[96 - 17 * r for r in range(WORKERS)],
+        seed=21,
+        replays=4,
+    )
+    res = run(pool, "graph", c)
+    assert all(r["replays"] == 4 for r in res)
+
+
+@needs_two
+def test_silent_peer_times_out(pool):
+    c = case(world=2, timeout=1.0, seed=9)
+    res = run(pool, "dead_peer", c)
+    assert res[0]["took"] < 10.0, res[0]
+
+
+@needs_gpu
+def test_out_of_range_expert_is_rejected_before_sending(pool):
+    run(pool, "bad_expert", case(world=1, experts=8, seed=2))
