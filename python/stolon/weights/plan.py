@@ -996,6 +996,34 @@ class CostModel:
     chunk_bytes: int = 64 << 20
     rtt_us: float = 10.0
 
+    @classmethod
+    def calibrated(
+        cls,
+        *,
+        link_gbs: float,
+        ops_per_s: float,
+        rtt_us: float,
+        h2d_gbs: float = 50.0,
+        convert_gbs: float = 1000.0,
+        offload: bool = False,
+        chunk_bytes: int = 64 << 20,
+    ) -> CostModel:
+        """A model from rates measured on the machine: ``link_gbs`` GB/s of one writer into one
+        reader's GPU over the path used (a large write, timed to the receiver's count),
+        ``ops_per_s`` small writes per second, ``rtt_us`` one small write's latency,
+        ``h2d_gbs`` pinned host-to-device copies, ``convert_gbs`` GB/s of bf16 input through
+        the fp8 conversion (both passes: tile maxima and conversion)."""
+        return cls(
+            link_gbps=link_gbs * 8,
+            link_efficiency=1.0,
+            h2d_gbs=h2d_gbs,
+            offload=offload,
+            convert_tbs=2 * convert_gbs / 1000,  # the model charges two passes per byte
+            ops_per_s=ops_per_s,
+            chunk_bytes=chunk_bytes,
+            rtt_us=rtt_us,
+        )
+
     def traffic(self, plan: WeightPlan) -> Dict[str, np.ndarray]:
         """Per-rank totals the model uses (bytes and operations)."""
         infer, train = plan.infer, plan.train
@@ -1040,10 +1068,11 @@ class CostModel:
             "link_in": float(t["recv_bytes"].max()) / bw,
         }
         bound = max(stages, key=lambda k: stages[k])
-        c = float(self.chunk_bytes)
+        c = float(min(self.chunk_bytes, max(t["send_bytes"].max(), 1.0)))
+        converts = bool(t["convert_bytes"].max() > 0)
         chunk = {  # one chunk of bf16 source through each stage (fp8 halves the wire bytes)
             "h2d": c / (self.h2d_gbs * 1e9) if self.offload else 0.0,
-            "convert": 2 * c / (self.convert_tbs * 1e12),
+            "convert": 2 * c / (self.convert_tbs * 1e12) if converts else 0.0,
             "post": 0.0,
             "link_out": c / 2 / bw,
             "link_in": c / 2 / bw,
