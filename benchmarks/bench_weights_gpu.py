@@ -219,6 +219,12 @@ def _cmd_probe_count(state: dict, size: int) -> int:
     return state["engine"].imm_count_for(_probe_region(state, size), desc, size)
 
 
+def _cmd_path(state: dict) -> str:
+    """Training rank: the path its writes into inference rank 0's slots take."""
+    desc, _ = state["obj"]._dst[0]
+    return state["engine"].path(_probe_region(state, 4096), desc)
+
+
 def _cmd_probe_send(state: dict, size: int, n: int, imm: int) -> Tuple[float, int]:
     """Training rank: ``n`` writes of ``size`` bytes into inference rank 0's second slot."""
     desc, slot_bytes = state["obj"]._dst[0]

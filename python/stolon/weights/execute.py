@@ -1054,7 +1054,14 @@ def simulate(
         if len(plan.data.for_src(r)) or len(plan.scales.for_src(r))
     }
     layouts = {d: slot_layout(plan, d) for d in range(plan.infer.world)}
-    slots = {d: np.zeros(lay.slot_bytes, dtype=np.uint8) for d, lay in layouts.items()}
+    slots: Dict[int, Any] = {}
+    for d, lay in layouts.items():
+        if device is None:
+            slots[d] = np.zeros(lay.slot_bytes, dtype=np.uint8)
+        else:  # torch host memory: snapshots are torch tensors (no ml_dtypes needed)
+            import torch
+
+            slots[d] = torch.zeros(lay.slot_bytes, dtype=torch.uint8)
     for pr in progs.values():
         pr.local_amax()
     for r, pr in progs.items():
@@ -1071,12 +1078,12 @@ def simulate(
     return {d: unpack_slot(layouts[d], slots[d], version) for d in layouts}
 
 
-def _apply(pr: _Program, reqs: List[_Request], slots: Dict[int, np.ndarray]) -> None:
+def _apply(pr: _Program, reqs: List[_Request], slots: Dict[int, Any]) -> None:
     pr.sync()
     for r in reqs:
         src = pr.source(r[1])
         if not isinstance(src, np.ndarray):  # torch: the bytes on the host
-            src = src.cpu().numpy()
+            src = src.cpu()
         if r[0] == "scatter":
             for d, so, do, n in r[2]:
                 slots[d][do : do + n] = src[so : so + n]
