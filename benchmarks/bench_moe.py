@@ -9,8 +9,9 @@ scales per token, bf16 combine), every iteration draws a fresh routing and measu
 events, per rank:
 
 - stolon: dispatch_send, dispatch_recv, combine_send, combine_recv (the halves), and
-  dispatch = send + recv, combine = send + recv. Launches are queued behind a short GPU sleep
-  so the events time the GPU, not Python.
+  dispatch = send + recv, combine = send + recv. Each iteration is queued behind a GPU sleep
+  and a one-element all_reduce, so the GPUs start together and the events time the GPU, not
+  Python (the same for the NCCL graph form).
 - NCCL eager: pack each token once per destination rank (with its routing), exchange counts
   with all_to_all_single, read them on the host, exchange tokens with all_to_all_single; the
   combine sends the partial sums back and adds them per token. It omits the receiver's grouping
@@ -71,10 +72,13 @@ def peer_copy_gbps(size: int = 256 << 20, reps: int = 10) -> float:
     return size * reps / (time.perf_counter() - t) / 1e9
 
 
-def sleep_then(events_start) -> None:
-    """Queues ~50 us of GPU sleep so the launches that follow are timed on the GPU alone."""
-    torch.cuda._sleep(100_000)
-    events_start.record()
+def start_together(event, tiny: torch.Tensor) -> None:
+    """Queues ~1 ms of GPU sleep (the CPU queues the whole iteration meanwhile, so the events
+    time the GPU, not Python), then a one-element all_reduce that the GPUs leave together,
+    then the start event."""
+    torch.cuda._sleep(2_000_000)
+    dist.all_reduce(tiny)
+    event.record()
 
 
 def bench_stolon(cfg, rank, world, dev, routes, x, xs, y) -> Dict[str, Any]:
@@ -100,13 +104,14 @@ def bench_stolon(cfg, rank, world, dev, routes, x, xs, y) -> Dict[str, Any]:
     yy = y[: a2a.capacity]
     res = torch.empty((cfg["tokens"], cfg["hidden"]), dtype=torch.bfloat16, device=dev)
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
+    tiny = torch.zeros(1, device=dev)
     names = ["dispatch_send", "dispatch_recv", "combine_send", "combine_recv"]
     samples: Dict[str, List[float]] = {k: [] for k in names + ["dispatch", "combine"]}
     for it in range(cfg["warmup"] + cfg["iters"]):
         idx, w = routes[it % len(routes)]
         torch.cuda.synchronize()
         dist.barrier()
-        sleep_then(ev[0])
+        start_together(ev[0], tiny)
         a2a.dispatch_send(x, idx, w, xs)
         ev[1].record()
         a2a.dispatch_recv(out)
@@ -214,6 +219,7 @@ def bench_nccl_graph(cfg, rank, world, dev, routes, x, xs, y) -> Dict[str, Any]:
     with torch.cuda.graph(gc):
         combine()
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+    tiny = torch.zeros(1, device=dev)
     samples: Dict[str, List[float]] = {"dispatch": [], "combine": []}
     for it in range(cfg["warmup"] + cfg["iters"]):
         idx, w = routes[it % len(routes)]
@@ -221,7 +227,7 @@ def bench_nccl_graph(cfg, rank, world, dev, routes, x, xs, y) -> Dict[str, Any]:
         s_w.copy_(w)
         torch.cuda.synchronize()
         dist.barrier()
-        sleep_then(ev[0])
+        start_together(ev[0], tiny)
         gd.replay()
         ev[1].record()
         gc.replay()

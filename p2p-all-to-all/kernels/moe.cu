@@ -60,7 +60,7 @@ struct State {
     uint64_t seq[4];   // last completed step of each phase
     uint32_t done[4];  // blocks of the running launch that finished, per phase
     int32_t my_ntok;   // tokens this rank dispatched in the current step
-    int32_t pad;
+    int32_t failed;    // a wait of this rank timed out (device-side copy of err->code == 1)
 };
 
 struct Error {
@@ -131,6 +131,7 @@ __device__ __forceinline__ uint64_t now_ns() {
 
 __device__ void record_error(const Params& P, uint32_t code, uint32_t phase, uint32_t peer,
                              uint32_t detail, uint64_t step) {
+    if (code == kErrTimeout) atomicExch(&P.st->failed, 1);
     if (atomicCAS_system(&P.err->code, 0u, code) == 0u) {
         P.err->phase = phase;
         P.err->peer = peer;
@@ -140,8 +141,9 @@ __device__ void record_error(const Params& P, uint32_t code, uint32_t phase, uin
     }
 }
 
+// Read from device memory: polling the host-mapped error word would cross PCIe.
 __device__ __forceinline__ bool timed_out_elsewhere(const Params& P) {
-    return *reinterpret_cast<volatile uint32_t*>(&P.err->code) == kErrTimeout;
+    return *reinterpret_cast<volatile int32_t*>(&P.st->failed) != 0;
 }
 
 // Spins until (*p >> shift) >= target. False (and an error recorded) after the deadline, or at
@@ -165,33 +167,35 @@ __device__ bool wait_at_least(const Params& P, const uint64_t* p, uint64_t targe
     return true;
 }
 
-// Waits, in threads 0..world-1, for each peer's value; true in every thread when all arrived.
-__device__ bool wait_all_peers(const Params& P, const uint64_t* const Peer::*field,
-                               uint64_t target, int shift, uint32_t phase, uint64_t step) {
+// Waits for each peer's value; true in every thread when all arrived. One thread per block
+// polls (peer by peer) while the others wait at the barrier, so the flags' cache lines see few
+// readers.
+__device__ bool wait_all_peers(const Params& P, const uint64_t* Peer::*field, uint64_t target,
+                               int shift, uint32_t phase, uint64_t step) {
     __shared__ int s_ok;
-    if (threadIdx.x == 0) s_ok = 1;
-    __syncthreads();
-    if (threadIdx.x < P.world) {
-        if (!wait_at_least(P, P.peers[threadIdx.x].*field, target, shift, phase, threadIdx.x,
-                           step))
-            atomicAnd(&s_ok, 0);
+    if (threadIdx.x == 0) {
+        int ok = 1;
+        for (int p = 0; p < P.world && ok; ++p)
+            ok = wait_at_least(P, P.peers[p].*field, target, shift, phase, p, step);
+        s_ok = ok;
     }
     __syncthreads();
     return s_ok != 0;
 }
 
 // Marks this block finished for `phase`; true in every thread of the last block to finish,
-// which then sees every other block's writes.
+// which then sees every other block's writes. The barrier orders the block's writes before
+// thread 0's system-scope fence (fences are cumulative), as a grid barrier does.
 __device__ bool last_block(const Params& P, int phase) {
     __shared__ int s_last;
-    __threadfence_system();
     __syncthreads();
     if (threadIdx.x == 0) {
+        __threadfence_system();
         const uint32_t prev = atomicAdd(&P.st->done[phase], 1u);
         s_last = prev == gridDim.x - 1;
+        if (s_last) __threadfence_system();
     }
     __syncthreads();
-    if (s_last) __threadfence_system();
     return s_last != 0;
 }
 
@@ -328,8 +332,6 @@ extern "C" __global__ void __launch_bounds__(kThreads) moe_dispatch_send(Params 
 extern "C" __global__ void __launch_bounds__(kThreads) moe_dispatch_recv(Params P) {
     extern __shared__ int s_dyn[];  // off[world * experts_per_rank], cnt[experts_per_rank]
     __shared__ int s_start[kMaxWorld + 1];
-    __shared__ int s_rows[kMaxTopk];
-    __shared__ int s_any;
     const int tid = threadIdx.x;
     const int epr = P.experts_per_rank;
     int* s_off = s_dyn;
@@ -356,7 +358,6 @@ extern "C" __global__ void __launch_bounds__(kThreads) moe_dispatch_recv(Params 
                 s_cnt[le] = base;
                 base += c;
             }
-            s_start[P.world] = s_start[P.world];  // unchanged; keeps the prefix visible
             if (blockIdx.x == 0) {
                 P.expert_offsets[epr] = base;
                 if (base > P.capacity)
@@ -373,52 +374,60 @@ extern "C" __global__ void __launch_bounds__(kThreads) moe_dispatch_recv(Params 
                 P.expert_counts[le] = next - s_cnt[le];
             }
         }
+        // One warp per received token: many tokens in flight per SM hide the load latency.
         const int items = s_start[P.world];
         const int x_vecs = P.x_bytes / 16;
         const int s_words = P.s_bytes / 4;
-        for (int i = blockIdx.x; i < items; i += gridDim.x) {
+        const int lane = tid & 31;
+        const int warps = blockDim.x / 32;
+        for (int i = blockIdx.x * warps + tid / 32; i < items; i += gridDim.x * warps) {
             const int s = source_of(s_start, P.world, i);
             const int t = i - s_start[s];
             const uint8_t* m = P.peers[s].rx_meta + static_cast<size_t>(t) * P.meta_bytes;
-            if (tid == 0) s_any = 0;
-            __syncthreads();
-            if (tid < P.topk) {
-                const int le = meta_le(m, tid);
-                int row = -1;
+            int row = -1;
+            if (lane < P.topk) {
+                const int le = meta_le(m, lane);
                 if (le >= 0 && le < epr) {
-                    row = s_off[s * epr + le] + meta_pos(m, P.topk, tid);
+                    row = s_off[s * epr + le] + meta_pos(m, P.topk, lane);
                     if (row >= P.capacity) row = -1;
                 }
-                s_rows[tid] = row;
-                P.route_rows[(static_cast<size_t>(s) * P.max_tokens + t) * P.topk + tid] = row;
-                if (row >= 0) atomicOr(&s_any, 1);
+                P.route_rows[(static_cast<size_t>(s) * P.max_tokens + t) * P.topk + lane] = row;
             }
-            __syncthreads();
-            if (s_any) {
-                const uint8_t* slot = P.peers[s].rx_data + static_cast<size_t>(t) * P.slot_bytes;
-                const uint4* src = reinterpret_cast<const uint4*>(slot);
-                for (int v = tid; v < x_vecs; v += blockDim.x) {
-                    const uint4 val = __ldcg(src + v);
-                    for (int k = 0; k < P.topk; ++k) {
-                        const int row = s_rows[k];
-                        if (row >= 0)
-                            reinterpret_cast<uint4*>(P.out_x +
-                                                     static_cast<size_t>(row) * P.x_bytes)[v] = val;
-                    }
+            const unsigned hit = __ballot_sync(0xffffffffu, row >= 0);
+            if (!hit) continue;
+            const uint8_t* slot = P.peers[s].rx_data + static_cast<size_t>(t) * P.slot_bytes;
+            const uint4* src = reinterpret_cast<const uint4*>(slot);
+            // Trip counts are the same in every lane, so the shuffles see the whole warp.
+            constexpr int U = 4;
+            for (int base = 0; base < x_vecs; base += 32 * U) {
+                uint4 val[U];
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    const int v = base + 32 * u + lane;
+                    if (v < x_vecs) val[u] = __ldcg(src + v);
                 }
-                const uint32_t* ssrc = reinterpret_cast<const uint32_t*>(slot + P.x_bytes);
-                for (int v = tid; v < s_words; v += blockDim.x) {
-                    const uint32_t val = __ldcg(ssrc + v);
-                    for (int k = 0; k < P.topk; ++k) {
-                        const int row = s_rows[k];
-                        if (row >= 0)
-                            reinterpret_cast<uint32_t*>(P.out_s +
-                                                        static_cast<size_t>(row) * P.s_bytes)[v] =
-                                val;
+                for (unsigned h = hit; h; h &= h - 1) {
+                    const int r = __shfl_sync(0xffffffffu, row, __ffs(h) - 1);
+                    uint4* dst =
+                        reinterpret_cast<uint4*>(P.out_x + static_cast<size_t>(r) * P.x_bytes);
+#pragma unroll
+                    for (int u = 0; u < U; ++u) {
+                        const int v = base + 32 * u + lane;
+                        if (v < x_vecs) dst[v] = val[u];
                     }
                 }
             }
-            __syncthreads();
+            const uint32_t* ssrc = reinterpret_cast<const uint32_t*>(slot + P.x_bytes);
+            for (int base = 0; base < s_words; base += 32) {
+                const int v = base + lane;
+                const uint32_t val = v < s_words ? __ldcg(ssrc + v) : 0u;
+                for (unsigned h = hit; h; h &= h - 1) {
+                    const int r = __shfl_sync(0xffffffffu, row, __ffs(h) - 1);
+                    if (v < s_words)
+                        reinterpret_cast<uint32_t*>(P.out_s + static_cast<size_t>(r) * P.s_bytes)[v] =
+                            val;
+                }
+            }
         }
     }
     if (!last_block(P, 1)) return;
@@ -491,9 +500,6 @@ struct Vec<float> {
 template <typename T>
 __device__ void combine_send(const Params& P) {
     __shared__ int s_start[kMaxWorld + 1];
-    __shared__ int s_rows[kMaxTopk];
-    __shared__ float s_w[kMaxTopk];
-    __shared__ int s_any;
     constexpr int N = Vec<T>::N;
     const int tid = threadIdx.x;
     const uint64_t n = P.st->seq[2] + 1;
@@ -503,42 +509,55 @@ __device__ void combine_send(const Params& P) {
         source_prefix(P, s_start);
         const int items = s_start[P.world];
         const int vecs = P.hidden / N;
-        for (int i = blockIdx.x; i < items; i += gridDim.x) {
+        const int lane = tid & 31;
+        const int warps = blockDim.x / 32;
+        for (int i = blockIdx.x * warps + tid / 32; i < items; i += gridDim.x * warps) {
             const int s = source_of(s_start, P.world, i);
             const int t = i - s_start[s];
             const uint8_t* m = P.peers[s].rx_meta + static_cast<size_t>(t) * P.meta_bytes;
-            if (tid == 0) s_any = 0;
-            __syncthreads();
-            if (tid < P.topk) {
-                const int row =
-                    P.route_rows[(static_cast<size_t>(s) * P.max_tokens + t) * P.topk + tid];
-                s_rows[tid] = row;
-                s_w[tid] = meta_w(m, P.topk, tid);
-                if (row >= 0) atomicOr(&s_any, 1);
+            int row = -1;
+            float w = 0.f;
+            if (lane < P.topk) {
+                row = P.route_rows[(static_cast<size_t>(s) * P.max_tokens + t) * P.topk + lane];
+                w = meta_w(m, P.topk, lane);
             }
-            __syncthreads();
-            if (s_any) {
-                uint4* dst = reinterpret_cast<uint4*>(P.peers[s].data +
-                                                      static_cast<size_t>(t) * P.slot_bytes);
-                for (int v = tid; v < vecs; v += blockDim.x) {
-                    float acc[N];
+            const unsigned hit = __ballot_sync(0xffffffffu, row >= 0);
+            if (!hit) continue;
+            uint4* dst =
+                reinterpret_cast<uint4*>(P.peers[s].data + static_cast<size_t>(t) * P.slot_bytes);
+            constexpr int U = 2;
+            for (int base = 0; base < vecs; base += 32 * U) {
+                float acc[U][N];
 #pragma unroll
-                    for (int j = 0; j < N; ++j) acc[j] = 0.f;
-                    for (int k = 0; k < P.topk; ++k) {
-                        const int row = s_rows[k];
-                        if (row < 0) continue;
-                        const uint4 raw = reinterpret_cast<const uint4*>(
-                            P.y + static_cast<size_t>(row) * P.y_stride)[v];
-                        float f[N];
-                        Vec<T>::load(raw, f);
-                        const float w = s_w[k];
+                for (int u = 0; u < U; ++u)
 #pragma unroll
-                        for (int j = 0; j < N; ++j) acc[j] = fmaf(w, f[j], acc[j]);
+                    for (int j = 0; j < N; ++j) acc[u][j] = 0.f;
+                for (unsigned h = hit; h; h &= h - 1) {
+                    const int src_lane = __ffs(h) - 1;
+                    const int r = __shfl_sync(0xffffffffu, row, src_lane);
+                    const float wk = __shfl_sync(0xffffffffu, w, src_lane);
+                    const uint4* y =
+                        reinterpret_cast<const uint4*>(P.y + static_cast<size_t>(r) * P.y_stride);
+                    uint4 raw[U];
+#pragma unroll
+                    for (int u = 0; u < U; ++u) {
+                        const int v = base + 32 * u + lane;
+                        if (v < vecs) raw[u] = y[v];
                     }
-                    dst[v] = Vec<T>::store(acc);
+#pragma unroll
+                    for (int u = 0; u < U; ++u) {
+                        float f[N];
+                        Vec<T>::load(raw[u], f);
+#pragma unroll
+                        for (int j = 0; j < N; ++j) acc[u][j] = fmaf(wk, f[j], acc[u][j]);
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    const int v = base + 32 * u + lane;
+                    if (v < vecs) dst[v] = Vec<T>::store(acc[u]);
                 }
             }
-            __syncthreads();
         }
     }
     if (!last_block(P, 2)) return;
@@ -555,29 +574,47 @@ __device__ void combine_recv(const Params& P) {
     if (ok) {
         const int ntok = P.st->my_ntok;
         const int vecs = P.hidden / N;
-        for (int t = blockIdx.x; t < ntok; t += gridDim.x) {
+        const int lane = tid & 31;
+        const int warps = blockDim.x / 32;
+        for (int t = blockIdx.x * warps + tid / 32; t < ntok; t += gridDim.x * warps) {
             const uint64_t mask = P.tok_mask[t];
             uint4* dst = reinterpret_cast<uint4*>(P.out + static_cast<size_t>(t) * P.out_stride);
-            for (int v = tid; v < vecs; v += blockDim.x) {
-                float acc[N];
-                if (P.accumulate) {
-                    Vec<T>::load(dst[v], acc);
-                } else {
+            const size_t slot = static_cast<size_t>(t) * P.slot_bytes;
+            constexpr int U = 2;
+            for (int base = 0; base < vecs; base += 32 * U) {
+                float acc[U][N];
 #pragma unroll
-                    for (int j = 0; j < N; ++j) acc[j] = 0.f;
-                }
-                for (uint64_t m = mask; m; m &= m - 1) {
-                    const int d = __ffsll(static_cast<long long>(m)) - 1;
-                    const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(
-                                                 P.peers[d].rx_data +
-                                                 static_cast<size_t>(t) * P.slot_bytes) +
-                                             v);
-                    float f[N];
-                    Vec<T>::load(raw, f);
+                for (int u = 0; u < U; ++u) {
+                    const int v = base + 32 * u + lane;
+                    if (P.accumulate && v < vecs) {
+                        Vec<T>::load(dst[v], acc[u]);
+                    } else {
 #pragma unroll
-                    for (int j = 0; j < N; ++j) acc[j] += f[j];
+                        for (int j = 0; j < N; ++j) acc[u][j] = 0.f;
+                    }
                 }
-                dst[v] = Vec<T>::store(acc);
+                for (uint64_t mk = mask; mk; mk &= mk - 1) {
+                    const int d = __ffsll(static_cast<long long>(mk)) - 1;
+                    const uint4* src = reinterpret_cast<const uint4*>(P.peers[d].rx_data + slot);
+                    uint4 raw[U];
+#pragma unroll
+                    for (int u = 0; u < U; ++u) {
+                        const int v = base + 32 * u + lane;
+                        if (v < vecs) raw[u] = __ldcg(src + v);
+                    }
+#pragma unroll
+                    for (int u = 0; u < U; ++u) {
+                        float f[N];
+                        Vec<T>::load(raw[u], f);
+#pragma unroll
+                        for (int j = 0; j < N; ++j) acc[u][j] += f[j];
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    const int v = base + 32 * u + lane;
+                    if (v < vecs) dst[v] = Vec<T>::store(acc[u]);
+                }
             }
         }
     }

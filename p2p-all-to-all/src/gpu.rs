@@ -187,6 +187,9 @@ impl AllToAll {
         };
         let rx = DeviceBuffer::alloc_zeroed(&ctx, layout.rx_total)?;
         let local = DeviceBuffer::alloc_zeroed(&ctx, layout.local_total)?;
+        // The zeroing may still be queued; peers must not write before it is done (a late
+        // memset would wipe their first flags).
+        ctx.synchronize()?;
         let mut err = PinnedHostBuffer::alloc(&ctx, 64)?;
         // SAFETY: no kernel uses the buffer yet; we own it exclusively.
         unsafe { err.as_mut_slice().fill(0) };
@@ -362,7 +365,7 @@ impl AllToAll {
     }
 
     fn grid(&self, items: usize) -> u32 {
-        (items.max(1) as u32).min(self.sms * 4)
+        (items.max(1) as u32).min(self.sms)
     }
 
     /// # Safety
@@ -422,7 +425,8 @@ impl AllToAll {
                 l.x_bytes, a.x, a.x_stride
             )));
         }
-        if (l.s_bytes > 0) != (a.scales != 0) {
+        let empty = a.num_tokens == Some(0);
+        if (l.s_bytes > 0 && a.scales == 0 && !empty) || (l.s_bytes == 0 && a.scales != 0) {
             return Err(Error::InvalidArgument(if l.s_bytes > 0 {
                 "this all-to-all sends scales with every token, but none were given".to_string()
             } else {
@@ -589,6 +593,40 @@ impl AllToAll {
         }
     }
 
+    /// Waits until every peer has made its last write into this rank's receive area (its
+    /// release notice after the last completed step), so the memory can be freed without a
+    /// late peer write landing in whatever is allocated there next. Returns false when the
+    /// phases are not balanced (a step was left half done) or `timeout` passed.
+    ///
+    /// # Errors
+    /// A CUDA error reading device memory.
+    pub fn quiesce(&self, timeout: Duration) -> Result<bool> {
+        if !self.connected {
+            return Ok(true);
+        }
+        let steps = self.steps()?;
+        if steps.iter().any(|&s| s != steps[3]) || self.error().is_some() {
+            return Ok(false);
+        }
+        let want = 2 * steps[3];
+        let world = self.cfg.world;
+        let mut buf = vec![0u8; world * 8];
+        let start = Instant::now();
+        loop {
+            self.rx.copy_to_host(self.layout.rx_rel, &mut buf)?;
+            let done = buf
+                .chunks_exact(8)
+                .all(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) >= want);
+            if done {
+                return Ok(true);
+            }
+            if start.elapsed() > timeout {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
     /// Steps each phase has completed (reads device memory; synchronous).
     ///
     /// # Errors
@@ -601,5 +639,13 @@ impl AllToAll {
             *v = u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
         }
         Ok(s)
+    }
+}
+
+impl Drop for AllToAll {
+    fn drop(&mut self) {
+        // Best effort: peers may still be writing their last release notices into our receive
+        // area; wait for them (bounded) before the buffers are freed.
+        let _ = self.quiesce(self.cfg.timeout);
     }
 }

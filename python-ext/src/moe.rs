@@ -239,8 +239,12 @@ impl MoeAllToAll {
         Ok(d)
     }
 
-    /// Frees the buffers and unmaps the peers (after the stream is idle). Idempotent.
-    fn close(&mut self) {
-        self.inner = None;
+    /// Waits (GIL released, at most the kernels' timeout) until the peers' last writes into
+    /// this rank's receive area have landed, then frees the buffers and unmaps the peers.
+    /// Call after the stream is idle. Idempotent.
+    fn close(&mut self, py: Python<'_>) {
+        if let Some(a) = self.inner.take() {
+            py.allow_threads(move || drop(a));
+        }
     }
 }
