@@ -30,18 +30,22 @@ ID_COLS = 5
 
 
 def file_exchange(directory: str, rank: int, world: int, timeout: float = 60.0) -> Callable:
-    """An `exchange=` for AllToAll: handles meet as files in `directory`."""
+    """An `exchange=` for AllToAll: handles meet as files in `directory`, one file name per
+    call (the second call, from close, is a barrier)."""
+    calls = [0]
 
     def exchange(mine: bytes) -> List[bytes]:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".{rank}.tmp"
+        n = calls[0]
+        calls[0] += 1
+        tmp = d / f".{n}-{rank}.tmp"
         tmp.write_bytes(mine)
-        os.replace(tmp, d / f"{rank}")
+        os.replace(tmp, d / f"{n}-{rank}")
         deadline = time.monotonic() + timeout
         out: List[bytes] = []
         for r in range(world):
-            p = d / f"{r}"
+            p = d / f"{n}-{r}"
             while not p.exists():
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"rank {r}'s handle did not appear in {directory}")
@@ -196,7 +200,7 @@ def _a2a(case, rank, exchange_dir, **kw) -> AllToAll:
         combine_dtype=DTYPES[case["combine"]],
         rank=rank,
         world_size=case["world"],
-        exchange=file_exchange(exchange_dir, rank, case["world"]),
+        exchange=file_exchange(exchange_dir, rank, case["world"], case.get("timeout", 20.0) + 10),
         timeout=case.get("timeout", 20.0),
         device=torch.device("cuda", rank),
         **kw,
@@ -362,6 +366,36 @@ def _cmd_bad_expert(
         else:
             raise AssertionError("an out-of-range expert id was accepted")
         assert a2a.steps() == [0, 0, 0, 0]
+        return {"ok": True}
+    finally:
+        a2a.close()
+
+
+def _cmd_capacity(
+    state: dict, case: Dict[str, Any], rank: int, exchange_dir: str
+) -> Dict[str, Any]:
+    """Too small a dispatch capacity: the step completes on every rank, synchronize raises a
+    typed error naming the rows needed, and the next step runs (the error is per step)."""
+    from stolon.errors import AllToAllError
+
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    a2a = _a2a(case, rank, exchange_dir, capacity=case["capacity"])
+    try:
+        for step in range(2):
+            mine = make_inputs(dict(case, seed=case["seed"] + step))[rank]
+            a2a.dispatch(mine["x"].to(dev), mine["idx"].to(dev), mine["w"].to(dev))
+            target = case["seed"] % case["world"]  # the "one_rank" routing's only destination
+            try:
+                a2a.synchronize()
+            except AllToAllError as e:
+                assert rank == target and "exceed the dispatch capacity" in str(e), str(e)
+            else:
+                assert rank != target, "a dispatch past the capacity was not reported"
+            y = torch.zeros((a2a.capacity, case["hidden"]), dtype=a2a.combine_dtype, device=dev)
+            a2a.combine(y)
+            a2a.synchronize()
+        assert a2a.steps() == [2, 2, 2, 2]
         return {"ok": True}
     finally:
         a2a.close()

@@ -167,3 +167,10 @@ def test_silent_peer_times_out(pool):
 @needs_gpu
 def test_out_of_range_expert_is_rejected_before_sending(pool):
     run(pool, "bad_expert", case(world=1, experts=8, seed=2))
+
+
+@needs_gpu
+def test_capacity_overflow_is_reported_per_step(pool):
+    c = case(topk=4, max_tokens=32, seed=4, route="one_rank")
+    c["capacity"] = 8  # far fewer rows than 32 tokens x 4 experts need on the target rank
+    run(pool, "capacity", c)

@@ -183,20 +183,28 @@ __device__ bool wait_all_peers(const Params& P, const uint64_t* Peer::*field, ui
     return s_ok != 0;
 }
 
-// Marks this block finished for `phase`; true in every thread of the last block to finish,
-// which then sees every other block's writes. The barrier orders the block's writes before
-// thread 0's system-scope fence (fences are cumulative), as a grid barrier does.
-__device__ bool last_block(const Params& P, int phase) {
+// Marks this block finished for `phase`; true in every thread of the last block to finish.
+// With `writer`, the last block then sees every other block's writes: the barrier orders the
+// block's writes before thread 0's system-scope fence (fences are cumulative), as a grid
+// barrier does. Phases that only read peer data (and write local memory, which the next launch
+// sees anyway) pass false and skip the fences: a block's loads are complete once their values
+// were used, which they were before the barrier.
+__device__ bool last_block(const Params& P, int phase, bool writer) {
     __shared__ int s_last;
     __syncthreads();
     if (threadIdx.x == 0) {
-        __threadfence_system();
+        if (writer) __threadfence_system();
         const uint32_t prev = atomicAdd(&P.st->done[phase], 1u);
         s_last = prev == gridDim.x - 1;
-        if (s_last) __threadfence_system();
+        if (s_last && writer) __threadfence_system();
     }
     __syncthreads();
     return s_last != 0;
+}
+
+// A release notice to a peer after this rank's reads: no fence needed (see last_block).
+__device__ __forceinline__ void st_relaxed(uint64_t* p, uint64_t v) {
+    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
 __device__ void finish_phase(const Params& P, int phase, uint64_t n) {
@@ -219,6 +227,17 @@ __device__ __forceinline__ int meta_pos(const uint8_t* m, int topk, int k) {
 }
 __device__ __forceinline__ float meta_w(const uint8_t* m, int topk, int k) {
     return __ldcg(reinterpret_cast<const float*>(m) + 2 * topk + k);
+}
+
+// Splits each of `items` tokens into chunks of its 16-byte vectors so that about two units of
+// work exist per warp of the grid (few tokens at decode sizes would otherwise leave most warps
+// idle and each busy warp with a long chain of dependent loads). A chunk spans at least one
+// warp-wide pass of `unroll` vectors per lane.
+__device__ __forceinline__ int chunk_count(int items, int vecs, int unroll) {
+    const int warps_total = gridDim.x * (blockDim.x / 32);
+    const int max_chunks = max(1, (vecs + 32 * unroll - 1) / (32 * unroll));
+    const int want = items > 0 ? (2 * warps_total + items - 1) / items : 1;
+    return max(1, min(max_chunks, want));
 }
 
 // Tokens each source sent in this step (from the dispatch flags) and their running sum.
@@ -316,13 +335,14 @@ extern "C" __global__ void __launch_bounds__(kThreads) moe_dispatch_send(Params 
         if (tid == 0) P.tok_mask[t] = mask;
         __syncthreads();
     }
-    if (!last_block(P, 0)) return;
+    if (!last_block(P, 0, true)) return;
     for (int i = tid; i < experts; i += blockDim.x) {
         const int d = i / P.experts_per_rank;
         P.peers[d].ecount[i % P.experts_per_rank] = atomicExch(&P.ecount_local[i], 0);
     }
     if (tid == 0) P.st->my_ntok = ok ? ntok : 0;
-    __threadfence_system();
+    // The barrier orders every thread's count stores before the flag stores; a release store
+    // is cumulative (a fence plus the store), so no separate system fence is needed here.
     __syncthreads();
     if (tid < P.world && ok)
         st_release(P.peers[tid].dflag, (n << 32) | static_cast<uint32_t>(ntok));
@@ -331,7 +351,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) moe_dispatch_send(Params 
 
 extern "C" __global__ void __launch_bounds__(kThreads) moe_dispatch_recv(Params P) {
     extern __shared__ int s_dyn[];  // off[world * experts_per_rank], cnt[experts_per_rank]
-    __shared__ int s_start[kMaxWorld + 1];
+    __shared__ int s_start[kMaxWorld + 1];  // [kMaxWorld] also holds the total row count
     const int tid = threadIdx.x;
     const int epr = P.experts_per_rank;
     int* s_off = s_dyn;
@@ -342,45 +362,69 @@ extern "C" __global__ void __launch_bounds__(kThreads) moe_dispatch_recv(Params 
         source_prefix(P, s_start);
         // Rows of local expert le: sources in rank order, each source's tokens in the
         // positions it assigned. off[s][le] is where source s's first token for le goes.
+        // Every count is loaded at once, then summed over sources and scanned over experts.
+        for (int i = tid; i < P.world * epr; i += blockDim.x)
+            s_off[i] = __ldcg(P.peers[i / epr].rx_ecount + i % epr);
+        __syncthreads();
         for (int le = tid; le < epr; le += blockDim.x) {
             int c = 0;
             for (int s = 0; s < P.world; ++s) {
+                const int v = s_off[s * epr + le];
                 s_off[s * epr + le] = c;
-                c += __ldcg(P.peers[s].rx_ecount + le);
+                c += v;
             }
             s_cnt[le] = c;
         }
         __syncthreads();
-        if (tid == 0) {
-            int base = 0;
-            for (int le = 0; le < epr; ++le) {
+        if (tid < 32) {
+            // Exclusive scan of s_cnt by one warp: each lane sums a run, the runs are scanned
+            // with shuffles, then each lane rewrites its run.
+            const int run = (epr + 31) / 32;
+            const int lo = tid * run, hi = min(epr, lo + run);
+            int sum = 0;
+            for (int le = lo; le < hi; ++le) sum += s_cnt[le];
+            int incl = sum;
+            for (int d = 1; d < 32; d <<= 1) {
+                const int v = __shfl_up_sync(0xffffffffu, incl, d);
+                if (tid >= d) incl += v;
+            }
+            int base = incl - sum;
+            for (int le = lo; le < hi; ++le) {
                 const int c = s_cnt[le];
                 s_cnt[le] = base;
                 base += c;
             }
-            if (blockIdx.x == 0) {
-                P.expert_offsets[epr] = base;
-                if (base > P.capacity)
-                    record_error(P, kErrCapacity, 1, P.rank, static_cast<uint32_t>(base), n);
+            const int total = __shfl_sync(0xffffffffu, incl, 31);
+            if (tid == 0) {
+                s_start[kMaxWorld] = total;
+                if (blockIdx.x == 0) {
+                    P.expert_offsets[epr] = total;
+                    if (total > P.capacity)
+                        record_error(P, kErrCapacity, 1, P.rank, static_cast<uint32_t>(total), n);
+                }
             }
         }
         __syncthreads();
         for (int i = tid; i < P.world * epr; i += blockDim.x) s_off[i] += s_cnt[i % epr];
-        __syncthreads();
         if (blockIdx.x == 0) {
             for (int le = tid; le < epr; le += blockDim.x) {
                 P.expert_offsets[le] = s_cnt[le];
-                const int next = le + 1 < epr ? s_cnt[le + 1] : P.expert_offsets[epr];
+                const int next = le + 1 < epr ? s_cnt[le + 1] : s_start[kMaxWorld];
                 P.expert_counts[le] = next - s_cnt[le];
             }
         }
+        __syncthreads();
         // One warp per received token: many tokens in flight per SM hide the load latency.
         const int items = s_start[P.world];
         const int x_vecs = P.x_bytes / 16;
         const int s_words = P.s_bytes / 4;
         const int lane = tid & 31;
         const int warps = blockDim.x / 32;
-        for (int i = blockIdx.x * warps + tid / 32; i < items; i += gridDim.x * warps) {
+        constexpr int U = 4;
+        const int chunks = chunk_count(items, x_vecs, U);
+        const int per = (x_vecs + chunks - 1) / chunks;
+        for (int w = blockIdx.x * warps + tid / 32; w < items * chunks; w += gridDim.x * warps) {
+            const int i = w / chunks, c = w % chunks;
             const int s = source_of(s_start, P.world, i);
             const int t = i - s_start[s];
             const uint8_t* m = P.peers[s].rx_meta + static_cast<size_t>(t) * P.meta_bytes;
@@ -391,20 +435,22 @@ extern "C" __global__ void __launch_bounds__(kThreads) moe_dispatch_recv(Params 
                     row = s_off[s * epr + le] + meta_pos(m, P.topk, lane);
                     if (row >= P.capacity) row = -1;
                 }
-                P.route_rows[(static_cast<size_t>(s) * P.max_tokens + t) * P.topk + lane] = row;
+                if (c == 0)
+                    P.route_rows[(static_cast<size_t>(s) * P.max_tokens + t) * P.topk + lane] =
+                        row;
             }
             const unsigned hit = __ballot_sync(0xffffffffu, row >= 0);
             if (!hit) continue;
             const uint8_t* slot = P.peers[s].rx_data + static_cast<size_t>(t) * P.slot_bytes;
             const uint4* src = reinterpret_cast<const uint4*>(slot);
             // Trip counts are the same in every lane, so the shuffles see the whole warp.
-            constexpr int U = 4;
-            for (int base = 0; base < x_vecs; base += 32 * U) {
+            const int hi = min(x_vecs, (c + 1) * per);
+            for (int base = c * per; base < hi; base += 32 * U) {
                 uint4 val[U];
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
                     const int v = base + 32 * u + lane;
-                    if (v < x_vecs) val[u] = __ldcg(src + v);
+                    if (v < hi) val[u] = __ldcg(src + v);
                 }
                 for (unsigned h = hit; h; h &= h - 1) {
                     const int r = __shfl_sync(0xffffffffu, row, __ffs(h) - 1);
@@ -413,10 +459,11 @@ extern "C" __global__ void __launch_bounds__(kThreads) moe_dispatch_recv(Params 
 #pragma unroll
                     for (int u = 0; u < U; ++u) {
                         const int v = base + 32 * u + lane;
-                        if (v < x_vecs) dst[v] = val[u];
+                        if (v < hi) dst[v] = val[u];
                     }
                 }
             }
+            if (c != 0) continue;
             const uint32_t* ssrc = reinterpret_cast<const uint32_t*>(slot + P.x_bytes);
             for (int base = 0; base < s_words; base += 32) {
                 const int v = base + lane;
@@ -430,8 +477,8 @@ extern "C" __global__ void __launch_bounds__(kThreads) moe_dispatch_recv(Params 
             }
         }
     }
-    if (!last_block(P, 1)) return;
-    if (tid < P.world && ok) st_release(P.peers[tid].rel, 2 * n - 1);
+    if (!last_block(P, 1, false)) return;
+    if (tid < P.world && ok) st_relaxed(P.peers[tid].rel, 2 * n - 1);
     finish_phase(P, 1, n);
 }
 
@@ -511,7 +558,12 @@ __device__ void combine_send(const Params& P) {
         const int vecs = P.hidden / N;
         const int lane = tid & 31;
         const int warps = blockDim.x / 32;
-        for (int i = blockIdx.x * warps + tid / 32; i < items; i += gridDim.x * warps) {
+        constexpr int U = 4;
+        const int chunks = chunk_count(items, vecs, U);
+        const int per = (vecs + chunks - 1) / chunks;
+        for (int wi = blockIdx.x * warps + tid / 32; wi < items * chunks;
+             wi += gridDim.x * warps) {
+            const int i = wi / chunks, c = wi % chunks;
             const int s = source_of(s_start, P.world, i);
             const int t = i - s_start[s];
             const uint8_t* m = P.peers[s].rx_meta + static_cast<size_t>(t) * P.meta_bytes;
@@ -525,8 +577,8 @@ __device__ void combine_send(const Params& P) {
             if (!hit) continue;
             uint4* dst =
                 reinterpret_cast<uint4*>(P.peers[s].data + static_cast<size_t>(t) * P.slot_bytes);
-            constexpr int U = 2;
-            for (int base = 0; base < vecs; base += 32 * U) {
+            const int hi = min(vecs, (c + 1) * per);
+            for (int base = c * per; base < hi; base += 32 * U) {
                 float acc[U][N];
 #pragma unroll
                 for (int u = 0; u < U; ++u)
@@ -542,7 +594,7 @@ __device__ void combine_send(const Params& P) {
 #pragma unroll
                     for (int u = 0; u < U; ++u) {
                         const int v = base + 32 * u + lane;
-                        if (v < vecs) raw[u] = y[v];
+                        if (v < hi) raw[u] = y[v];
                     }
 #pragma unroll
                     for (int u = 0; u < U; ++u) {
@@ -555,12 +607,12 @@ __device__ void combine_send(const Params& P) {
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
                     const int v = base + 32 * u + lane;
-                    if (v < vecs) dst[v] = Vec<T>::store(acc[u]);
+                    if (v < hi) dst[v] = Vec<T>::store(acc[u]);
                 }
             }
         }
     }
-    if (!last_block(P, 2)) return;
+    if (!last_block(P, 2, true)) return;
     if (tid < P.world && ok) st_release(P.peers[tid].cflag, n);
     finish_phase(P, 2, n);
 }
@@ -576,17 +628,22 @@ __device__ void combine_recv(const Params& P) {
         const int vecs = P.hidden / N;
         const int lane = tid & 31;
         const int warps = blockDim.x / 32;
-        for (int t = blockIdx.x * warps + tid / 32; t < ntok; t += gridDim.x * warps) {
+        constexpr int U = 4;
+        const int chunks = chunk_count(ntok, vecs, U);
+        const int per = (vecs + chunks - 1) / chunks;
+        for (int wi = blockIdx.x * warps + tid / 32; wi < ntok * chunks;
+             wi += gridDim.x * warps) {
+            const int t = wi / chunks, c = wi % chunks;
             const uint64_t mask = P.tok_mask[t];
             uint4* dst = reinterpret_cast<uint4*>(P.out + static_cast<size_t>(t) * P.out_stride);
             const size_t slot = static_cast<size_t>(t) * P.slot_bytes;
-            constexpr int U = 2;
-            for (int base = 0; base < vecs; base += 32 * U) {
+            const int hi = min(vecs, (c + 1) * per);
+            for (int base = c * per; base < hi; base += 32 * U) {
                 float acc[U][N];
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
                     const int v = base + 32 * u + lane;
-                    if (P.accumulate && v < vecs) {
+                    if (P.accumulate && v < hi) {
                         Vec<T>::load(dst[v], acc[u]);
                     } else {
 #pragma unroll
@@ -600,7 +657,7 @@ __device__ void combine_recv(const Params& P) {
 #pragma unroll
                     for (int u = 0; u < U; ++u) {
                         const int v = base + 32 * u + lane;
-                        if (v < vecs) raw[u] = __ldcg(src + v);
+                        if (v < hi) raw[u] = __ldcg(src + v);
                     }
 #pragma unroll
                     for (int u = 0; u < U; ++u) {
@@ -613,13 +670,13 @@ __device__ void combine_recv(const Params& P) {
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
                     const int v = base + 32 * u + lane;
-                    if (v < vecs) dst[v] = Vec<T>::store(acc[u]);
+                    if (v < hi) dst[v] = Vec<T>::store(acc[u]);
                 }
             }
         }
     }
-    if (!last_block(P, 3)) return;
-    if (tid < P.world && ok) st_release(P.peers[tid].rel, 2 * n);
+    if (!last_block(P, 3, false)) return;
+    if (tid < P.world && ok) st_relaxed(P.peers[tid].rel, 2 * n);
     finish_phase(P, 3, n);
 }
 

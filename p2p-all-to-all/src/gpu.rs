@@ -1,8 +1,10 @@
 //! [`AllToAll`]: the buffers of one rank on its GPU, its peers' buffers mapped over NVLink, and
 //! the launches of the four phases.
 
+use std::collections::hash_map::RandomState;
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use stolon_cuda::sys::{self, CUdeviceptr};
@@ -16,6 +18,45 @@ use crate::{Config, Error, Handle, KernelError, Layout, Result, PEER_BYTES, STAT
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe.fatbin"));
 
 const THREADS: u32 = 256;
+
+/// Receive areas of closed all-to-alls, kept for reuse instead of freed.
+///
+/// CUDA IPC mappings are cached by the importing driver: a peer that once mapped an area can
+/// later be handed a stale mapping when the exporter frees it and allocates again (we saw
+/// peers write into freed memory that way). An area that is never freed can only ever be
+/// mapped to itself, so closed areas wait here for the next all-to-all of this process.
+static RX_POOL: Mutex<Vec<(usize, DeviceBuffer)>> = Mutex::new(Vec::new());
+
+/// A zeroed receive area of at least `len` bytes on `device`: the smallest pooled one that fits
+/// (and is not more than 4x too large), else a new allocation.
+fn take_rx(ctx: &Arc<Context>, device: usize, len: usize) -> Result<DeviceBuffer> {
+    let reused = {
+        let mut pool = RX_POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let best = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, (d, b))| *d == device && b.len() >= len && b.len() <= len.max(1 << 20) * 4)
+            .min_by_key(|(_, (_, b))| b.len())
+            .map(|(i, _)| i);
+        best.map(|i| pool.swap_remove(i).1)
+    };
+    let mut rx = match reused {
+        Some(b) => b,
+        None => DeviceBuffer::alloc(ctx, len)?,
+    };
+    rx.fill(0)?;
+    Ok(rx)
+}
+
+fn random_nonce() -> u64 {
+    let mut h = RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    h.write_u128(now.as_nanos());
+    h.finish() | 1
+}
 
 /// Mirror of `Peer` in kernels/moe.cu.
 #[repr(C)]
@@ -150,7 +191,9 @@ pub struct AllToAll {
     layout: Layout,
     ctx: Arc<Context>,
     kernels: Kernels,
-    rx: DeviceBuffer,
+    rx: Option<DeviceBuffer>,
+    device: usize,
+    nonce: u64,
     local: DeviceBuffer,
     err: PinnedHostBuffer,
     mappings: Vec<IpcMapping>,
@@ -185,7 +228,9 @@ impl AllToAll {
             combine_send: module.function(&format!("moe_combine_send_{suffix}"))?,
             combine_recv: module.function(&format!("moe_combine_recv_{suffix}"))?,
         };
-        let rx = DeviceBuffer::alloc_zeroed(&ctx, layout.rx_total)?;
+        let mut rx = take_rx(&ctx, device, layout.rx_total)?;
+        let nonce = random_nonce();
+        rx.copy_from_host(layout.rx_nonce, &nonce.to_le_bytes())?;
         let local = DeviceBuffer::alloc_zeroed(&ctx, layout.local_total)?;
         // The zeroing may still be queued; peers must not write before it is done (a late
         // memset would wipe their first flags).
@@ -199,13 +244,19 @@ impl AllToAll {
             layout,
             ctx,
             kernels,
-            rx,
+            rx: Some(rx),
+            device,
+            nonce,
             local,
             err,
             mappings: Vec::new(),
             connected: false,
             sms,
         })
+    }
+
+    fn rx(&self) -> &DeviceBuffer {
+        self.rx.as_ref().expect("the receive area lives until drop")
     }
 
     /// The config.
@@ -228,12 +279,13 @@ impl AllToAll {
     /// # Errors
     /// A CUDA error exporting the IPC handle.
     pub fn handle(&self) -> Result<Vec<u8>> {
-        let ipc = stolon_cuda::IpcMemHandle::of_buffer(&self.rx)?;
+        let ipc = stolon_cuda::IpcMemHandle::of_buffer(self.rx())?;
         Ok(Handle {
             rank: self.cfg.rank,
             world: self.cfg.world,
             fingerprint: self.cfg.fingerprint(),
             pid: std::process::id(),
+            nonce: self.nonce,
             ipc: *ipc.as_bytes(),
         }
         .to_bytes())
@@ -280,7 +332,7 @@ impl AllToAll {
         let mut bases = vec![0u64; world];
         for (r, h) in decoded.iter().enumerate() {
             if r == me {
-                bases[r] = self.rx.ptr();
+                bases[r] = self.rx().ptr();
                 continue;
             }
             if self.cfg.node_of(r) != self.cfg.node_of(me) {
@@ -298,12 +350,29 @@ impl AllToAll {
                     h.pid
                 ))
             })?;
+            let mut seen = [0u8; 8];
+            // SAFETY: the mapping covers the peer's whole receive area, whose first 8 bytes
+            // (rx_nonce) are readable device memory; `seen` is 8 writable bytes.
+            unsafe {
+                stolon_cuda::memory::copy_dtoh(
+                    &self.ctx,
+                    seen.as_mut_ptr(),
+                    mapping.ptr() + self.layout.rx_nonce as u64,
+                    8,
+                )?
+            };
+            if u64::from_le_bytes(seen) != h.nonce {
+                return Err(Error::Handshake(format!(
+                    "CUDA IPC mapped rank {r}'s receive area, but not the one it exported (a \
+                     stale mapping of memory it freed): its nonce differs"
+                )));
+            }
             bases[r] = mapping.ptr();
             self.mappings.push(mapping);
         }
         let l = &self.layout;
         let c = &self.cfg;
-        let mine = self.rx.ptr();
+        let mine = self.rx().ptr();
         let slot_region = (c.max_tokens * l.slot_bytes) as u64;
         let meta_region = (c.max_tokens * l.meta_bytes) as u64;
         let ecount_region = (l.experts_per_rank * 4) as u64;
@@ -383,7 +452,8 @@ impl AllToAll {
                 "connect() must be called before the first phase".to_string(),
             ));
         }
-        if let Some(e) = self.error() {
+        if let Some(e) = self.error().filter(|e| e.code == 1) {
+            // A timeout leaves the ranks out of step for good; other errors are per step.
             return Err(Error::Kernel(e));
         }
         let mut params = [(&mut p as *mut KernelParams).cast::<c_void>()];
@@ -537,8 +607,21 @@ impl AllToAll {
         unsafe { self.launch(&self.kernels.combine_recv, stream, grid, 0, p) }
     }
 
-    /// What a kernel recorded, if anything failed. Sticky: after a failure the all-to-all
-    /// must be rebuilt on every rank.
+    /// Reports and forgets a recorded error that only concerns the steps already run (a bad
+    /// expert id, capacity exceeded, too many tokens); a timeout stays (the ranks are out of
+    /// step for good and the all-to-all must be rebuilt on every rank).
+    fn take_error(&self) -> Option<KernelError> {
+        let e = self.error()?;
+        if e.code != 1 {
+            // SAFETY: 64 bytes of host memory we own; no kernel is running (the stream is idle
+            // when this is called), and a racing kernel write would only re-report an error.
+            unsafe { std::ptr::write_bytes(self.err.host_ptr(), 0, 24) };
+        }
+        Some(e)
+    }
+
+    /// What a kernel recorded, if anything failed (see [`AllToAll::synchronize`] for which
+    /// errors are sticky).
     pub fn error(&self) -> Option<KernelError> {
         let p = self.err.host_ptr().cast::<u32>();
         // SAFETY: the buffer is 64 bytes of host memory we own; kernels write it through its
@@ -563,7 +646,9 @@ impl AllToAll {
     }
 
     /// Waits until `stream` has run everything queued, at most `timeout`, then reports a
-    /// recorded kernel error.
+    /// recorded kernel error. A timeout stays recorded (every later phase fails: rebuild the
+    /// all-to-all on every rank); the other errors concern the steps already run and are
+    /// cleared once reported, as the kernels kept every rank in step.
     ///
     /// # Errors
     /// [`Error::Kernel`], [`Error::Timeout`], a CUDA error.
@@ -587,7 +672,7 @@ impl AllToAll {
             }
             std::thread::sleep(Duration::from_micros(50));
         }
-        match self.error() {
+        match self.take_error() {
             Some(e) => Err(Error::Kernel(e)),
             None => Ok(()),
         }
@@ -613,7 +698,7 @@ impl AllToAll {
         let mut buf = vec![0u8; world * 8];
         let start = Instant::now();
         loop {
-            self.rx.copy_to_host(self.layout.rx_rel, &mut buf)?;
+            self.rx().copy_to_host(self.layout.rx_rel, &mut buf)?;
             let done = buf
                 .chunks_exact(8)
                 .all(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) >= want);
@@ -625,6 +710,20 @@ impl AllToAll {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+    }
+
+    /// Ends this rank's use of its peers: waits for their last writes into this rank's area
+    /// ([`AllToAll::quiesce`]), then unmaps their areas. After it, no phase can run. The caller
+    /// then makes sure every rank got this far (a barrier) before dropping the all-to-all, whose
+    /// memory peers must no longer have mapped when it is freed. Returns the quiesce result.
+    ///
+    /// # Errors
+    /// A CUDA error reading device memory.
+    pub fn release_peers(&mut self, timeout: Duration) -> Result<bool> {
+        let quiet = self.quiesce(timeout)?;
+        self.mappings.clear();
+        self.connected = false;
+        Ok(quiet)
     }
 
     /// Steps each phase has completed (reads device memory; synchronous).
@@ -645,7 +744,13 @@ impl AllToAll {
 impl Drop for AllToAll {
     fn drop(&mut self) {
         // Best effort: peers may still be writing their last release notices into our receive
-        // area; wait for them (bounded) before the buffers are freed.
+        // area; wait for them (bounded). The area then goes back to the pool, never freed.
         let _ = self.quiesce(self.cfg.timeout);
+        if let Some(rx) = self.rx.take() {
+            RX_POOL
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((self.device, rx));
+        }
     }
 }

@@ -94,7 +94,8 @@ pub struct Config {
     pub scales_per_token: usize,
     /// Dtype of the combine.
     pub combine: CombineDtype,
-    /// Rows of the dispatch output (default: the most any routing can need).
+    /// Rows of the dispatch output (default: the most any routing can need, world x max_tokens
+    /// x topk, since a token may repeat an expert in its top-k).
     pub capacity: Option<usize>,
     /// How long a kernel waits for a peer before it records a timeout.
     pub timeout: Duration,
@@ -273,7 +274,10 @@ pub struct Layout {
     pub experts_per_rank: usize,
     /// Rows of the dispatch output.
     pub capacity: usize,
-    /// Receive area (shared with peers): `[world][max_tokens]` slots.
+    /// Receive area (shared with peers): a random u64 that peers read back through their
+    /// mapping to prove it is this area (and not a stale mapping of freed memory).
+    pub rx_nonce: usize,
+    /// `[world][max_tokens]` slots.
     pub rx_data: usize,
     /// `[world][max_tokens]` routing entries.
     pub rx_meta: usize,
@@ -314,9 +318,8 @@ impl Layout {
         let slot_bytes = round_up((x_bytes + s_bytes).max(c_bytes), 16);
         let meta_bytes = round_up(12 * c.topk, 16);
         let epr = c.experts_per_rank();
-        let capacity = c
-            .capacity
-            .unwrap_or(c.world * c.max_tokens * c.topk.min(epr));
+        // A token may name one expert in several of its top-k slots: each is its own row.
+        let capacity = c.capacity.unwrap_or(c.world * c.max_tokens * c.topk);
         let slots = c.world * c.max_tokens;
         let mut at = 0usize;
         let mut take = |bytes: usize| {
@@ -324,6 +327,7 @@ impl Layout {
             at = round_up(at + bytes, 256);
             here
         };
+        let rx_nonce = take(8);
         let rx_data = take(slots * slot_bytes);
         let rx_meta = take(slots * meta_bytes);
         let rx_ecount = take(c.world * epr * 4);
@@ -350,6 +354,7 @@ impl Layout {
             meta_bytes,
             experts_per_rank: epr,
             capacity,
+            rx_nonce,
             rx_data,
             rx_meta,
             rx_ecount,
@@ -389,6 +394,8 @@ pub struct Handle {
     pub fingerprint: u64,
     /// The sender's process id (two ranks in one process share memory without IPC).
     pub pid: u32,
+    /// The random value at the start of the sender's receive area.
+    pub nonce: u64,
     /// CUDA IPC handle of the receive area.
     pub ipc: [u8; 64],
 }
@@ -396,7 +403,7 @@ pub struct Handle {
 const HANDLE_MAGIC: &[u8; 4] = b"STA2";
 const HANDLE_VERSION: u32 = 1;
 /// Length of an encoded [`Handle`].
-pub const HANDLE_BYTES: usize = 4 + 4 + 4 + 4 + 8 + 4 + 64;
+pub const HANDLE_BYTES: usize = 4 + 4 + 4 + 4 + 8 + 4 + 8 + 64;
 
 impl Handle {
     /// Encodes to bytes.
@@ -408,6 +415,7 @@ impl Handle {
         v.extend_from_slice(&(self.world as u32).to_le_bytes());
         v.extend_from_slice(&self.fingerprint.to_le_bytes());
         v.extend_from_slice(&self.pid.to_le_bytes());
+        v.extend_from_slice(&self.nonce.to_le_bytes());
         v.extend_from_slice(&self.ipc);
         v
     }
@@ -432,12 +440,13 @@ impl Handle {
             ));
         }
         let mut ipc = [0u8; 64];
-        ipc.copy_from_slice(&b[28..92]);
+        ipc.copy_from_slice(&b[36..100]);
         Ok(Handle {
             rank: u32_at(8) as usize,
             world: u32_at(12) as usize,
             fingerprint: u64::from_le_bytes(b[16..24].try_into().expect("8 bytes")),
             pid: u32_at(24),
+            nonce: u64::from_le_bytes(b[28..36].try_into().expect("8 bytes")),
             ipc,
         })
     }
@@ -556,7 +565,7 @@ mod tests {
         assert_eq!(l.meta_bytes, 96);
         assert_eq!(l.experts_per_rank, 128);
         assert_eq!(l.capacity, 2 * 128 * 8);
-        assert_eq!(l.rx_meta, 2 * 128 * 14336);
+        assert_eq!(l.rx_meta, 256 + 2 * 128 * 14336);
         assert!(l.footprint() < 5 << 20, "{}", l.footprint());
     }
 
@@ -591,6 +600,7 @@ mod tests {
             world: 4,
             fingerprint: 0xdead_beef_0123,
             pid: 77,
+            nonce: 0x1234_5678_9abc_def0,
             ipc: [7; 64],
         };
         let b = h.to_bytes();
@@ -656,7 +666,7 @@ mod tests {
             let l = c.layout().unwrap();
             let slots = world * max_tokens;
             let rx = [
-                (l.rx_data, slots * l.slot_bytes), (l.rx_meta, slots * l.meta_bytes),
+                (l.rx_nonce, 8), (l.rx_data, slots * l.slot_bytes), (l.rx_meta, slots * l.meta_bytes),
                 (l.rx_ecount, world * l.experts_per_rank * 4), (l.rx_dflag, world * 8),
                 (l.rx_cflag, world * 8), (l.rx_rel, world * 8),
             ];

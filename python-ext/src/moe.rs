@@ -239,6 +239,17 @@ impl MoeAllToAll {
         Ok(d)
     }
 
+    /// Waits (GIL released, at most `timeout` seconds) for the peers' last writes into this
+    /// rank's receive area, then unmaps the peers' areas. True when the peers went quiet.
+    fn release_peers(&mut self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
+        let a = self
+            .inner
+            .as_mut()
+            .ok_or_else(|| stolon_err("AllToAllError", "the all-to-all was closed".to_string()))?;
+        let t = Duration::from_secs_f64(timeout.max(0.0));
+        py.allow_threads(|| a.release_peers(t)).map_err(to_py)
+    }
+
     /// Waits (GIL released, at most the kernels' timeout) until the peers' last writes into
     /// this rank's receive area have landed, then frees the buffers and unmaps the peers.
     /// Call after the stream is idle. Idempotent.

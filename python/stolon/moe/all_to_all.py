@@ -8,7 +8,10 @@ the current CUDA stream.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import time
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
@@ -21,6 +24,9 @@ __all__ = ["AllToAll", "DispatchOutput", "SCALE_BLOCK"]
 
 #: Elements per float32 scale of an fp8 token.
 SCALE_BLOCK = 128
+
+#: Native all-to-alls whose close could not meet every rank: kept allocated (see close).
+_LEAKED: list[Any] = []
 
 _PHASES = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")
 
@@ -74,7 +80,7 @@ class AllToAll:
         device: the CUDA device (default: the current one).
         exchange: instead of ``group``, a function that takes this rank's handle (bytes) and
             returns every rank's handle in rank order; with it, ``rank`` and ``world_size``
-            must be given.
+            must be given. ``close`` calls it once more (with ``b"close"``) as a barrier.
     """
 
     def __init__(
@@ -172,6 +178,8 @@ class AllToAll:
         else:
             handles = [bytes(h) for h in exchange(mine)]
         self._native.connect(handles)
+        self._exchange = exchange
+        self._key = hashlib.sha1(b"".join(handles)).hexdigest()[:16]
         self._next = 0  # index into _PHASES of the phase the host expects next
         self._graph_tokens = False
         self._ntok = 0
@@ -183,6 +191,8 @@ class AllToAll:
         return int(self._torch.cuda.current_stream(self.device).cuda_stream)
 
     def _phase(self, name: str) -> None:
+        if self._native is None:
+            raise AllToAllError(f"{name}: the all-to-all was closed")
         want = _PHASES[self._next]
         if name != want:
             raise AllToAllError(
@@ -455,6 +465,46 @@ class AllToAll:
         return dict(self._native.layout())
 
     def close(self) -> None:
-        """Frees the buffers. Call after the stream is idle, on every rank."""
-        self._native.close()
+        """Frees the buffers. Call on every rank, after the stream is idle.
+
+        Peers map this rank's memory, and CUDA forbids freeing it while they do; so close waits
+        for the peers' last writes, unmaps their memory, meets every rank (the group's store, or
+        a second call of ``exchange``), and only then frees. If the meeting fails (a peer is
+        gone or never closes), the memory is left allocated rather than freed under a peer.
+        """
+        native = self._native
+        if native is None:
+            return
+        self._native = None
         self._keep = ()
+        quiet = native.release_peers(self.timeout)
+        if quiet and self._meet():
+            native.close()
+        else:
+            _LEAKED.append(native)
+            warnings.warn(
+                "stolon.moe.AllToAll.close: not every rank reached close in time; its receive "
+                "area stays allocated so that no peer writes into freed memory",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _meet(self) -> bool:
+        """A barrier of all ranks with a deadline (True when everyone arrived)."""
+        try:
+            if self._exchange is not None:
+                self._exchange(b"close")
+                return True
+            import torch.distributed as dist
+
+            store = dist.distributed_c10d._get_default_store()
+            key = f"stolon-moe-close-{self._key}"
+            store.add(key, 1)
+            deadline = time.monotonic() + self.timeout * 2 + 5
+            while store.add(key, 0) < self.world_size:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.002)
+            return True
+        except Exception:  # any failure to meet: keep the memory (see close)
+            return False
