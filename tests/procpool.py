@@ -7,14 +7,17 @@ the test in the parent; every wait has a timeout.
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import multiprocessing as mp
 import traceback
 from typing import Any, List, Optional
 
 
-def serve(conn: Any, module: str) -> None:
-    """Worker main: answers `(command, kwargs)` messages until it receives None."""
+def serve(conn: Any, module: str, watchdog: Optional[float] = None) -> None:
+    """Worker main: answers `(command, kwargs)` messages until it receives None. With
+    `watchdog`, a command still running after that many seconds dumps every thread's stack to
+    stderr (it keeps running), so a hang shows where it is."""
     mod = importlib.import_module(module)
     commands = {k[5:]: v for k, v in vars(mod).items() if k.startswith("_cmd_")}
     state: dict = {}
@@ -23,23 +26,30 @@ def serve(conn: Any, module: str) -> None:
         if msg is None:
             break
         cmd, kw = msg
+        if watchdog:
+            faulthandler.dump_traceback_later(watchdog, exit=False)
         try:
             conn.send(("ok", commands[cmd](state, **kw)))
         except BaseException as e:  # reported to the parent, which fails the test
             conn.send(("err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        finally:
+            if watchdog:
+                faulthandler.cancel_dump_traceback_later()
 
 
 class Pool:
     """`n` workers serving the `_cmd_*` functions of `module`."""
 
-    def __init__(self, n: int, module: str, timeout: float) -> None:
+    def __init__(
+        self, n: int, module: str, timeout: float, watchdog: Optional[float] = None
+    ) -> None:
         ctx = mp.get_context("spawn")
         self.timeout = timeout
         self.conns: List[Any] = []
         self.procs: List[Any] = []
         for _ in range(n):
             a, b = ctx.Pipe()
-            p = ctx.Process(target=serve, args=(b, module), daemon=True)
+            p = ctx.Process(target=serve, args=(b, module, watchdog), daemon=True)
             p.start()
             self.conns.append(a)
             self.procs.append(p)
