@@ -344,8 +344,8 @@ pub fn found_summary() -> String {
             })
             .collect::<Vec<_>>()
             .join("; "),
-        Ok(_) => "none".to_string(),
-        Err(e) => format!("none ({e})"),
+        Ok(_) | Err(VError::NoDevices { .. }) => "none".to_string(),
+        Err(e) => format!("none could be listed ({e})"),
     };
     format!("{lib}; devices: {devices}")
 }
