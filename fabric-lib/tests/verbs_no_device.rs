@@ -6,7 +6,10 @@ use fabric_lib::{EngineConfig, Error, TransferEngine};
 
 #[test]
 fn verbs_rc_without_a_device_is_a_typed_error_listing_what_was_found() {
-    for provider in [fabric_lib::verbs::PROVIDER, fabric_lib::verbs::PROVIDER_ALIAS] {
+    for provider in [
+        fabric_lib::verbs::PROVIDER,
+        fabric_lib::verbs::PROVIDER_ALIAS,
+    ] {
         let err = match TransferEngine::new(EngineConfig::new(provider, 1)) {
             Ok(_) => {
                 eprintln!("an RDMA port is usable here; nothing to check");
@@ -19,7 +22,10 @@ fn verbs_rc_without_a_device_is_a_typed_error_listing_what_was_found() {
         let Error::RdmaUnavailable(msg) = &err else {
             panic!("expected RdmaUnavailable, got {err:?}");
         };
-        assert!(text.starts_with("RDMA (verbs-rc) is not usable here"), "{text}");
+        assert!(
+            text.starts_with("RDMA (verbs-rc) is not usable here"),
+            "{text}"
+        );
         assert!(msg.contains(&format!("provider {provider}")), "{msg}");
         // What was found: the library (loaded from where, or every path tried) and devices.
         assert!(msg.contains("libibverbs"), "{msg}");
