@@ -9,9 +9,7 @@ use crate::error::Result;
 use crate::libfabric::{CqError, DomainAttrs, DomainSpec, FabricDomain, Mr, Posted};
 use crate::reorder::{LoopMr, ReorderDomain};
 use crate::sys::libfabric::{fi_addr_t, fi_cq_data_entry};
-
-/// Provider name that selects the libibverbs RC backend.
-pub const VERBS_PROVIDER: &str = "ibverbs";
+use crate::verbs::{VerbsMr, VerbsRcDomain};
 
 /// One endpoint of some backend.
 pub(crate) enum Domain {
@@ -19,12 +17,16 @@ pub(crate) enum Domain {
     Fabric(FabricDomain),
     /// The in-process reordering test double (provider name `reorder`); see [`crate::reorder`].
     Reorder(ReorderDomain),
+    /// A ConnectX port driven through libibverbs RC queue pairs (provider `verbs-rc`); see
+    /// [`crate::verbs`].
+    Verbs(Box<VerbsRcDomain>),
 }
 
 /// A registration on one domain.
 pub(crate) enum MrHandle {
     Fabric(Mr),
     Reorder(LoopMr),
+    Verbs(VerbsMr),
 }
 
 impl MrHandle {
@@ -32,37 +34,36 @@ impl MrHandle {
         match self {
             MrHandle::Fabric(m) => m.key(),
             MrHandle::Reorder(m) => m.key,
+            MrHandle::Verbs(m) => m.rkey as u64,
         }
     }
     pub(crate) fn desc(&self) -> *mut c_void {
         match self {
             MrHandle::Fabric(m) => m.desc(),
             MrHandle::Reorder(_) => std::ptr::null_mut(),
+            // The verbs backend's local descriptor is the lkey.
+            MrHandle::Verbs(m) => m.lkey as usize as *mut c_void,
         }
     }
 }
 
 impl Domain {
-    pub(crate) fn open(spec: &DomainSpec) -> Result<Self> {
-        if spec.provider == VERBS_PROVIDER {
-            // The libibverbs RC backend (crate stolon-verbs): its device layer is built and
-            // unit-tested, but it is not yet driven by the worker. Opening it still tells the
-            // user precisely what this machine has.
-            let cfg = stolon_verbs::domain::DomainConfig {
-                device: spec.interface.clone(),
-                ..Default::default()
-            };
-            return match stolon_verbs::domain::open_device(cfg) {
-                Err(e) => Err(crate::error::Error::ProviderNotFound {
-                    what: format!("{spec:?}"),
-                    detail: e.to_string(),
-                }),
-                Ok(_) => Err(crate::error::Error::Config(
-                    "the ibverbs RC backend found a usable device, but it is not wired into the \
-                     engine's worker yet; use provider 'verbs' (verbs;ofi_rxm) meanwhile"
-                        .into(),
-                )),
-            };
+    /// Opens the backend `spec` names; `max_message` is the largest message the worker sends
+    /// (its header included).
+    pub(crate) fn open(spec: &DomainSpec, max_message: usize) -> Result<Self> {
+        if crate::verbs::is_verbs_provider(&spec.provider) {
+            return Ok(Domain::Verbs(Box::new(VerbsRcDomain::open(
+                spec,
+                max_message,
+            )?)));
+        }
+        #[cfg(test)]
+        if spec.provider == crate::verbs::double::PROVIDER {
+            let dev = crate::verbs::double::MemDevice::open(spec, max_message)?;
+            return Ok(Domain::Verbs(Box::new(VerbsRcDomain::with_device(
+                spec,
+                Box::new(dev),
+            )?)));
         }
         if spec.provider == crate::reorder::PROVIDER {
             return Ok(Domain::Reorder(ReorderDomain::open(spec)?));
@@ -74,6 +75,7 @@ impl Domain {
         match self {
             Domain::Fabric(d) => &d.attrs,
             Domain::Reorder(d) => &d.attrs,
+            Domain::Verbs(d) => &d.attrs,
         }
     }
 
@@ -81,6 +83,7 @@ impl Domain {
         match self {
             Domain::Fabric(d) => d.name(),
             Domain::Reorder(d) => d.name(),
+            Domain::Verbs(d) => d.name(),
         }
     }
 
@@ -88,6 +91,7 @@ impl Domain {
         match self {
             Domain::Fabric(d) => d.insert_addr(name),
             Domain::Reorder(d) => d.insert_addr(name),
+            Domain::Verbs(d) => d.insert_addr(name),
         }
     }
 
@@ -95,6 +99,7 @@ impl Domain {
         match self {
             Domain::Fabric(d) => d.remove_addr(addr),
             Domain::Reorder(d) => d.remove_addr(addr),
+            Domain::Verbs(d) => d.remove_addr(addr),
         }
     }
 
@@ -111,6 +116,8 @@ impl Domain {
             Domain::Fabric(d) => unsafe { d.register(ptr, len, key) }.map(MrHandle::Fabric),
             // SAFETY: forwarded contract.
             Domain::Reorder(d) => unsafe { d.register(ptr, len, key) }.map(MrHandle::Reorder),
+            // SAFETY: forwarded contract (the device picks its own keys).
+            Domain::Verbs(d) => unsafe { d.register(ptr, len) }.map(MrHandle::Verbs),
         }
     }
 
@@ -126,13 +133,15 @@ impl Domain {
         device: usize,
     ) -> Result<MrHandle> {
         match self {
-            // SAFETY: forwarded contract.
             Domain::Fabric(d) => {
+                // SAFETY: forwarded contract.
                 unsafe { d.register_hmem(ptr, len, key, device) }.map(MrHandle::Fabric)
             }
             Domain::Reorder(_) => Err(crate::error::Error::Config(
                 "the reorder double has no GPU memory".into(),
             )),
+            // SAFETY: forwarded contract.
+            Domain::Verbs(d) => unsafe { d.register_hmem(ptr, len) }.map(MrHandle::Verbs),
         }
     }
 
@@ -140,6 +149,8 @@ impl Domain {
         match (self, mr) {
             (Domain::Fabric(d), MrHandle::Fabric(m)) => d.close_mr(m),
             (Domain::Reorder(d), MrHandle::Reorder(m)) => d.close_mr(m),
+            // Dropping the registration deregisters it.
+            (Domain::Verbs(_), MrHandle::Verbs(m)) => drop(m),
             _ => unreachable!("a region is closed on the domain that registered it"),
         }
     }
@@ -165,6 +176,10 @@ impl Domain {
             },
             // SAFETY: forwarded contract.
             Domain::Reorder(d) => unsafe { d.post_write(buf, len, dest, raddr, key, data, ctx) },
+            // SAFETY: forwarded contract; `desc` is the region's lkey.
+            Domain::Verbs(d) => unsafe {
+                d.post_write(buf, len, desc, dest, raddr, key, data, ctx)
+            },
         }
     }
 
@@ -182,7 +197,9 @@ impl Domain {
         match self {
             // SAFETY: forwarded contract.
             Domain::Fabric(d) => unsafe { d.inject_write(buf, len, dest, raddr, key, data) },
-            Domain::Reorder(_) => unreachable!("the test double does not offer inject"),
+            Domain::Reorder(_) | Domain::Verbs(_) => {
+                unreachable!("only libfabric domains offer inject")
+            }
         }
     }
 
@@ -201,6 +218,8 @@ impl Domain {
             Domain::Fabric(d) => unsafe { d.post_send(buf, len, desc, dest, ctx) },
             // SAFETY: forwarded contract.
             Domain::Reorder(d) => unsafe { d.post_send(buf, len, dest, ctx) },
+            // SAFETY: forwarded contract.
+            Domain::Verbs(d) => unsafe { d.post_send(buf, len, dest, ctx) },
         }
     }
 
@@ -218,6 +237,8 @@ impl Domain {
             Domain::Fabric(d) => unsafe { d.post_recv(buf, len, desc, ctx) },
             // SAFETY: forwarded contract.
             Domain::Reorder(d) => unsafe { d.post_recv(buf, len, ctx) },
+            // SAFETY: forwarded contract.
+            Domain::Verbs(d) => unsafe { d.post_recv(buf, len, ctx) },
         }
     }
 
@@ -225,6 +246,7 @@ impl Domain {
         match self {
             Domain::Fabric(d) => d.poll(out),
             Domain::Reorder(d) => d.poll(out),
+            Domain::Verbs(d) => d.poll(out),
         }
     }
 }

@@ -12,7 +12,11 @@ pub enum Error {
     /// No provider/interface matched the request.
     #[error("no provider matches {what}: {detail}")]
     ProviderNotFound { what: String, detail: String },
-    /// A libfabric call failed.
+    /// The libibverbs RC backend (`verbs-rc`) cannot run here: no libibverbs, no RDMA device,
+    /// or no usable port. The message says why and lists what was found.
+    #[error("RDMA (verbs-rc) is not usable here: {0}")]
+    RdmaUnavailable(String),
+    /// A libfabric (or libibverbs) call failed.
     #[error("libfabric {call} failed: {message} ({code})")]
     Fabric {
         call: &'static str,

@@ -50,6 +50,7 @@ pub mod shard;
 mod staging;
 pub mod sys;
 pub mod transfer;
+pub mod verbs;
 mod worker;
 
 pub use desc::{DomainAddr, GpuDesc, MemDesc, NvlinkAddr, PeerAddr};

@@ -347,7 +347,7 @@ impl Worker {
     )> {
         let mut domains = Vec::with_capacity(specs.len());
         for s in specs {
-            domains.push(Domain::open(s)?);
+            domains.push(Domain::open(s, HEADER + cfg.max_message)?);
         }
         let nd = domains.len();
         let buf_size = HEADER + cfg.max_message;

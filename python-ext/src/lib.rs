@@ -18,6 +18,7 @@ fn to_py(e: fl::Error) -> PyErr {
     let name = match &e {
         fl::Error::LibraryNotFound(_) => "LibraryNotFoundError",
         fl::Error::ProviderNotFound { .. } => "ProviderNotFoundError",
+        fl::Error::RdmaUnavailable(_) => "RdmaUnavailableError",
         fl::Error::Fabric { .. } => "FabricError",
         fl::Error::Config(_) => "ConfigError",
         fl::Error::OutOfBounds(_) => "OutOfBoundsError",

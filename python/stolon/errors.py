@@ -6,6 +6,7 @@ __all__ = [
     "StolonError",
     "LibraryNotFoundError",
     "ProviderNotFoundError",
+    "RdmaUnavailableError",
     "FabricError",
     "ConfigError",
     "OutOfBoundsError",
@@ -36,8 +37,13 @@ class ProviderNotFoundError(StolonError):
     """No libfabric provider/interface matches the request (see ``python -m stolon info``)."""
 
 
+class RdmaUnavailableError(ProviderNotFoundError):
+    """The libibverbs RC backend (provider ``verbs-rc``) cannot run here: libibverbs is missing,
+    or there is no RDMA device or usable port; the message lists what was found."""
+
+
 class FabricError(StolonError):
-    """A libfabric call failed."""
+    """A libfabric (or libibverbs) call failed."""
 
 
 class ConfigError(StolonError, ValueError):
