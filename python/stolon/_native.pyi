@@ -10,6 +10,7 @@ __all__ = [
     "PreparedTransfer",
     "cuda_info",
     "MemoryDescriptor",
+    "MoeAllToAll",
     "MemoryRegion",
     "TransferEngine",
     "TransferFuture",
