@@ -28,14 +28,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import multiprocessing as mp
 import statistics
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from procpool import Pool
 
 # ------------------------------------------------------------------------------------------------
 # the model
@@ -418,62 +418,9 @@ def _cmd_decode_finish(state: dict) -> Tuple[List[int], List[int]]:
     return toks, state["model"].generate(prompt, steps)
 
 
-def _serve(conn: Any, module: str) -> None:
-    import importlib
-
-    mod = importlib.import_module(module)
-    cmds = {k[5:]: v for k, v in vars(mod).items() if k.startswith("_cmd_")}
-    state: dict = {}
-    while True:
-        msg = conn.recv()
-        if msg is None:
-            break
-        cmd, kw = msg
-        try:
-            conn.send(("ok", cmds[cmd](state, **kw)))
-        except BaseException as e:
-            conn.send(("err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-
-
-class Workers:
+def Workers(n: int, timeout: float = 300.0) -> Pool:  # noqa: N802 (reads as a class)
     """``n`` spawned processes serving this module's ``_cmd_*`` functions."""
-
-    def __init__(self, n: int, timeout: float = 300.0) -> None:
-        ctx = mp.get_context("spawn")
-        self.timeout = timeout
-        self.conns, self.procs = [], []
-        for _ in range(n):
-            a, b = ctx.Pipe()
-            p = ctx.Process(target=_serve, args=(b, "bench_kvcache"), daemon=True)
-            p.start()
-            self.conns.append(a)
-            self.procs.append(p)
-
-    def send(self, i: int, cmd: str, **kw: Any) -> None:
-        self.conns[i].send((cmd, kw))
-
-    def recv(self, i: int) -> Any:
-        if not self.conns[i].poll(self.timeout):
-            raise TimeoutError(f"worker {i} gave no answer in {self.timeout}s")
-        status, res = self.conns[i].recv()
-        if status != "ok":
-            raise RuntimeError(f"worker {i}: {res}")
-        return res
-
-    def call(self, i: int, cmd: str, **kw: Any) -> Any:
-        self.send(i, cmd, **kw)
-        return self.recv(i)
-
-    def close(self) -> None:
-        for c in self.conns:
-            try:
-                c.send(None)
-            except OSError:
-                pass
-        for p in self.procs:
-            p.join(15)
-            if p.is_alive():
-                p.kill()
+    return Pool(n, "bench_kvcache", timeout)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -483,7 +430,7 @@ class Workers:
 DEC, PRE = 0, 1
 
 
-def _request(w: Workers, desc: bytes, prompt: List[int], mode: str) -> Dict[str, float]:
+def _request(w: Pool, desc: bytes, prompt: List[int], mode: str) -> Dict[str, float]:
     rid = w.call(DEC, "start", prefill_desc=desc, prompt=prompt, reserve=0)
     w.send(DEC, "ready", rid=rid)
     w.send(PRE, "serve", prompt=prompt, mode=mode)

@@ -34,15 +34,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import os
 import socket
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
+
+from procpool import Pool
 
 GB = 1e9
 TIMEOUT = 120.0
@@ -324,64 +324,9 @@ def _cmd_teardown(state: dict) -> None:
         eng.stop()
 
 
-def _serve(conn: Any, module: str) -> None:
-    import importlib
-
-    mod = importlib.import_module(module)
-    cmds = {k[5:]: v for k, v in vars(mod).items() if k.startswith("_cmd_")}
-    state: dict = {}
-    while True:
-        msg = conn.recv()
-        if msg is None:
-            break
-        cmd, kw = msg
-        try:
-            conn.send(("ok", cmds[cmd](state, **kw)))
-        except BaseException as e:
-            conn.send(("err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-
-
-class Workers:
+def Workers(n: int, timeout: float = 300.0) -> Pool:  # noqa: N802 (reads as a class)
     """``n`` spawned processes serving this module's ``_cmd_*`` functions."""
-
-    def __init__(self, n: int, timeout: float = 300.0) -> None:
-        ctx = mp.get_context("spawn")
-        self.timeout = timeout
-        self.conns: List[Any] = []
-        self.procs: List[Any] = []
-        for _ in range(n):
-            a, b = ctx.Pipe()
-            p = ctx.Process(target=_serve, args=(b, "bench_weights_gpu"), daemon=True)
-            p.start()
-            self.conns.append(a)
-            self.procs.append(p)
-
-    def send(self, i: int, cmd: str, **kw: Any) -> None:
-        self.conns[i].send((cmd, kw))
-
-    def recv(self, i: int) -> Any:
-        if not self.conns[i].poll(self.timeout):
-            raise TimeoutError(f"worker {i} gave no answer in {self.timeout}s")
-        status, res = self.conns[i].recv()
-        if status != "ok":
-            raise RuntimeError(f"worker {i}: {res}")
-        return res
-
-    def all(self, idx: List[int], cmd: str, per: Optional[List[dict]] = None, **kw: Any) -> list:
-        for k, i in enumerate(idx):
-            self.send(i, cmd, **(per[k] if per else {}), **kw)
-        return [self.recv(i) for i in idx]
-
-    def close(self) -> None:
-        for c in self.conns:
-            try:
-                c.send(None)
-            except OSError:
-                pass
-        for p in self.procs:
-            p.join(20)
-            if p.is_alive():
-                p.kill()
+    return Pool(n, "bench_weights_gpu", timeout)
 
 
 class Cluster:

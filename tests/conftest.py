@@ -23,6 +23,9 @@ import pytest
 
 PEER_PY = Path(__file__).resolve().with_name("peer.py")
 
+# benchmarks/ holds helpers the tests share with the benchmarks (procpool: the worker pool).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
 #: Socket providers are bound to 127.0.0.1 so every byte stays on loopback.
 SOCKET_PROVIDERS = ("tcp", "udp", "net")
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import require_provider
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from procpool import Pool
+from procpool import Pool, WorkerError
 
 import stolon
 from stolon.engine import loopback_nodes
@@ -458,7 +458,7 @@ def test_writes_landing_after_the_cancel_ack_never_reach_a_reused_page(pool, ref
         # The ack arrived, but its writes have not: the pages stay quarantined.
         acc = _wait_for(pool, lambda a: a["quarantined"] == sorted(pages1))
         assert not set(pages1) & set(acc["free"])
-        with pytest.raises(AssertionError, match="KVStreamError: 6 pages needed"):
+        with pytest.raises(WorkerError, match="KVStreamError: 6 pages needed"):
             pool.call(DECODE, "start", prefill=addrs[P2], prompt=_prompt(5, 21), reserve=3)
         assert pool.recv(P1) == rid1  # the late writes were sent
         acc = _wait_for(pool, lambda a: sorted(a["free"]) == list(range(6)))

@@ -48,6 +48,18 @@ fn take_rx(ctx: &Arc<Context>, device: usize, len: usize) -> Result<DeviceBuffer
     Ok(rx)
 }
 
+/// Rows the kernels read or write with 16-byte accesses: aligned start, stride a multiple of 16
+/// and at least one row long.
+fn check_rows(what: &str, ptr: CUdeviceptr, stride: i64, row_bytes: usize) -> Result<()> {
+    if ptr % 16 != 0 || stride % 16 != 0 || stride < row_bytes as i64 {
+        return Err(Error::InvalidArgument(format!(
+            "{what} must be 16-byte aligned with a stride of at least {row_bytes} bytes (a \
+             multiple of 16); got address {ptr:#x}, stride {stride}"
+        )));
+    }
+    Ok(())
+}
+
 fn random_nonce() -> u64 {
     let mut h = RandomState::new().build_hasher();
     h.write_u32(std::process::id());
@@ -488,13 +500,7 @@ impl AllToAll {
             }
             None => -1,
         };
-        if a.x % 16 != 0 || a.x_stride % 16 != 0 || a.x_stride < l.x_bytes as i64 {
-            return Err(Error::InvalidArgument(format!(
-                "token rows must be 16-byte aligned with a stride of at least {} bytes \
-                 (a multiple of 16); got address {:#x}, stride {}",
-                l.x_bytes, a.x, a.x_stride
-            )));
-        }
+        check_rows("token rows", a.x, a.x_stride, l.x_bytes)?;
         let empty = a.num_tokens == Some(0);
         if (l.s_bytes > 0 && a.scales == 0 && !empty) || (l.s_bytes == 0 && a.scales != 0) {
             return Err(Error::InvalidArgument(if l.s_bytes > 0 {
@@ -563,13 +569,7 @@ impl AllToAll {
     /// # Errors
     /// [`Error::InvalidArgument`] for misaligned rows, a recorded kernel error.
     pub unsafe fn combine_send(&self, stream: &Stream, a: &CombineArgs) -> Result<()> {
-        let c = self.layout.c_bytes as i64;
-        if a.y % 16 != 0 || a.y_stride % 16 != 0 || a.y_stride < c {
-            return Err(Error::InvalidArgument(format!(
-                "expert output rows must be 16-byte aligned with a stride of at least {c} bytes \
-                 (a multiple of 16)"
-            )));
-        }
+        check_rows("expert output rows", a.y, a.y_stride, self.layout.c_bytes)?;
         let p = KernelParams {
             y: a.y,
             y_stride: a.y_stride,
@@ -589,13 +589,7 @@ impl AllToAll {
     /// # Errors
     /// [`Error::InvalidArgument`] for misaligned rows, a recorded kernel error.
     pub unsafe fn combine_recv(&self, stream: &Stream, a: &CombineArgs) -> Result<()> {
-        let c = self.layout.c_bytes as i64;
-        if a.out % 16 != 0 || a.out_stride % 16 != 0 || a.out_stride < c {
-            return Err(Error::InvalidArgument(format!(
-                "result rows must be 16-byte aligned with a stride of at least {c} bytes \
-                 (a multiple of 16)"
-            )));
-        }
+        check_rows("result rows", a.out, a.out_stride, self.layout.c_bytes)?;
         let p = KernelParams {
             out: a.out,
             out_stride: a.out_stride,

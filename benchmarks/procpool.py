@@ -1,8 +1,9 @@
-"""Long-lived worker processes (spawn) that run a test module's `_cmd_*` functions on request.
+"""Long-lived worker processes (spawn) that run a module's `_cmd_*` functions on request.
 
-Each worker keeps a `state` dict between commands, so a test can give it a role (an engine,
-registered memory) and drive it step by step. An exception in a worker is sent back and fails
-the test in the parent; every wait has a timeout.
+Shared by the tests and the benchmarks (tests/conftest.py puts this folder on sys.path). Each
+worker keeps a `state` dict between commands, so a caller can give it a role (an engine,
+registered memory) and drive it step by step. An exception in a worker is sent back and raised
+in the parent as `WorkerError`; every wait has a timeout.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def serve(conn: Any, module: str, watchdog: Optional[float] = None) -> None:
                 faulthandler.cancel_dump_traceback_later()
 
 
+class WorkerError(RuntimeError):
+    """A worker's command raised, or gave no answer in time; the message has its traceback."""
+
+
 class Pool:
     """`n` workers serving the `_cmd_*` functions of `module`."""
 
@@ -60,10 +65,10 @@ class Pool:
     def recv(self, i: int, timeout: Optional[float] = None) -> Any:
         timeout = self.timeout if timeout is None else timeout
         if not self.conns[i].poll(timeout):
-            raise AssertionError(f"worker {i} gave no answer in {timeout}s")
+            raise WorkerError(f"worker {i} gave no answer in {timeout}s")
         status, res = self.conns[i].recv()
         if status != "ok":
-            raise AssertionError(f"worker {i}: {res}")
+            raise WorkerError(f"worker {i}: {res}")
         return res
 
     def call(self, i: int, cmd: str, **kw: Any) -> Any:
