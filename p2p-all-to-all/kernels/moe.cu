@@ -351,7 +351,8 @@ extern "C" __global__ void __launch_bounds__(kThreads) moe_dispatch_send(Params 
 
 extern "C" __global__ void __launch_bounds__(kThreads) moe_dispatch_recv(Params P) {
     extern __shared__ int s_dyn[];  // off[world * experts_per_rank], cnt[experts_per_rank]
-    __shared__ int s_start[kMaxWorld + 1];  // [kMaxWorld] also holds the total row count
+    __shared__ int s_start[kMaxWorld + 1];
+    __shared__ int s_rows_total;
     const int tid = threadIdx.x;
     const int epr = P.experts_per_rank;
     int* s_off = s_dyn;
@@ -396,7 +397,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) moe_dispatch_recv(Params 
             }
             const int total = __shfl_sync(0xffffffffu, incl, 31);
             if (tid == 0) {
-                s_start[kMaxWorld] = total;
+                s_rows_total = total;
                 if (blockIdx.x == 0) {
                     P.expert_offsets[epr] = total;
                     if (total > P.capacity)
@@ -409,7 +410,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) moe_dispatch_recv(Params 
         if (blockIdx.x == 0) {
             for (int le = tid; le < epr; le += blockDim.x) {
                 P.expert_offsets[le] = s_cnt[le];
-                const int next = le + 1 < epr ? s_cnt[le + 1] : s_start[kMaxWorld];
+                const int next = le + 1 < epr ? s_cnt[le + 1] : s_rows_total;
                 P.expert_counts[le] = next - s_cnt[le];
             }
         }
