@@ -17,6 +17,7 @@
 use std::time::Duration;
 
 mod gpu;
+pub mod proxy;
 
 pub use gpu::{AllToAll, CombineArgs, DispatchArgs, DispatchOutputs};
 
@@ -530,6 +531,9 @@ pub enum Error {
     /// A bounded wait ran out on the host.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The host proxy (ranks on other nodes) could not move data.
+    #[error("all-to-all proxy: {0}")]
+    Proxy(String),
 }
 
 impl Error {

@@ -1,0 +1,227 @@
+//! The all-to-all's host proxy between two engines: over libfabric's `tcp;ofi_rxm` on loopback,
+//! and over the engine's reordering test double (`fabric_lib::reorder`, which delivers and
+//! completes operations out of posting order, so headers routinely land before their data —
+//! an order the real loopback transport cannot be made to produce).
+//!
+//! Two ranks on different "nodes". What the GPU kernels would do is played by the test: it
+//! fills a rank's staging area and stores the kernels' out-flags into the mailbox; the proxies
+//! must land the bytes in the peer's receive area at the source's offsets and store the in-flags
+//! only after every immediate the header announced was counted. Host memory stands in for the
+//! GPU memory the kernels use (the proxy moves whatever the engine registered); the kernels
+//! themselves are tested on GPUs. Skipped with a message when libfabric is missing.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fabric_lib::{EngineConfig, MemoryRegion, TransferEngine};
+use p2p_all_to_all::proxy::{
+    imm_for, Proxy, ProxyLayout, ProxyLocal, ProxyPeer, IN_CFLAG, IN_DFLAG, IN_REL, MAILBOX_WORDS,
+    OUT_CFLAG, OUT_DFLAG, OUT_REL,
+};
+use p2p_all_to_all::Config;
+
+struct Rank {
+    engine: Arc<TransferEngine>,
+    rx: MemoryRegion,
+    tx: MemoryRegion,
+    headers_out: MemoryRegion,
+    headers_in: MemoryRegion,
+    mailbox: Box<[u64]>,
+}
+
+fn layout() -> ProxyLayout {
+    let mut c = Config::new(0, 2, 8, 2, 16, 64);
+    c.ranks_per_node = 1;
+    let l = c.layout().unwrap();
+    ProxyLayout {
+        world: 2,
+        max_tokens: 16,
+        slot_bytes: l.slot_bytes,
+        meta_bytes: l.meta_bytes,
+        ecount_bytes: l.experts_per_rank * 4,
+        rx_data: l.rx_data,
+        rx_meta: l.rx_meta,
+        rx_ecount: l.rx_ecount,
+    }
+}
+
+fn rank(rx_len: usize, l: &ProxyLayout, cfg: EngineConfig) -> Option<Rank> {
+    if cfg.domains[0].provider != fabric_lib::reorder::PROVIDER
+        && !fabric_lib::sys::libfabric::is_present()
+    {
+        eprintln!("SKIP: libfabric not present");
+        return None;
+    }
+    let engine = Arc::new(TransferEngine::new(cfg).unwrap());
+    let reg = |n: usize| {
+        engine
+            .register_buffer(vec![0u8; n].into_boxed_slice())
+            .unwrap()
+    };
+    Some(Rank {
+        rx: reg(rx_len),
+        tx: reg(l.tx_total()),
+        headers_out: reg(l.headers_total()),
+        headers_in: reg(l.headers_total()),
+        mailbox: vec![0u64; 2 * MAILBOX_WORDS].into_boxed_slice(),
+        engine,
+    })
+}
+
+fn proxy(r: &mut Rank, me: usize, peer: &Rank, l: ProxyLayout) -> Proxy {
+    let local = ProxyLocal {
+        rank: me,
+        tx: r.tx.clone(),
+        headers_out: r.headers_out.clone(),
+        headers_in: r.headers_in.clone(),
+        mailbox: r.mailbox.as_mut_ptr(),
+    };
+    let peers = vec![ProxyPeer {
+        rank: 1 - me,
+        rx: peer.rx.descriptor().clone(),
+        headers: peer.headers_in.descriptor().clone(),
+    }];
+    Proxy::new(r.engine.clone(), l, 7, local, peers)
+}
+
+// The region owns a boxed buffer the engine writes into behind any Rust borrow; the test reads
+// and fills it only while no write to that part is in flight.
+#[allow(clippy::mut_from_ref)]
+fn bytes_mut(r: &MemoryRegion) -> &mut [u8] {
+    // SAFETY: the test owns the buffer; the proxy only reads staged bytes after their flag.
+    unsafe { std::slice::from_raw_parts_mut(r.ptr() as *mut u8, r.len() as usize) }
+}
+
+fn mailbox(r: &Rank, peer: usize, which: usize) -> *mut u64 {
+    r.mailbox[peer * MAILBOX_WORDS + which..].as_ptr() as *mut u64
+}
+
+fn wait_word(r: &Rank, peer: usize, which: usize, want: u64) {
+    let start = Instant::now();
+    // SAFETY: a word of the rank's mailbox, stored by its proxy thread.
+    while unsafe { mailbox(r, peer, which).read_volatile() } != want {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "mailbox word {which} of peer {peer} never became {want:#x}"
+        );
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+#[test]
+fn dispatch_combine_and_release_cross_nodes_over_tcp() {
+    cross_nodes(|| EngineConfig::loopback("tcp", 1));
+}
+
+#[test]
+fn dispatch_combine_and_release_cross_nodes_in_any_order() {
+    let before = fabric_lib::reorder::reordered_deliveries();
+    for seed in 0..8u64 {
+        cross_nodes(|| {
+            let mut cfg = EngineConfig::new(fabric_lib::reorder::PROVIDER, 2);
+            for d in &mut cfg.domains {
+                d.interface = Some(seed.to_string());
+            }
+            cfg.min_shard_bytes = 64 << 10;
+            cfg.max_op_bytes = Some(4096); // several operations per write, delivered shuffled
+            cfg
+        });
+    }
+    assert!(
+        fabric_lib::reorder::reordered_deliveries() > before,
+        "the double never delivered out of order"
+    );
+}
+
+fn cross_nodes(engine_cfg: impl Fn() -> EngineConfig) {
+    let l = layout();
+    let cfg = {
+        let mut c = Config::new(0, 2, 8, 2, 16, 64);
+        c.ranks_per_node = 1;
+        c
+    };
+    let rx_len = cfg.layout().unwrap().rx_total;
+    let (Some(mut a), Some(mut b)) = (
+        rank(rx_len, &l, engine_cfg()),
+        rank(rx_len, &l, engine_cfg()),
+    ) else {
+        return;
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let pa = proxy(&mut a, 0, &b, l).spawn(stop.clone());
+    let pb = proxy(&mut b, 1, &a, l).spawn(stop.clone());
+
+    for step in 1..=3u64 {
+        // Rank 0's "dispatch_send" staged 5 tokens (slots 0..5), their entries and counts for
+        // rank 1, then stored its flag.
+        let ntok = 5 + step as usize;
+        let (txd, txm, txe) = l.tx_parts(1);
+        let tx = bytes_mut(&a.tx);
+        for (i, v) in tx[txd..txd + ntok * l.slot_bytes].iter_mut().enumerate() {
+            *v = (i as u64 * 7 + step) as u8;
+        }
+        for (i, v) in tx[txm..txm + ntok * l.meta_bytes].iter_mut().enumerate() {
+            *v = (i as u64 * 3 + step) as u8;
+        }
+        tx[txe..txe + l.ecount_bytes].fill(step as u8);
+        let flag = (step << 32) | ntok as u64;
+        // SAFETY: the kernels' out-word, read by the proxy thread.
+        unsafe { mailbox(&a, 1, OUT_DFLAG).write_volatile(flag) };
+        wait_word(&b, 0, IN_DFLAG, flag);
+        let (rxd, rxm, rxe) = l.rx_parts(0);
+        let rx = bytes_mut(&b.rx);
+        assert_eq!(
+            &rx[rxd..rxd + ntok * l.slot_bytes],
+            &tx[txd..txd + ntok * l.slot_bytes],
+            "step {step}: slots"
+        );
+        assert_eq!(
+            &rx[rxm..rxm + ntok * l.meta_bytes],
+            &tx[txm..txm + ntok * l.meta_bytes]
+        );
+        assert_eq!(
+            &rx[rxe..rxe + l.ecount_bytes],
+            &tx[txe..txe + l.ecount_bytes]
+        );
+        // Nothing of source 1's part of rank 1's own area was touched.
+        let (own, _, _) = l.rx_parts(1);
+        assert!(rx[own..own + l.slot_bytes].iter().all(|&v| v == 0));
+
+        // Rank 1's "combine_send" staged results for rank 0's tokens (as many as rank 0 sent).
+        let (txd1, _, _) = l.tx_parts(0);
+        let tx1 = bytes_mut(&b.tx);
+        for (i, v) in tx1[txd1..txd1 + ntok * l.slot_bytes].iter_mut().enumerate() {
+            *v = (i as u64 * 11 + step) as u8;
+        }
+        // SAFETY: as above.
+        unsafe { mailbox(&b, 0, OUT_CFLAG).write_volatile(step) };
+        wait_word(&a, 1, IN_CFLAG, step);
+        let (rxd0, _, _) = l.rx_parts(1);
+        let rx0 = bytes_mut(&a.rx);
+        assert_eq!(
+            &rx0[rxd0..rxd0 + ntok * l.slot_bytes],
+            &tx1[txd1..txd1 + ntok * l.slot_bytes],
+            "step {step}: combined slots"
+        );
+
+        // Release notices, odd then even; the peer's in-word ends at the larger.
+        for r in [2 * step - 1, 2 * step] {
+            // SAFETY: as above.
+            unsafe { mailbox(&b, 0, OUT_REL).write_volatile(r) };
+        }
+        wait_word(&a, 1, IN_REL, 2 * step);
+    }
+    stop.store(true, Ordering::Release);
+    let (pa, pb) = (pa.join().unwrap(), pb.join().unwrap());
+    assert_eq!(pa.error(), None);
+    assert_eq!(pb.error(), None);
+    // Every announced immediate was consumed: none left over on either side.
+    for (eng, src) in [(&a.engine, 1usize), (&b.engine, 0usize)] {
+        for kind in 0..4 {
+            for header in [false, true] {
+                assert_eq!(eng.imm_counter().count(imm_for(7, kind, header, src)), 0);
+            }
+        }
+    }
+}
