@@ -4,6 +4,7 @@
 use std::collections::hash_map::RandomState;
 use std::ffi::c_void;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,11 @@ use stolon_cuda::{
     Context, Device, DeviceBuffer, Function, IpcMapping, Module, PinnedHostBuffer, Stream,
 };
 
+use fabric_lib::{MemDesc, MemoryRegion, TransferEngine};
+
+use crate::proxy::{
+    self, Proxy, ProxyLayout, ProxyLocal, ProxyPeer, MAILBOX_WORDS, OUT_CFLAG, OUT_DFLAG, OUT_REL,
+};
 use crate::{Config, Error, Handle, KernelError, Layout, Result, PEER_BYTES, STATE_BYTES};
 
 /// The fatbin `build.rs` compiled (empty when nvcc was missing).
@@ -46,6 +52,60 @@ fn take_rx(ctx: &Arc<Context>, device: usize, len: usize) -> Result<DeviceBuffer
     };
     rx.fill(0)?;
     Ok(rx)
+}
+
+impl Remote {
+    fn new(
+        ctx: &Arc<Context>,
+        engine: Arc<TransferEngine>,
+        cfg: &Config,
+        layout: &Layout,
+        rx: &DeviceBuffer,
+    ) -> Result<Remote> {
+        let eng = |e: fabric_lib::Error| Error::Proxy(format!("registering with the engine: {e}"));
+        let playout = ProxyLayout {
+            world: cfg.world,
+            max_tokens: cfg.max_tokens,
+            slot_bytes: layout.slot_bytes,
+            meta_bytes: layout.meta_bytes,
+            ecount_bytes: layout.experts_per_rank * 4,
+            rx_data: layout.rx_data,
+            rx_meta: layout.rx_meta,
+            rx_ecount: layout.rx_ecount,
+        };
+        let tx = DeviceBuffer::alloc_zeroed(ctx, playout.tx_total())?;
+        let mut mailbox = PinnedHostBuffer::alloc(ctx, cfg.world * MAILBOX_WORDS * 8)?;
+        // SAFETY: no kernel or proxy uses the mailbox yet; we own it exclusively.
+        unsafe { mailbox.as_mut_slice().fill(0) };
+        // SAFETY: both buffers are device memory that outlives its region: the region is
+        // unregistered (release_peers / drop) before tx is freed, and rx is never freed (pool).
+        let (tx_region, rx_region) = unsafe {
+            (
+                engine
+                    .register_gpu(tx.ptr(), tx.len() as u64, None)
+                    .map_err(eng)?,
+                engine
+                    .register_gpu(rx.ptr(), rx.len() as u64, None)
+                    .map_err(eng)?,
+            )
+        };
+        let headers = || {
+            engine
+                .register_buffer(vec![0u8; playout.headers_total()].into_boxed_slice())
+                .map_err(eng)
+        };
+        Ok(Remote {
+            headers_in: headers()?,
+            headers_out: headers()?,
+            engine,
+            playout,
+            tx,
+            tx_region,
+            rx_region,
+            mailbox,
+            proxy: None,
+        })
+    }
 }
 
 /// Rows the kernels read or write with 16-byte accesses: aligned start, stride a multiple of 16
@@ -209,8 +269,50 @@ pub struct AllToAll {
     local: DeviceBuffer,
     err: PinnedHostBuffer,
     mappings: Vec<IpcMapping>,
+    remote: Option<Remote>,
     connected: bool,
     sms: u32,
+}
+
+/// What ranks on other nodes need: the engine, the staging area and the proxy's mailbox and
+/// header areas, all registered with the engine, and the proxy thread once connected.
+struct Remote {
+    engine: Arc<TransferEngine>,
+    playout: ProxyLayout,
+    tx: DeviceBuffer,
+    tx_region: MemoryRegion,
+    rx_region: MemoryRegion,
+    headers_in: MemoryRegion,
+    headers_out: MemoryRegion,
+    mailbox: PinnedHostBuffer,
+    proxy: Option<(Arc<AtomicBool>, std::thread::JoinHandle<Proxy>)>,
+}
+
+impl Remote {
+    fn mailbox_word(&self, peer: usize, which: usize) -> u64 {
+        self.mailbox.device_ptr() + ((peer * MAILBOX_WORDS + which) * 8) as u64
+    }
+
+    /// Stops the proxy thread; its error, if it met one.
+    fn stop(&mut self) -> Option<String> {
+        let (stop, handle) = self.proxy.take()?;
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        match handle.join() {
+            Ok(p) => p.error().map(str::to_string),
+            Err(_) => Some("the proxy thread panicked".to_string()),
+        }
+    }
+
+    fn unregister(&self) {
+        for r in [
+            &self.tx_region,
+            &self.rx_region,
+            &self.headers_in,
+            &self.headers_out,
+        ] {
+            self.engine.unregister(r);
+        }
+    }
 }
 
 // SAFETY: the buffers and handles are plain driver objects usable from any thread; the kernels
@@ -226,7 +328,29 @@ impl AllToAll {
     /// [`Error::InvalidArgument`] for a bad config, [`Error::NoKernels`] for a build without
     /// nvcc, a CUDA error (no GPU, out of memory).
     pub fn new(device: usize, cfg: Config) -> Result<AllToAll> {
+        AllToAll::with_engine(device, cfg, None)
+    }
+
+    /// As [`AllToAll::new`]; with `engine`, ranks on other nodes (`ranks_per_node` smaller than
+    /// the world) are reached through it by a host proxy. The engine must move this GPU's
+    /// memory (opened with `cuda_device` = `device`).
+    ///
+    /// # Errors
+    /// As [`AllToAll::new`]; [`Error::InvalidArgument`] when other nodes exist but no engine
+    /// was given; an engine error registering the buffers.
+    pub fn with_engine(
+        device: usize,
+        cfg: Config,
+        engine: Option<Arc<TransferEngine>>,
+    ) -> Result<AllToAll> {
         let layout = cfg.layout()?;
+        if cfg.ranks_per_node < cfg.world && engine.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "ranks_per_node {} < world {}: ranks on other nodes are reached through a \
+                 TransferEngine, and none was given",
+                cfg.ranks_per_node, cfg.world
+            )));
+        }
         if FATBIN.is_empty() {
             return Err(Error::NoKernels);
         }
@@ -251,6 +375,12 @@ impl AllToAll {
         // SAFETY: no kernel uses the buffer yet; we own it exclusively.
         unsafe { err.as_mut_slice().fill(0) };
         let sms = dev.attribute(sys::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let remote = match engine {
+            Some(engine) if cfg.ranks_per_node < cfg.world => {
+                Some(Remote::new(&ctx, engine, &cfg, &layout, &rx)?)
+            }
+            _ => None,
+        };
         Ok(AllToAll {
             cfg,
             layout,
@@ -262,6 +392,7 @@ impl AllToAll {
             local,
             err,
             mappings: Vec::new(),
+            remote,
             connected: false,
             sms,
         })
@@ -299,6 +430,16 @@ impl AllToAll {
             pid: std::process::id(),
             nonce: self.nonce,
             ipc: *ipc.as_bytes(),
+            rx_desc: self
+                .remote
+                .as_ref()
+                .map(|r| r.rx_region.descriptor().to_bytes())
+                .unwrap_or_default(),
+            headers_desc: self
+                .remote
+                .as_ref()
+                .map(|r| r.headers_in.descriptor().to_bytes())
+                .unwrap_or_default(),
         }
         .to_bytes())
     }
@@ -348,11 +489,7 @@ impl AllToAll {
                 continue;
             }
             if self.cfg.node_of(r) != self.cfg.node_of(me) {
-                return Err(Error::Handshake(format!(
-                    "rank {r} is on another node ({} ranks per node); ranks on other nodes need \
-                     the engine proxy, which this all-to-all was not given",
-                    self.cfg.ranks_per_node
-                )));
+                continue; // reached through the proxy (below)
             }
             let handle = stolon_cuda::IpcMemHandle::from_bytes(&h.ipc)?;
             let mapping = handle.open(&self.ctx).map_err(|e| {
@@ -409,10 +546,63 @@ impl AllToAll {
                 }
             })
             .collect();
+        // Ranks on other nodes: the kernels write into the staging area and the mailbox, and
+        // wait on the mailbox; the proxy carries the rest.
+        let mut table = table;
+        let mut proxy_peers = Vec::new();
+        if let Some(rm) = &self.remote {
+            let tx = rm.tx.ptr();
+            for (p, h) in decoded.iter().enumerate() {
+                if self.cfg.node_of(p) == self.cfg.node_of(me) {
+                    continue;
+                }
+                let (d, m, e) = rm.playout.tx_parts(p);
+                let entry = &mut table[p];
+                entry.data = tx + d as u64;
+                entry.meta = tx + m as u64;
+                entry.ecount = tx + e as u64;
+                entry.dflag = rm.mailbox_word(p, OUT_DFLAG);
+                entry.cflag = rm.mailbox_word(p, OUT_CFLAG);
+                entry.rel = rm.mailbox_word(p, OUT_REL);
+                entry.rx_dflag = rm.mailbox_word(p, proxy::IN_DFLAG);
+                entry.rx_cflag = rm.mailbox_word(p, proxy::IN_CFLAG);
+                entry.rel_in = rm.mailbox_word(p, proxy::IN_REL);
+                let desc = |b: &[u8], what: &str| {
+                    MemDesc::from_bytes(b).map_err(|e| {
+                        Error::Handshake(format!(
+                            "rank {p} is on another node but sent no usable {what} descriptor \
+                             (was it given an engine?): {e}"
+                        ))
+                    })
+                };
+                proxy_peers.push(ProxyPeer {
+                    rank: p,
+                    rx: desc(&h.rx_desc, "receive area")?,
+                    headers: desc(&h.headers_desc, "header area")?,
+                });
+            }
+        }
         // SAFETY: PeerEntry is repr(C) plain data; the slice covers exactly the table.
         let bytes =
             unsafe { std::slice::from_raw_parts(table.as_ptr().cast::<u8>(), world * PEER_BYTES) };
         self.local.copy_from_host(l.peers, bytes)?;
+        if let Some(rm) = &mut self.remote {
+            // Every rank derives the same instance number from the handles (their nonces), so
+            // two all-to-alls on one engine use different immediates.
+            let instance = decoded
+                .iter()
+                .fold(0u8, |a, h| a ^ (h.nonce as u8) ^ ((h.nonce >> 8) as u8));
+            let local = ProxyLocal {
+                rank: me,
+                tx: rm.tx_region.clone(),
+                headers_out: rm.headers_out.clone(),
+                headers_in: rm.headers_in.clone(),
+                mailbox: rm.mailbox.host_ptr().cast::<u64>(),
+            };
+            let stop = Arc::new(AtomicBool::new(false));
+            let p = Proxy::new(rm.engine.clone(), rm.playout, instance, local, proxy_peers);
+            rm.proxy = Some((stop.clone(), p.spawn(stop)));
+        }
         self.connected = true;
         Ok(())
     }
@@ -656,6 +846,9 @@ impl AllToAll {
                 if e.code == 1 {
                     // The kernels give up on their own; let them finish.
                     stream.wait_idle(timeout)?;
+                    if let Some(p) = self.proxy_error() {
+                        return Err(Error::Proxy(format!("{p}; then {e}")));
+                    }
                     return Err(Error::Kernel(e));
                 }
             }
@@ -689,13 +882,27 @@ impl AllToAll {
         }
         let want = 2 * steps[3];
         let world = self.cfg.world;
+        let me = self.cfg.rank;
         let mut buf = vec![0u8; world * 8];
         let start = Instant::now();
         loop {
             self.rx().copy_to_host(self.layout.rx_rel, &mut buf)?;
-            let done = buf
-                .chunks_exact(8)
-                .all(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) >= want);
+            let done = buf.chunks_exact(8).enumerate().all(|(p, c)| {
+                let v = match &self.remote {
+                    Some(rm) if self.cfg.node_of(p) != self.cfg.node_of(me) => {
+                        // SAFETY: a word of the mailbox we own; the proxy stores it.
+                        unsafe {
+                            rm.mailbox
+                                .host_ptr()
+                                .cast::<u64>()
+                                .add(p * MAILBOX_WORDS + proxy::IN_REL)
+                                .read_volatile()
+                        }
+                    }
+                    _ => u64::from_le_bytes(c.try_into().expect("8 bytes")),
+                };
+                v >= want
+            });
             if done {
                 return Ok(true);
             }
@@ -716,8 +923,22 @@ impl AllToAll {
     pub fn release_peers(&mut self, timeout: Duration) -> Result<bool> {
         let quiet = self.quiesce(timeout)?;
         self.mappings.clear();
+        if let Some(rm) = &mut self.remote {
+            rm.stop();
+            rm.unregister();
+        }
         self.connected = false;
         Ok(quiet)
+    }
+
+    /// Whether ranks on other nodes are served by a proxy thread that has stopped with an
+    /// error (its message). The kernels waiting for it then time out.
+    pub fn proxy_error(&self) -> Option<String> {
+        let rm = self.remote.as_ref()?;
+        let (_, handle) = rm.proxy.as_ref()?;
+        handle
+            .is_finished()
+            .then(|| "the proxy thread stopped (a write to a peer failed)".to_string())
     }
 
     /// Steps each phase has completed (reads device memory; synchronous).
@@ -740,6 +961,10 @@ impl Drop for AllToAll {
         // Best effort: peers may still be writing their last release notices into our receive
         // area; wait for them (bounded). The area then goes back to the pool, never freed.
         let _ = self.quiesce(self.cfg.timeout);
+        if let Some(rm) = &mut self.remote {
+            rm.stop();
+            rm.unregister();
+        }
         if let Some(rx) = self.rx.take() {
             RX_POOL
                 .lock()

@@ -399,11 +399,16 @@ pub struct Handle {
     pub nonce: u64,
     /// CUDA IPC handle of the receive area.
     pub ipc: [u8; 64],
+    /// With an engine (ranks on other nodes): the receive area's memory descriptor.
+    pub rx_desc: Vec<u8>,
+    /// With an engine: the descriptor of the proxy's header area.
+    pub headers_desc: Vec<u8>,
 }
 
 const HANDLE_MAGIC: &[u8; 4] = b"STA2";
 const HANDLE_VERSION: u32 = 1;
-/// Length of an encoded [`Handle`].
+/// Length of the fixed part of an encoded [`Handle`] (the two descriptors follow, each with a
+/// u32 length).
 pub const HANDLE_BYTES: usize = 4 + 4 + 4 + 4 + 8 + 4 + 8 + 64;
 
 impl Handle {
@@ -418,16 +423,21 @@ impl Handle {
         v.extend_from_slice(&self.pid.to_le_bytes());
         v.extend_from_slice(&self.nonce.to_le_bytes());
         v.extend_from_slice(&self.ipc);
+        for d in [&self.rx_desc, &self.headers_desc] {
+            v.extend_from_slice(&(d.len() as u32).to_le_bytes());
+            v.extend_from_slice(d);
+        }
         v
     }
 
     /// Decodes bytes made by [`Handle::to_bytes`].
     pub fn from_bytes(b: &[u8]) -> Result<Handle> {
         let bad = |m: &str| Err(Error::Handshake(m.to_string()));
-        if b.len() != HANDLE_BYTES {
+        if b.len() < HANDLE_BYTES + 8 {
             return bad(&format!(
-                "handle is {} bytes, expected {HANDLE_BYTES}",
-                b.len()
+                "handle is {} bytes, expected at least {}",
+                b.len(),
+                HANDLE_BYTES + 8
             ));
         }
         if &b[0..4] != HANDLE_MAGIC {
@@ -442,6 +452,23 @@ impl Handle {
         }
         let mut ipc = [0u8; 64];
         ipc.copy_from_slice(&b[36..100]);
+        let mut at = HANDLE_BYTES;
+        let mut tail = || -> Result<Vec<u8>> {
+            let n = b
+                .get(at..at + 4)
+                .map(|x| u32::from_le_bytes(x.try_into().expect("4 bytes")) as usize)
+                .ok_or_else(|| Error::Handshake("handle truncated".into()))?;
+            let d = b
+                .get(at + 4..at + 4 + n)
+                .ok_or_else(|| Error::Handshake("handle truncated".into()))?;
+            at += 4 + n;
+            Ok(d.to_vec())
+        };
+        let rx_desc = tail()?;
+        let headers_desc = tail()?;
+        if at != b.len() {
+            return bad("handle has trailing bytes");
+        }
         Ok(Handle {
             rank: u32_at(8) as usize,
             world: u32_at(12) as usize,
@@ -449,6 +476,8 @@ impl Handle {
             pid: u32_at(24),
             nonce: u64::from_le_bytes(b[28..36].try_into().expect("8 bytes")),
             ipc,
+            rx_desc,
+            headers_desc,
         })
     }
 }
@@ -606,11 +635,25 @@ mod tests {
             pid: 77,
             nonce: 0x1234_5678_9abc_def0,
             ipc: [7; 64],
+            rx_desc: vec![1, 2, 3],
+            headers_desc: vec![],
         };
         let b = h.to_bytes();
-        assert_eq!(b.len(), HANDLE_BYTES);
+        assert_eq!(b.len(), HANDLE_BYTES + 8 + 3);
         assert_eq!(Handle::from_bytes(&b).unwrap(), h);
         assert!(Handle::from_bytes(&b[1..]).is_err());
+        for cut in [1, 4, 9] {
+            assert!(
+                Handle::from_bytes(&b[..b.len() - cut]).is_err(),
+                "cut {cut}"
+            );
+        }
+        let mut longer = b.clone();
+        longer.push(0);
+        assert!(Handle::from_bytes(&longer)
+            .unwrap_err()
+            .to_string()
+            .contains("trailing"));
         let mut bad = b.clone();
         bad[0] = b'X';
         assert!(Handle::from_bytes(&bad)

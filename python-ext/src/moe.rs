@@ -16,7 +16,7 @@ fn to_py(e: a2a::Error) -> PyErr {
         a2a::Error::InvalidArgument(_) => "InvalidArgumentError",
         a2a::Error::Cuda(c) => return cuda_err(c.clone()),
         a2a::Error::NoKernels => "CudaUnavailableError",
-        a2a::Error::Handshake(_) => "AllToAllError",
+        a2a::Error::Handshake(_) | a2a::Error::Proxy(_) => "AllToAllError",
         a2a::Error::Kernel(k) if k.code == 1 => "AllToAllTimeoutError",
         a2a::Error::Timeout(_) => "AllToAllTimeoutError",
         _ => "AllToAllError",
@@ -52,7 +52,7 @@ impl MoeAllToAll {
     #[new]
     #[pyo3(signature = (*, device, rank, world, num_experts, topk, max_tokens, hidden,
                         dispatch_elem_bytes, scales_per_token, combine_dtype,
-                        ranks_per_node=None, capacity=None, timeout=10.0))]
+                        ranks_per_node=None, capacity=None, timeout=10.0, engine=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -69,6 +69,7 @@ impl MoeAllToAll {
         ranks_per_node: Option<usize>,
         capacity: Option<usize>,
         timeout: f64,
+        engine: Option<PyRef<'_, crate::TransferEngine>>,
     ) -> PyResult<Self> {
         if !(timeout.is_finite() && timeout > 0.0) {
             return Err(stolon_err(
@@ -90,8 +91,9 @@ impl MoeAllToAll {
             capacity,
             timeout: Duration::from_secs_f64(timeout),
         };
+        let engine = engine.map(|e| e.inner.clone());
         let inner = py
-            .allow_threads(|| a2a::AllToAll::new(device, cfg))
+            .allow_threads(|| a2a::AllToAll::with_engine(device, cfg, engine))
             .map_err(to_py)?;
         Ok(MoeAllToAll { inner: Some(inner) })
     }

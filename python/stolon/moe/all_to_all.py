@@ -73,7 +73,12 @@ class AllToAll:
         combine_dtype: ``torch.bfloat16``, ``float16`` or ``float32``.
         group: the ``torch.distributed`` group used to exchange handles (default: world).
         ranks_per_node: ranks that share a node and write each other's memory directly
-            (default: all of them).
+            (default: all of them). Ranks ``[k * n, (k + 1) * n)`` form node ``k``; ranks on
+            other nodes are reached through ``engine`` by a host proxy thread. A smaller value
+            than the ranks that really share a host emulates several nodes on one host.
+        engine: a :class:`stolon.TransferEngine` opened with ``cuda_device`` = this device,
+            needed when ``ranks_per_node`` is smaller than the world (its NVLink domain or its
+            fabric, staged or not, carries the traffic between nodes).
         capacity: rows of the dispatch output (default: the most any routing can need).
         timeout: seconds a kernel waits for a peer before it gives up with
             :class:`~stolon.errors.AllToAllTimeoutError`.
@@ -100,6 +105,7 @@ class AllToAll:
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
         exchange: Optional[Callable[[bytes], Sequence[bytes]]] = None,
+        engine: Any = None,
     ) -> None:
         import torch
 
@@ -163,6 +169,7 @@ class AllToAll:
             ranks_per_node=ranks_per_node,
             capacity=capacity,
             timeout=float(timeout),
+            engine=engine,
         )
         self.timeout = float(timeout)
         layout = self._native.layout()
