@@ -207,10 +207,21 @@ def _a2a(case, rank, exchange_dir, **kw) -> AllToAll:
     )
 
 
+def _engine_kw(case: Dict[str, Any], rank: int) -> Dict[str, Any]:
+    """With `ranks_per_node` in the case: an engine on this GPU for the ranks on other
+    (emulated) nodes, over its NVLink domain or staged tcp (`via`)."""
+    if not case.get("ranks_per_node"):
+        return {}
+    import gpu_roles
+
+    eng = gpu_roles.engine(rank, nvlink=case.get("via", "nvlink") == "nvlink")
+    return {"ranks_per_node": case["ranks_per_node"], "engine": eng}
+
+
 def _cmd_case(state: dict, case: Dict[str, Any], rank: int, exchange_dir: str) -> Dict[str, Any]:
     """Runs `case["steps"]` steps with fresh inputs each; checks dispatch and combine."""
     torch.cuda.set_device(rank)
-    a2a = _a2a(case, rank, exchange_dir)
+    a2a = _a2a(case, rank, exchange_dir, **_engine_kw(case, rank))
     dev = torch.device("cuda", rank)
     consts = expert_consts(a2a, rank)
     checked, worst = 0, 0.0
@@ -240,7 +251,7 @@ def _cmd_graph(state: dict, case: Dict[str, Any], rank: int, exchange_dir: str) 
     routing and token counts copied into its static inputs, checking every replay."""
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
-    a2a = _a2a(case, rank, exchange_dir)
+    a2a = _a2a(case, rank, exchange_dir, **_engine_kw(case, rank))
     T, H, K = case["max_tokens"], case["hidden"], case["topk"]
     dt = DTYPES[case["dispatch"]]
     fp8 = dt == torch.float8_e4m3fn

@@ -181,3 +181,40 @@ def test_capacity_overflow_is_reported_per_step(pool):
     c = case(topk=4, max_tokens=32, seed=4, route="one_rank")
     c["capacity"] = 8  # far fewer rows than 32 tokens x 4 experts need on the target rank
     run(pool, "capacity", c)
+
+
+@needs_two
+@pytest.mark.parametrize("via", ["nvlink", "staged"])
+def test_emulated_nodes_through_the_engine(pool, via):
+    """Ranks grouped into emulated nodes of half the GPUs: traffic between the groups goes
+    through the host proxy and the engine (its NVLink domain, or staged tcp)."""
+    c = case(
+        experts=16 * WORKERS,
+        topk=4,
+        hidden=512,
+        max_tokens=48,
+        dispatch="fp8",
+        seed=31,
+        steps=3,
+        ranks_per_node=max(1, WORKERS // 2),
+        via=via,
+    )
+    res = run(pool, "case", c)
+    assert sum(r["rows"] for r in res) > 0
+
+
+@needs_two
+def test_emulated_nodes_cuda_graph(pool):
+    c = case(
+        experts=16 * WORKERS,
+        topk=4,
+        hidden=512,
+        max_tokens=40,
+        tokens=[40 - 7 * r for r in range(WORKERS)],
+        seed=33,
+        replays=3,
+        ranks_per_node=max(1, WORKERS // 2),
+        via="nvlink",
+    )
+    res = run(pool, "graph", c)
+    assert all(r["replays"] == 3 for r in res)
