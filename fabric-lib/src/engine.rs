@@ -433,6 +433,7 @@ impl TransferEngine {
                     host_id: host.clone(),
                     mailbox,
                     pid: std::process::id(),
+                    vmm_socket: String::new(),
                 }),
         };
         let nvlink_params = ShardParams::new(1, 1 << 40, 1 << 40)?;
@@ -614,6 +615,7 @@ impl TransferEngine {
                     ipc_handle,
                     ipc_offset,
                     direct: true,
+                    vmm: None,
                 };
                 let mem = RegionMem::GpuDirect(device);
                 return Ok(self.new_region(id, ptr as usize, len, keys, mem, Some(gpu), owner));
@@ -624,6 +626,7 @@ impl TransferEngine {
             ipc_handle,
             ipc_offset,
             direct: false,
+            vmm: None,
         };
         // SAFETY: forwarded contract.
         unsafe {
@@ -653,6 +656,7 @@ impl TransferEngine {
             ipc_handle: Vec::new(),
             ipc_offset: 0,
             direct: false,
+            vmm: None,
         };
         // SAFETY: forwarded contract.
         unsafe {
