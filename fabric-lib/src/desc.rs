@@ -431,7 +431,7 @@ impl MemDesc {
                                     "VMM region of {chunks} allocations (must be 1..={MAX_VMM_CHUNKS})"
                                 )));
                             }
-                            if offset.checked_add(len).is_none_or(|end| end > span) {
+                            if offset.checked_add(len).map_or(true, |end| end > span) {
                                 return Err(r.err(format!(
                                     "VMM region [{offset}, +{len}) exceeds its {span}-byte mappings"
                                 )));

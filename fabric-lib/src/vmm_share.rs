@@ -371,10 +371,10 @@ fn send_frame(
 ) -> Result<()> {
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let fd_bytes = std::mem::size_of_val(raw.as_slice());
-    // SAFETY: CMSG_SPACE is pure arithmetic.
     let space = if raw.is_empty() {
         0
     } else {
+        // SAFETY: CMSG_SPACE is pure arithmetic.
         unsafe { libc::CMSG_SPACE(fd_bytes as u32) as usize }
     };
     let mut cbuf = vec![0u64; space.div_ceil(8)];
@@ -537,7 +537,7 @@ pub struct FdServer {
     shared: Arc<ServerShared>,
     /// Written to wake the thread (revocations, stop).
     wake: OwnedFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl FdServer {
@@ -589,7 +589,7 @@ impl FdServer {
             name: name.to_string(),
             shared,
             wake,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
         })
     }
 
@@ -629,16 +629,25 @@ impl FdServer {
     }
 }
 
-impl Drop for FdServer {
-    fn drop(&mut self) {
+impl FdServer {
+    /// Stops serving: every lease ends, the socket closes (and a path is removed). Idempotent;
+    /// later [`FdServer::add`]s are never served.
+    pub fn shutdown(&self) {
         self.shared.stop.store(true, Ordering::Release);
         self.poke();
-        if let Some(t) = self.thread.take() {
+        let t = self.thread.lock().unwrap().take();
+        if let Some(t) = t {
             let _ = t.join();
+            if !self.name.starts_with('@') {
+                let _ = std::fs::remove_file(&self.name);
+            }
         }
-        if !self.name.starts_with('@') {
-            let _ = std::fs::remove_file(&self.name);
-        }
+    }
+}
+
+impl Drop for FdServer {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 
