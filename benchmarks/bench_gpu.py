@@ -157,6 +157,32 @@ def main() -> int:
     finally:
         rx.close()
 
+    # The same NVLink write into VMM memory (a receiver on expandable segments: allocations
+    # passed as file descriptors over the owner's socket), at the largest size.
+    rx = gpu_roles.Remote(
+        {"device": 1, "size": big, "nvlink": True, "alloc_conf": "expandable_segments:True"}
+    )
+    try:
+        eng = gpu_roles.engine(0, True)
+        src = torch.randint(0, 256, (big,), dtype=torch.uint8, device="cuda:0")
+        region = eng.register(src)
+        assert eng.path(region, rx.gpu_desc) == "nvlink", rx.info
+        iters = max(20, min(2000, (4 << 30) // big))
+        bw = engine_bw(eng, region, rx.gpu_desc, rx, big, iters)
+        pbw, _ = peer_copy(torch, big, min(iters, 200))
+        row = {
+            "op": "nvlink_write_vmm",
+            "size_bytes": big,
+            "gb_per_s": bw,
+            "peer_copy_gb_per_s": pbw,
+            "fraction_of_peer_copy": bw / pbw,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        eng.stop()
+    finally:
+        rx.close()
+
     # Staged tcp vs host tcp, same engines' settings.
     ssize = parse(args.staged_size)
     rx = gpu_roles.Remote({"device": 1, "size": ssize, "nvlink": False})

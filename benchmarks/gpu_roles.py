@@ -32,6 +32,19 @@ def sha(t) -> str:
     return hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest()
 
 
+def _is_vmm(t) -> bool:
+    """Whether torch put `t` in an expandable segment (CUDA VMM memory)."""
+    import torch
+
+    try:
+        for seg in torch.cuda.memory_snapshot():
+            if seg["address"] <= t.data_ptr() < seg["address"] + seg["total_size"]:
+                return bool(seg.get("is_expandable", False))
+    except Exception:
+        pass
+    return False
+
+
 def receiver(cfg: Dict[str, Any], conn) -> None:
     """Child: a GPU buffer on cfg['device'] (plus a host buffer), registered; serves commands."""
     import os
@@ -49,7 +62,14 @@ def receiver(cfg: Dict[str, Any], conn) -> None:
     host = np.zeros(cfg["size"], dtype=np.uint8)
     r = eng.register(dst)
     rh = eng.register(host)
-    conn.send((r.descriptor.to_bytes(), rh.descriptor.to_bytes(), eng.address.to_bytes()))
+    conn.send(
+        (
+            r.descriptor.to_bytes(),
+            rh.descriptor.to_bytes(),
+            eng.address.to_bytes(),
+            {"nvlink_note": r.nvlink_note, "vmm": _is_vmm(dst)},
+        )
+    )
     flag_out = None
     while True:
         cmd = conn.recv()
@@ -94,6 +114,9 @@ def receiver(cfg: Dict[str, Any], conn) -> None:
                 d = stolon.MemoryDescriptor.from_bytes(peer_desc)
                 eng.trigger_write(1, times, r, 0, d, 0, n, reply_imm=2)
                 conn.send(("ok", None))
+            elif op == "unregister":
+                eng.unregister(r)
+                conn.send(("ok", None))
             elif op == "stats":
                 conn.send(("ok", (eng.stats(), eng.nvlink_stats())))
             elif op == "stop":
@@ -116,7 +139,7 @@ class Remote:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=receiver, args=(cfg, child), daemon=True)
         self.proc.start()
-        gpu, host, addr = self.conn.recv()
+        gpu, host, addr, self.info = self.conn.recv()
         self.gpu_desc = stolon.MemoryDescriptor.from_bytes(gpu)
         self.host_desc = stolon.MemoryDescriptor.from_bytes(host)
         self.address = stolon.Address.from_bytes(addr)

@@ -93,6 +93,7 @@ def _exchange(
     src_host: bool = False,
     dst_host: bool = False,
     alloc_conf: str = "",
+    after=None,
 ):
     roles = _roles()
     size = 16 * MiB
@@ -119,6 +120,8 @@ def _exchange(
             import hashlib
 
             assert got == hashlib.sha256(expected.numpy().tobytes()).hexdigest()
+            if after is not None:
+                after(eng, region, desc, rx)
             return path
     finally:
         rx.close()
@@ -148,11 +151,34 @@ def test_staged_gpu_to_host_and_host_to_gpu() -> None:
 
 @needs_two
 @pytest.mark.timeout(300)
-def test_expandable_segments_memory_moves_through_staging() -> None:
-    # VMM memory cannot be shared with a legacy CUDA IPC handle: the engine falls back to
-    # staging for it (the receiver's allocator uses expandable segments).
-    path = _exchange(True, 0, 1, 6, alloc_conf="expandable_segments:True")
-    assert path in ("staged", "nvlink")
+@pytest.mark.parametrize("seed", [6, 7])
+def test_expandable_segments_memory_moves_over_nvlink(seed: int) -> None:
+    # The receiver's allocator uses expandable segments: CUDA VMM memory, which has no CUDA IPC
+    # handle. Its engine exports the allocations as file descriptors over its Unix socket, the
+    # writer maps them and copies over NVLink (not staging), byte-exact. Unregistering ends the
+    # writer's lease: its later writes fail instead of landing.
+    seen = {}
+
+    def after(eng, region, desc, rx) -> None:
+        seen["rx_info"] = rx.info
+        seen["nvlink_stats"] = eng.nvlink_stats()
+        rx.call("unregister")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                eng.write(region, 0, desc, 0, 4096).wait(10)
+            except stolon.errors.StolonError as e:
+                seen["after_unregister"] = f"{type(e).__name__}: {e}"
+                return
+            time.sleep(0.02)
+
+    path = _exchange(True, 0, 1, seed, alloc_conf="expandable_segments:True", after=after)
+    rx_info = seen["rx_info"]
+    assert rx_info.get("vmm"), f"the receiver's tensor is not in an expandable segment: {rx_info}"
+    assert path == "nvlink", f"took {path!r}; owner's note: {rx_info.get('nvlink_note')}"
+    assert rx_info.get("nvlink_note") is None, rx_info
+    assert seen["nvlink_stats"]["write_ops"] > 0, seen
+    assert "after_unregister" in seen, "writes still succeeded 10 s after the owner unregistered"
 
 
 @needs_two

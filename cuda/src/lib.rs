@@ -126,7 +126,7 @@ pub use memory::{
 pub use module::{Function, Module};
 pub use stream::{stream_wait_value64, stream_write_value64, Event, Stream, WaitCondition};
 pub use sys::CUdeviceptr;
-pub use vmm::{export_fd, import_fd, MappedVmm, VmmAllocation, VmmExport};
+pub use vmm::{export_fd, import_fd, MappedVmm, VmmAllocation, VmmChunk, VmmExport, VmmImport};
 
 /// Whether CUDA is usable here: the driver library loads and `cuInit` finds at least one GPU.
 pub fn is_present() -> bool {

@@ -148,6 +148,7 @@ fn map_handle(
         ctx: ctx.clone(),
         ptr,
         size,
+        pieces: vec![(0, size)],
     };
     m.grant_access(&ctx.device())?;
     Ok(m)
@@ -160,6 +161,8 @@ pub struct MappedVmm {
     ctx: Arc<Context>,
     ptr: CUdeviceptr,
     size: usize,
+    /// (offset, size) of each mapping inside the range; each is unmapped on its own.
+    pieces: Vec<(usize, usize)>,
 }
 
 impl MappedVmm {
@@ -184,18 +187,192 @@ impl MappedVmm {
     /// A driver error, e.g. when `device` cannot reach the memory's device.
     pub fn grant_access(&self, device: &Device) -> Result<()> {
         let _g = self.ctx.enter()?;
-        // SAFETY: the range is our mapping.
-        unsafe { result::mem_set_access(self.ptr, self.size, &[rw_access(device)]) }
+        // One call per mapping: a range of several mappings is not promised to work everywhere.
+        for &(off, len) in &self.pieces {
+            // SAFETY: the range is one of our mappings.
+            unsafe { result::mem_set_access(self.ptr + off as u64, len, &[rw_access(device)])? };
+        }
+        Ok(())
     }
 }
 
 impl Drop for MappedVmm {
     fn drop(&mut self) {
         if let Ok(_g) = self.ctx.enter() {
-            // SAFETY: the mapping and the reservation are ours, undone once; work that used them
-            // was queued through unsafe calls whose callers kept the mapping alive until done.
+            // SAFETY: the mappings and the reservation are ours, undone once; work that used
+            // them was queued through unsafe calls whose callers kept the mapping alive until
+            // done.
             unsafe {
-                let _ = result::mem_unmap(self.ptr, self.size);
+                for &(off, len) in &self.pieces {
+                    let _ = result::mem_unmap(self.ptr + off as u64, len);
+                }
+                let _ = result::mem_address_free(self.ptr, self.size);
+            }
+        }
+    }
+}
+
+/// One mapping (one physical allocation, or the part of it mapped) under a VMM address range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmmChunk {
+    /// Where the mapping starts in this process.
+    pub base: CUdeviceptr,
+    /// Its size: what a peer imports and maps.
+    pub size: usize,
+    /// `requestedHandleTypes` of the allocation: it can be exported as a POSIX file descriptor
+    /// only with [`sys::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR`] among them.
+    pub handle_types: u64,
+}
+
+impl VmmChunk {
+    /// Whether [`export_fd`] works for this allocation.
+    pub fn exportable_as_fd(&self) -> bool {
+        self.handle_types & sys::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR as u64 != 0
+    }
+}
+
+/// The mappings covering `[ptr, ptr + len)` of VMM memory, in address order (back to back), and
+/// the offset of `ptr` in the first. An expandable segment grows by one mapping at a time, so a
+/// tensor in it may span several.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for 0 bytes; a driver error where some byte of the range is not
+/// VMM memory (`cuMemRetainAllocationHandle` fails) or is not mapped.
+pub fn layout(ctx: &Context, ptr: CUdeviceptr, len: usize) -> Result<(Vec<VmmChunk>, usize)> {
+    if len == 0 {
+        return Err(Error::InvalidArgument("vmm::layout of 0 bytes".into()));
+    }
+    let end = ptr
+        .checked_add(len as u64)
+        .ok_or_else(|| Error::InvalidArgument("vmm::layout: range overflows".into()))?;
+    let _g = ctx.enter()?;
+    let mut chunks = Vec::new();
+    let mut at = ptr;
+    while at < end {
+        let h = result::mem_retain_allocation_handle(at)?;
+        // SAFETY: h is live: we hold the reference just retained.
+        let prop = unsafe { result::mem_get_allocation_properties(h) };
+        // SAFETY: we give up the reference retained above.
+        let _ = unsafe { result::mem_release(h) };
+        let prop = prop?;
+        let (base, size) = result::mem_get_address_range(at)?;
+        if size == 0 || base > at || base + size as u64 <= at {
+            return Err(Error::InvalidArgument(format!(
+                "vmm::layout: the driver placed {at:#x} in [{base:#x}, +{size})"
+            )));
+        }
+        chunks.push(VmmChunk {
+            base,
+            size,
+            handle_types: prop.requestedHandleTypes as u64,
+        });
+        at = base + size as u64;
+    }
+    let offset = (ptr - chunks[0].base) as usize;
+    Ok((chunks, offset))
+}
+
+/// Builds one contiguous mapping in this process out of allocations exported by another (the
+/// chunks of a [`layout`], in order): reserve the whole span, map each descriptor after the
+/// previous one, then grant this context's device access. Undone on drop if not finished.
+#[derive(Debug)]
+pub struct VmmImport {
+    ctx: Arc<Context>,
+    ptr: CUdeviceptr,
+    size: usize,
+    /// Bytes mapped so far, from the start.
+    filled: usize,
+    pieces: Vec<(usize, usize)>,
+}
+
+impl VmmImport {
+    /// Reserves `span` bytes (a multiple of the device's VMM granularity).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a span that is 0 or not a multiple of the granularity; a
+    /// driver error.
+    pub fn reserve(ctx: &Arc<Context>, span: usize) -> Result<VmmImport> {
+        let gran = allocation_granularity(&ctx.device())?;
+        if span == 0 || gran == 0 || span % gran != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "VmmImport: span {span} is not a non-zero multiple of the granularity {gran}"
+            )));
+        }
+        let _g = ctx.enter()?;
+        let ptr = result::mem_address_reserve(span, gran)?;
+        Ok(VmmImport {
+            ctx: ctx.clone(),
+            ptr,
+            size: span,
+            filled: 0,
+            pieces: Vec::new(),
+        })
+    }
+
+    /// Imports `fd` (an allocation of at least `size` bytes) and maps its first `size` bytes
+    /// right after what is mapped so far. The descriptor may be closed once this returns.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when `size` is 0 or overruns the span; a driver error for a
+    /// descriptor that is not an exported allocation, or a size it does not allow.
+    pub fn map_next(&mut self, fd: BorrowedFd<'_>, size: usize) -> Result<()> {
+        if size == 0 || size > self.size - self.filled {
+            return Err(Error::InvalidArgument(format!(
+                "VmmImport: {size} more bytes after {} of a {}-byte span",
+                self.filled, self.size
+            )));
+        }
+        let _g = self.ctx.enter()?;
+        let h = result::mem_import_from_fd(fd)?;
+        let at = self.ptr + self.filled as u64;
+        // SAFETY: at..at+size lies in our reservation and nothing is mapped there yet (pieces
+        // are laid back to back from the start); h is live (we hold the import's reference).
+        let mapped = unsafe { result::mem_map(at, size, 0, h) };
+        // SAFETY: the mapping (if made) keeps the memory; our reference goes either way.
+        let _ = unsafe { result::mem_release(h) };
+        mapped?;
+        self.pieces.push((self.filled, size));
+        self.filled += size;
+        Ok(())
+    }
+
+    /// Checks that the whole span is mapped and makes it readable and writable by this
+    /// context's device.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when part of the span is unmapped; a driver error.
+    pub fn finish(mut self) -> Result<MappedVmm> {
+        if self.filled != self.size {
+            return Err(Error::InvalidArgument(format!(
+                "VmmImport: {} of {} bytes mapped",
+                self.filled, self.size
+            )));
+        }
+        let m = MappedVmm {
+            ctx: self.ctx.clone(),
+            ptr: self.ptr,
+            size: self.size,
+            pieces: std::mem::take(&mut self.pieces),
+        };
+        // The MappedVmm owns the range now.
+        self.size = 0;
+        m.grant_access(&m.ctx.device())?;
+        Ok(m)
+    }
+}
+
+impl Drop for VmmImport {
+    fn drop(&mut self) {
+        if self.size == 0 {
+            return;
+        }
+        if let Ok(_g) = self.ctx.enter() {
+            // SAFETY: the pieces and the reservation are ours and unused (nothing can address
+            // an unfinished import), undone once.
+            unsafe {
+                for &(off, len) in &self.pieces {
+                    let _ = result::mem_unmap(self.ptr + off as u64, len);
+                }
                 let _ = result::mem_address_free(self.ptr, self.size);
             }
         }

@@ -428,6 +428,104 @@ fn vmm_memory_exports_and_imports_through_descriptors() {
 }
 
 #[test]
+fn vmm_layout_walks_the_mappings_and_an_import_rebuilds_them_back_to_back() {
+    let Some((_g, m)) = mock() else { return };
+    let before = m.counts();
+    {
+        let c = ctx(0);
+        let gran = vmm::allocation_granularity(&c.device()).unwrap();
+        let v = VmmAllocation::chunked(&c, gran, 3).unwrap();
+        let data: Vec<u8> = (0..v.len()).map(|i| (i % 251) as u8).collect();
+        // SAFETY: the allocation is ours and `len` bytes.
+        unsafe { memory::copy_htod(&c, v.ptr(), data.as_ptr(), v.len()).unwrap() };
+        // A range from the middle of chunk 0 to the middle of chunk 2.
+        let start = v.ptr() + gran as u64 / 2;
+        let (chunks, off) = vmm::layout(&c, start, 2 * gran).unwrap();
+        assert_eq!(off, gran / 2);
+        assert_eq!(chunks.len(), 3);
+        for (i, ch) in chunks.iter().enumerate() {
+            assert_eq!((ch.base, ch.size), (v.ptr() + (i * gran) as u64, gran));
+            assert!(ch.exportable_as_fd());
+        }
+        // Exactly one chunk when the range stays inside it.
+        let (one, off1) = vmm::layout(&c, v.ptr() + gran as u64 + 5, 10).unwrap();
+        assert_eq!((one.len(), off1), (1, 5));
+        // Not VMM memory, or not mapped: an error.
+        let plain = DeviceBuffer::alloc(&c, 64).unwrap();
+        assert!(vmm::layout(&c, plain.ptr(), 64).is_err());
+        assert!(vmm::layout(&c, v.ptr(), 3 * gran + 1).is_err());
+        assert!(matches!(
+            vmm::layout(&c, v.ptr(), 0),
+            Err(Error::InvalidArgument(_))
+        ));
+
+        // Rebuild the three chunks in one range, as a writer in another process would.
+        let mut imp = stolon_cuda::VmmImport::reserve(&c, 3 * gran).unwrap();
+        for ch in &chunks {
+            let fd = stolon_cuda::export_fd(&c, ch.base).unwrap();
+            imp.map_next(fd.as_fd(), ch.size).unwrap();
+        }
+        let fd = stolon_cuda::export_fd(&c, chunks[0].base).unwrap();
+        assert!(matches!(
+            imp.map_next(fd.as_fd(), gran),
+            Err(Error::InvalidArgument(_))
+        ));
+        let mapped = imp.finish().unwrap();
+        assert_eq!(mapped.len(), 3 * gran);
+        let mut got = vec![0u8; 3 * gran];
+        // SAFETY: the mapping is 3 * gran bytes.
+        unsafe { memory::copy_dtoh(&c, got.as_mut_ptr(), mapped.ptr(), got.len()).unwrap() };
+        assert_eq!(got, data);
+        // A write across a chunk boundary of the import lands in both originals.
+        let at = mapped.ptr() + gran as u64 - 4;
+        // SAFETY: 8 bytes inside the mapping.
+        unsafe { memory::memset_d8(&c, at, 0xEE, 8).unwrap() };
+        let mut back = [0u8; 8];
+        // SAFETY: 8 bytes inside the original allocation.
+        unsafe { memory::copy_dtoh(&c, back.as_mut_ptr(), v.ptr() + gran as u64 - 4, 8).unwrap() };
+        assert_eq!(back, [0xEE; 8]);
+
+        // An unfinished import is undone on drop; a short one does not finish.
+        let mut part = stolon_cuda::VmmImport::reserve(&c, 2 * gran).unwrap();
+        let fd = stolon_cuda::export_fd(&c, chunks[1].base).unwrap();
+        part.map_next(fd.as_fd(), gran).unwrap();
+        assert!(matches!(part.finish(), Err(Error::InvalidArgument(_))));
+        let mut part = stolon_cuda::VmmImport::reserve(&c, gran).unwrap();
+        part.map_next(fd.as_fd(), gran).unwrap();
+        drop(part);
+        assert!(matches!(
+            stolon_cuda::VmmImport::reserve(&c, gran + 1),
+            Err(Error::InvalidArgument(_))
+        ));
+
+        // An allocation created without the POSIX fd handle type is reported as such.
+        let prop = sys::CUmemAllocationProp {
+            type_: sys::CU_MEM_ALLOCATION_TYPE_PINNED,
+            location: sys::CUmemLocation {
+                type_: sys::CU_MEM_LOCATION_TYPE_DEVICE,
+                id: 0,
+            },
+            ..Default::default()
+        };
+        let _cg = c.enter().unwrap();
+        let h = result::mem_create(gran, &prop).unwrap();
+        let p = result::mem_address_reserve(gran, gran).unwrap();
+        // SAFETY: fresh reservation and allocation of the same size.
+        unsafe { result::mem_map(p, gran, 0, h).unwrap() };
+        let (lone, _) = vmm::layout(&c, p, gran).unwrap();
+        assert!(!lone[0].exportable_as_fd());
+        assert!(stolon_cuda::export_fd(&c, p).is_err());
+        // SAFETY: undo the mapping, the handle and the reservation made above.
+        unsafe {
+            result::mem_unmap(p, gran).unwrap();
+            result::mem_release(h).unwrap();
+            result::mem_address_free(p, gran).unwrap();
+        }
+    }
+    assert_eq!(m.counts(), before, "every VMM object released");
+}
+
+#[test]
 fn ipc_export_reports_the_allocation_and_refuses_to_open_in_process() {
     let Some((_g, _m)) = mock() else { return };
     let c = ctx(0);

@@ -12,7 +12,15 @@ use crate::error::{Error, Result};
 pub const MAX_DOMAINS: usize = 16;
 const MAX_NAME: usize = 1024;
 const MAX_PROVIDER: usize = 64;
-const VERSION: u8 = 2;
+/// Version written. 3 added the VMM socket to [`NvlinkAddr`] and [`VmmShare`] to [`GpuDesc`];
+/// version 2 values still decode (without them), anything else is a [`Error::Decode`].
+const VERSION: u8 = 3;
+/// Oldest version still decoded.
+const MIN_VERSION: u8 = 2;
+/// Most physical allocations one shared VMM region may span.
+pub const MAX_VMM_CHUNKS: u64 = 1 << 20;
+/// Longest VMM socket name (a Unix socket path holds at most 107 bytes).
+const MAX_SOCKET_NAME: usize = 107;
 const ADDR_MAGIC: &[u8; 4] = b"STad";
 const DESC_MAGIC: &[u8; 4] = b"STmd";
 const ADDR_TEXT: &str = "stolon-addr1:";
@@ -42,6 +50,9 @@ pub struct NvlinkAddr {
     pub mailbox: String,
     /// The engine's process id: CUDA IPC is only possible between different processes.
     pub pid: u32,
+    /// The engine's Unix socket that hands out VMM allocations as file descriptors
+    /// (`@name` for the abstract namespace, else a path); empty when it serves none.
+    pub vmm_socket: String,
 }
 
 /// The address of an engine: one entry per domain.
@@ -69,6 +80,23 @@ pub struct GpuDesc {
     /// Registered with the owner's domains (FI_HMEM): fabric writes go straight into it with
     /// the descriptor's keys; otherwise they go through staging.
     pub direct: bool,
+    /// Present when the region is CUDA VMM memory the owner can export as file descriptors
+    /// (over its `vmm_socket`): NVLink writers map it that way instead of through CUDA IPC.
+    pub vmm: Option<VmmShare>,
+}
+
+/// How a writer maps a VMM region of another process: the owner's socket hands out the
+/// physical allocations behind it as file descriptors to whoever presents `token`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct VmmShare {
+    /// Random secret of the region: only holders of the descriptor get the descriptors.
+    pub token: [u8; 16],
+    /// Number of physical allocations (mappings) covering the region, in address order.
+    pub chunks: u64,
+    /// Offset of the region's first byte in the first mapping.
+    pub offset: u64,
+    /// Total size of those mappings: the writer reserves and maps this much.
+    pub span: u64,
 }
 
 /// What a peer needs to write into a registered region: owner, bounds and per-domain keys.
@@ -141,6 +169,8 @@ struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
     what: &'static str,
+    /// Version of the value being read.
+    version: u8,
 }
 
 impl<'a> Reader<'a> {
@@ -155,8 +185,11 @@ impl<'a> Reader<'a> {
         if &buf[..4] != magic {
             return Err(err("wrong magic bytes (not a stolon value of this kind)"));
         }
-        if buf[4] != VERSION {
-            return Err(err(&format!("unsupported version {}", buf[4])));
+        if !(MIN_VERSION..=VERSION).contains(&buf[4]) {
+            return Err(err(&format!(
+                "unsupported version {} (this build reads {MIN_VERSION} to {VERSION})",
+                buf[4]
+            )));
         }
         let (body, crc) = buf.split_at(buf.len() - 4);
         if crc32fast::hash(body).to_le_bytes() != crc {
@@ -166,6 +199,7 @@ impl<'a> Reader<'a> {
             buf: body,
             pos: 5,
             what,
+            version: buf[4],
         })
     }
     fn err(&self, why: String) -> Error {
@@ -225,6 +259,7 @@ impl PeerAddr {
                 w.bytes(&n.host_id);
                 w.bytes(n.mailbox.as_bytes());
                 w.u64(n.pid as u64);
+                w.bytes(n.vmm_socket.as_bytes());
             }
         }
     }
@@ -272,10 +307,18 @@ impl PeerAddr {
                     .map_err(|_| r.err("mailbox name is not UTF-8".into()))?
                     .to_string();
                 let pid = r.u64()? as u32;
+                let vmm_socket = if r.version >= 3 {
+                    std::str::from_utf8(r.bytes(MAX_SOCKET_NAME)?)
+                        .map_err(|_| r.err("VMM socket name is not UTF-8".into()))?
+                        .to_string()
+                } else {
+                    String::new()
+                };
                 Some(NvlinkAddr {
                     host_id,
                     mailbox,
                     pid,
+                    vmm_socket,
                 })
             }
             x => return Err(r.err(format!("bad nvlink flag {x}"))),
@@ -333,6 +376,16 @@ impl MemDesc {
                 w.bytes(&g.ipc_handle);
                 w.u64(g.ipc_offset);
                 w.u8(g.direct as u8);
+                match &g.vmm {
+                    None => w.u8(0),
+                    Some(v) => {
+                        w.u8(1);
+                        w.0.extend_from_slice(&v.token);
+                        w.u64(v.chunks);
+                        w.u64(v.offset);
+                        w.u64(v.span);
+                    }
+                }
             }
         }
         w.finish()
@@ -365,11 +418,42 @@ impl MemDesc {
                     1 => true,
                     x => return Err(r.err(format!("bad direct flag {x}"))),
                 };
+                let vmm = if r.version >= 3 {
+                    match r.u8()? {
+                        0 => None,
+                        1 => {
+                            let token: [u8; 16] = r.take(16)?.try_into().unwrap();
+                            let chunks = r.u64()?;
+                            let offset = r.u64()?;
+                            let span = r.u64()?;
+                            if chunks == 0 || chunks > MAX_VMM_CHUNKS {
+                                return Err(r.err(format!(
+                                    "VMM region of {chunks} allocations (must be 1..={MAX_VMM_CHUNKS})"
+                                )));
+                            }
+                            if offset.checked_add(len).map_or(true, |end| end > span) {
+                                return Err(r.err(format!(
+                                    "VMM region [{offset}, +{len}) exceeds its {span}-byte mappings"
+                                )));
+                            }
+                            Some(VmmShare {
+                                token,
+                                chunks,
+                                offset,
+                                span,
+                            })
+                        }
+                        x => return Err(r.err(format!("bad VMM flag {x}"))),
+                    }
+                } else {
+                    None
+                };
                 Some(GpuDesc {
                     device: device as u32,
                     ipc_handle,
                     ipc_offset,
                     direct,
+                    vmm,
                 })
             }
             x => return Err(r.err(format!("bad gpu flag {x}"))),
@@ -437,11 +521,13 @@ mod tests {
             (
                 proptest::collection::vec(any::<u8>(), 16),
                 "[a-z0-9/_-]{1,40}",
+                "(@?[a-z0-9/_-]{1,60})?",
             )
-                .prop_map(|(host_id, mailbox)| NvlinkAddr {
+                .prop_map(|(host_id, mailbox, vmm_socket)| NvlinkAddr {
                     host_id,
                     mailbox,
                     pid: 7,
+                    vmm_socket,
                 }),
         );
         (any::<u64>(), proptest::collection::vec(dom, 1..=4), nv).prop_map(
@@ -465,17 +551,29 @@ mod tests {
                 any::<u32>(),
                 proptest::collection::vec(any::<u8>(), 0..=64),
                 any::<u64>(),
+                proptest::option::of((
+                    any::<[u8; 16]>(),
+                    1..=MAX_VMM_CHUNKS,
+                    0u64..1 << 30,
+                    0u64..1 << 30,
+                )),
             )),
         )
             .prop_map(|(owner, region_id, base, len, k, g)| {
                 let keys = (0..owner.domains.len() as u64)
                     .map(|i| k.wrapping_add(i))
                     .collect();
-                let gpu = g.map(|(device, ipc_handle, ipc_offset)| GpuDesc {
+                let gpu = g.map(|(device, ipc_handle, ipc_offset, vmm)| GpuDesc {
                     device,
                     direct: ipc_offset % 2 == 0,
                     ipc_handle,
                     ipc_offset,
+                    vmm: vmm.map(|(token, chunks, offset, slack)| VmmShare {
+                        token,
+                        chunks,
+                        offset,
+                        span: offset + len + slack,
+                    }),
                 });
                 MemDesc {
                     owner,
@@ -524,6 +622,102 @@ mod tests {
             let _ = MemDesc::from_bytes(&b);
             let _ = PeerAddr::from_bytes(&b);
         }
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// An address and a GPU descriptor as version 2 (before VMM sharing) wrote them.
+    const V2_ADDR: &str = "535461640288776655443322110000010000000000010b007463703b6f66695f72786d\
+        0300090807002a000000000000000000000000000000010400626f6f740a002f73746f6c6f6e2d6d62d20400\
+        0000000000a01dbdd3";
+    const V2_DESC: &str = "53546d640288776655443322110000010000000000010b007463703b6f66695f72786d\
+        0300090807002a000000000000000000000000000000010400626f6f740a002f73746f6c6f6e2d6d62d20400\
+        00000000000500000000000000000000700000000000100000000000004d00000000000000010100000000000000\
+        4000abababababababababababababababababababababababababababababababababababababababababababab\
+        abababababababababababababababababababab000200000000000000351905a1";
+
+    #[test]
+    fn version_2_values_still_decode_without_vmm_fields() {
+        let a = PeerAddr::from_bytes(&unhex(V2_ADDR)).unwrap();
+        let n = a.nvlink.as_ref().unwrap();
+        assert_eq!(
+            (n.pid, n.mailbox.as_str(), n.vmm_socket.as_str()),
+            (1234, "/stolon-mb", "")
+        );
+        let d = MemDesc::from_bytes(&unhex(V2_DESC)).unwrap();
+        assert_eq!(d.owner, a);
+        assert_eq!(
+            (d.region_id, d.base, d.len, d.keys.clone()),
+            (5, 0x7000_0000, 4096, vec![77])
+        );
+        let g = d.gpu.as_ref().unwrap();
+        assert_eq!(
+            (g.device, g.ipc_offset, g.direct, g.ipc_handle.len()),
+            (1, 512, false, 64)
+        );
+        assert_eq!(g.vmm, None);
+        // Re-encoded, it is a current-version value that decodes to the same thing.
+        let b = d.to_bytes();
+        assert_eq!(b[4], VERSION);
+        assert_eq!(MemDesc::from_bytes(&b).unwrap(), d);
+    }
+
+    #[test]
+    fn unknown_versions_are_rejected_by_name() {
+        for v in [0u8, 1, VERSION + 1, 255] {
+            let mut b = unhex(V2_DESC);
+            b[4] = v;
+            let n = b.len() - 4;
+            let crc = crc32fast::hash(&b[..n]).to_le_bytes();
+            b[n..].copy_from_slice(&crc);
+            match MemDesc::from_bytes(&b) {
+                Err(Error::Decode { why, .. }) => {
+                    assert!(why.contains(&format!("unsupported version {v}")), "{why}")
+                }
+                r => panic!("version {v}: {r:?}"),
+            }
+        }
+    }
+
+    fn vmm_desc(offset: u64, span: u64, chunks: u64) -> MemDesc {
+        let mut d = MemDesc::from_bytes(&unhex(V2_DESC)).unwrap();
+        d.owner.nvlink.as_mut().unwrap().vmm_socket = "@stolon-vmm-test".into();
+        d.gpu.as_mut().unwrap().vmm = Some(VmmShare {
+            token: [7; 16],
+            chunks,
+            offset,
+            span,
+        });
+        d
+    }
+
+    #[test]
+    fn vmm_layouts_that_cannot_hold_the_region_are_refused() {
+        // len is 4096.
+        let ok = vmm_desc(100, 4196, 1);
+        assert_eq!(MemDesc::from_bytes(&ok.to_bytes()).unwrap(), ok);
+        for bad in [
+            vmm_desc(101, 4196, 1),
+            vmm_desc(u64::MAX, 4196, 1),
+            vmm_desc(0, 4096, 0),
+            vmm_desc(0, 4096, MAX_VMM_CHUNKS + 1),
+        ] {
+            assert!(
+                matches!(
+                    MemDesc::from_bytes(&bad.to_bytes()),
+                    Err(Error::Decode { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        let mut long = vmm_desc(0, 4096, 1);
+        long.owner.nvlink.as_mut().unwrap().vmm_socket = "x".repeat(MAX_SOCKET_NAME + 1);
+        assert!(MemDesc::from_bytes(&long.to_bytes()).is_err());
     }
 
     #[test]

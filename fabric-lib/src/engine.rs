@@ -13,8 +13,10 @@ use crate::desc::{MemDesc, PeerAddr, MAX_DOMAINS};
 use crate::error::{Error, Result};
 use crate::imm::ImmCounter;
 use crate::libfabric::{DomainAttrs, DomainSpec};
+use crate::nvlink::{NvlinkMap, Route};
 use crate::shard::{OpPlan, PagedSpec, ScatterItem, ShardParams, Sharding};
 use crate::transfer::{Transfer, TransferState};
+use crate::vmm_share::FdServer;
 use crate::worker::{Op, OpKind, Request, TransferReq, Trigger, Worker, WorkerConfig};
 
 /// How to build an engine.
@@ -222,6 +224,10 @@ pub(crate) struct RegionInner {
     desc: MemDesc,
     revoked: AtomicBool,
     tx: Sender<Request>,
+    /// The engine's VMM socket, when this region is served on it (revoked on drop).
+    vmm_server: Option<Arc<FdServer>>,
+    /// Why peers cannot write this GPU region over NVLink, if they cannot.
+    nvlink_note: Option<String>,
     _owner: Option<Box<dyn Any + Send + Sync>>,
 }
 
@@ -255,6 +261,9 @@ const STAGED_HOST_DEVICE: u32 = u32::MAX;
 
 impl Drop for RegionInner {
     fn drop(&mut self) {
+        if let Some(s) = &self.vmm_server {
+            s.revoke(self.id);
+        }
         let _ = self.tx.send(Request::Unregister { id: self.id });
     }
 }
@@ -280,6 +289,11 @@ impl MemoryRegion {
     pub fn memory(&self) -> RegionMem {
         self.inner.mem
     }
+    /// For GPU memory that peers cannot write over NVLink: why (e.g. VMM memory whose
+    /// allocation was not created exportable as a file descriptor). None otherwise.
+    pub fn nvlink_note(&self) -> Option<&str> {
+        self.inner.nvlink_note.as_deref()
+    }
     /// Whether [`TransferEngine::unregister`] was called.
     pub fn is_revoked(&self) -> bool {
         self.inner.revoked.load(Ordering::Acquire)
@@ -300,6 +314,8 @@ pub struct TransferEngine {
     nvlink_params: ShardParams,
     /// Remote GPU regions (peer id, region id) already described to the worker.
     remote_gpu: Mutex<std::collections::HashSet<(u32, u64)>>,
+    /// The Unix socket that hands this engine's VMM regions to NVLink writers.
+    vmm_server: Option<Arc<FdServer>>,
     addr: PeerAddr,
     attrs: Vec<DomainAttrs>,
     tx: Sender<Request>,
@@ -313,6 +329,30 @@ pub struct TransferEngine {
     sink: CallbackSink,
     /// The process that created the engine; a forked child has no worker thread.
     pid: u32,
+}
+
+/// What `register_gpu` learned about sharing a region as VMM memory.
+#[derive(Default)]
+struct Share {
+    /// The descriptor's part.
+    desc: Option<crate::desc::VmmShare>,
+    /// What the socket serves.
+    served: Option<crate::vmm_share::SharedRegion>,
+    /// Why the region cannot be written over NVLink, if it cannot.
+    note: Option<String>,
+}
+
+/// The engine's VMM socket: `$STOLON_VMM_SOCKET_DIR/...sock` when set, else a name in the
+/// abstract namespace (nothing on disk, gone with the process).
+fn vmm_socket_name(engine_id: u64) -> String {
+    let base = format!("stolon-vmm-{engine_id:016x}-{}", std::process::id());
+    match std::env::var_os("STOLON_VMM_SOCKET_DIR") {
+        Some(dir) if !dir.is_empty() => std::path::Path::new(&dir)
+            .join(format!("{base}.sock"))
+            .to_string_lossy()
+            .into_owned(),
+        _ => format!("@{base}"),
+    }
 }
 
 fn random_u64() -> u64 {
@@ -423,6 +463,23 @@ impl TransferEngine {
             (config.max_message_bytes as u64).min(max_op),
         )?;
         let host = crate::nvlink::host_id();
+        let vmm_server = match &mailbox {
+            Some(_) if !host.is_empty() => {
+                let name = vmm_socket_name(engine_id);
+                match FdServer::bind(&name, config.timeout) {
+                    Ok(s) => Some(Arc::new(s)),
+                    Err(e) => {
+                        eprintln!("stolon: VMM memory will be staged, not sent over NVLink: {e}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let vmm_socket = vmm_server
+            .as_ref()
+            .map(|s| s.name().to_string())
+            .unwrap_or_default();
         let addr = PeerAddr {
             engine_id,
             max_message: config.max_message_bytes as u32,
@@ -433,6 +490,7 @@ impl TransferEngine {
                     host_id: host.clone(),
                     mailbox,
                     pid: std::process::id(),
+                    vmm_socket,
                 }),
         };
         let nvlink_params = ShardParams::new(1, 1 << 40, 1 << 40)?;
@@ -442,6 +500,7 @@ impl TransferEngine {
             staged_params,
             nvlink_params,
             remote_gpu: Mutex::new(std::collections::HashSet::new()),
+            vmm_server,
             addr,
             attrs,
             tx,
@@ -550,7 +609,7 @@ impl TransferEngine {
             len: len_,
             reply,
         })??;
-        Ok(self.new_region(id, ptr, len, keys, RegionMem::Host, None, owner))
+        Ok(self.new_region(id, ptr, len, keys, RegionMem::Host, None, None, owner))
     }
 
     /// Registers GPU memory (a device pointer of the engine's `cuda_device`, or any device with
@@ -595,6 +654,17 @@ impl TransferEngine {
             Ok(x) => (x.handle.as_bytes().to_vec(), x.offset as u64),
             Err(_) => (Vec::new(), 0),
         };
+        // Otherwise VMM memory exported as file descriptors over the engine's socket.
+        let mut share = Share::default();
+        if ipc_handle.is_empty() {
+            match self.plan_vmm_share(&ctx, &info, ptr, len) {
+                Ok((desc, served)) => {
+                    share.desc = Some(desc);
+                    share.served = Some(served);
+                }
+                Err(why) => share.note = Some(why),
+            }
+        }
         if self.attrs.iter().all(|a| a.hmem) {
             // Every provider of the group registers GPU memory itself: no staging.
             let id = self.next_region.fetch_add(1, Ordering::Relaxed);
@@ -614,9 +684,19 @@ impl TransferEngine {
                     ipc_handle,
                     ipc_offset,
                     direct: true,
+                    vmm: share.desc.clone(),
                 };
                 let mem = RegionMem::GpuDirect(device);
-                return Ok(self.new_region(id, ptr as usize, len, keys, mem, Some(gpu), owner));
+                return Ok(self.new_region(
+                    id,
+                    ptr as usize,
+                    len,
+                    keys,
+                    mem,
+                    Some(gpu),
+                    Some(share),
+                    owner,
+                ));
             }
         }
         let gpu = crate::desc::GpuDesc {
@@ -624,6 +704,7 @@ impl TransferEngine {
             ipc_handle,
             ipc_offset,
             direct: false,
+            vmm: share.desc.clone(),
         };
         // SAFETY: forwarded contract.
         unsafe {
@@ -632,6 +713,7 @@ impl TransferEngine {
                 len,
                 RegionMem::Gpu(device),
                 gpu,
+                Some(share),
                 owner,
             )
         }
@@ -653,6 +735,7 @@ impl TransferEngine {
             ipc_handle: Vec::new(),
             ipc_offset: 0,
             direct: false,
+            vmm: None,
         };
         // SAFETY: forwarded contract.
         unsafe {
@@ -661,6 +744,7 @@ impl TransferEngine {
                 len,
                 RegionMem::StagedHost,
                 gpu,
+                None,
                 owner,
             )
         }
@@ -674,6 +758,7 @@ impl TransferEngine {
         len: u64,
         mem: RegionMem,
         gpu: crate::desc::GpuDesc,
+        share: Option<Share>,
         owner: Option<Box<dyn Any + Send + Sync>>,
     ) -> Result<MemoryRegion> {
         let ptr = match base {
@@ -692,7 +777,7 @@ impl TransferEngine {
             reply,
         })??;
         let keys = vec![0; self.addr.domains.len()];
-        Ok(self.new_region(id, ptr, len, keys, mem, Some(gpu), owner))
+        Ok(self.new_region(id, ptr, len, keys, mem, Some(gpu), share, owner))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -704,8 +789,18 @@ impl TransferEngine {
         keys: Vec<u64>,
         mem: RegionMem,
         gpu: Option<crate::desc::GpuDesc>,
+        share: Option<Share>,
         owner: Option<Box<dyn Any + Send + Sync>>,
     ) -> MemoryRegion {
+        let Share { served, note, .. } = share.unwrap_or_default();
+        // Served from now on: the descriptor is not out before this returns.
+        let vmm_server = match (served, &self.vmm_server) {
+            (Some(r), Some(s)) => {
+                s.add(id, r);
+                Some(s.clone())
+            }
+            _ => None,
+        };
         let desc = MemDesc {
             owner: self.addr.clone(),
             region_id: id,
@@ -724,6 +819,8 @@ impl TransferEngine {
                 desc,
                 revoked: AtomicBool::new(false),
                 tx: self.tx.clone(),
+                vmm_server,
+                nvlink_note: note,
                 _owner: owner,
             }),
         }
@@ -742,6 +839,10 @@ impl TransferEngine {
     pub fn unregister(&self, region: &MemoryRegion) {
         if region.inner.revoked.swap(true, Ordering::AcqRel) {
             return;
+        }
+        // NVLink writers holding a VMM mapping of it lose their lease and unmap.
+        if let Some(s) = &region.inner.vmm_server {
+            s.revoke(region.inner.id);
         }
         // Close the registration now, so peers holding the descriptor can no longer write here
         // (their writes fail); the memory itself stays with its owner.
@@ -873,21 +974,17 @@ impl TransferEngine {
 
     /// How bytes from `src` reach `dst`.
     pub fn path(&self, src: &MemoryRegion, dst: &MemDesc) -> Path {
-        let src_gpu = matches!(src.inner.mem, RegionMem::Gpu(_) | RegionMem::GpuDirect(_));
-        if let (true, Some(g), Some(mine), Some(theirs)) =
-            (src_gpu, &dst.gpu, &self.addr.nvlink, &dst.owner.nvlink)
-        {
-            if !g.ipc_handle.is_empty() && mine.host_id == theirs.host_id && mine.pid != theirs.pid
-            {
-                return Path::Nvlink;
-            }
-        }
-        let dst_staged = dst.gpu.as_ref().is_some_and(|g| !g.direct);
-        if dst_staged || matches!(src.inner.mem, RegionMem::Gpu(_)) {
-            Path::Staged
-        } else {
-            Path::Fabric
-        }
+        self.route_info(src, dst).path
+    }
+
+    /// [`Self::path`], with how NVLink maps the destination and why NVLink was not chosen.
+    pub fn route_info(&self, src: &MemoryRegion, dst: &MemDesc) -> Route {
+        crate::nvlink::select_path(
+            src.inner.mem,
+            dst.gpu.as_ref(),
+            self.addr.nvlink.as_ref(),
+            dst.owner.nvlink.as_ref(),
+        )
     }
 
     /// The planning parameters for a transfer between `src` and `dst`.
@@ -919,28 +1016,173 @@ impl TransferEngine {
     /// the destination region.
     fn route(&self, src: &MemoryRegion, dst: &MemDesc) -> Result<u32> {
         let peer = self.peer_id(&dst.owner)?;
-        if self.path(src, dst) == Path::Nvlink {
-            self.describe_remote_gpu(peer, dst)?;
+        let r = self.route_info(src, dst);
+        if let (Path::Nvlink, Some(map)) = (r.path, r.map) {
+            self.describe_remote_gpu(peer, dst, map)?;
         }
         Ok(peer)
     }
 
-    /// Describes a peer's GPU region to the worker (once) so NVLink copies can map it.
-    fn describe_remote_gpu(&self, peer: u32, dst: &MemDesc) -> Result<()> {
+    /// Describes a peer's GPU region to the worker (once) so NVLink copies can map it. VMM
+    /// memory is fetched from the owner's socket and mapped here, on the caller's thread, so
+    /// the worker never waits on a peer; a dead or silent owner is this write's error.
+    fn describe_remote_gpu(&self, peer: u32, dst: &MemDesc, map: NvlinkMap) -> Result<()> {
         let mut seen = self.remote_gpu.lock().unwrap();
         if seen.contains(&(peer, dst.region_id)) {
             return Ok(());
         }
         let g = dst.gpu.as_ref().expect("NVLink path has a GPU descriptor");
+        let target = match map {
+            NvlinkMap::Ipc => crate::worker::RemoteTarget::Ipc {
+                handle: g.ipc_handle.clone(),
+                offset: g.ipc_offset,
+            },
+            NvlinkMap::Vmm => self.map_remote_vmm(dst)?,
+        };
         self.send_req(Request::AddRemoteGpu {
             peer,
             region: dst.region_id,
-            handle: g.ipc_handle.clone(),
-            offset: g.ipc_offset,
+            target,
             len: dst.len,
         })?;
         seen.insert((peer, dst.region_id));
         Ok(())
+    }
+
+    /// Fetches a peer's VMM region over its socket and maps it into this engine's device.
+    fn map_remote_vmm(&self, dst: &MemDesc) -> Result<crate::worker::RemoteTarget> {
+        let share = dst
+            .gpu
+            .as_ref()
+            .and_then(|g| g.vmm.as_ref())
+            .expect("VMM route has a VMM share");
+        let socket = &dst
+            .owner
+            .nvlink
+            .as_ref()
+            .expect("NVLink route has the owner's address")
+            .vmm_socket;
+        let dev = self
+            .config
+            .cuda_device
+            .ok_or_else(|| Error::Cuda("NVLink needs an engine with cuda_device".into()))?;
+        let ctx = stolon_cuda::Device::get(dev)
+            .and_then(|d| d.primary_context())
+            .map_err(crate::staging::cuda_err)?;
+        let span = usize::try_from(share.span)
+            .map_err(|_| Error::InvalidArgument(format!("VMM span {}", share.span)))?;
+        let mut import = None;
+        let lease = crate::vmm_share::fetch(
+            socket,
+            dst.region_id,
+            share.token,
+            self.config.timeout,
+            |i, size, fd| {
+                if i == 0 {
+                    import = Some(
+                        stolon_cuda::VmmImport::reserve(&ctx, span)
+                            .map_err(crate::staging::cuda_err)?,
+                    );
+                }
+                let size = usize::try_from(size)
+                    .map_err(|_| Error::InvalidArgument(format!("VMM allocation of {size}")))?;
+                import
+                    .as_mut()
+                    .expect("reserved at the first allocation")
+                    .map_next(std::os::fd::AsFd::as_fd(&fd), size)
+                    .map_err(crate::staging::cuda_err)
+            },
+        )?;
+        let l = &lease.layout;
+        if l.sizes.len() as u64 != share.chunks
+            || l.offset != share.offset
+            || l.span() != share.span
+        {
+            return Err(Error::TransferFailed(format!(
+                "the owner's VMM region {} has {} allocations at offset {} over {} bytes; its \
+                 descriptor says {} at {} over {}",
+                dst.region_id,
+                l.sizes.len(),
+                l.offset,
+                l.span(),
+                share.chunks,
+                share.offset,
+                share.span
+            )));
+        }
+        let mapping = import
+            .expect("at least one allocation")
+            .finish()
+            .map_err(crate::staging::cuda_err)?;
+        Ok(crate::worker::RemoteTarget::Vmm {
+            mapping: Some(mapping),
+            lease,
+            offset: share.offset,
+        })
+    }
+
+    /// Decides whether a GPU region is shared as VMM memory over the engine's socket: the
+    /// descriptor's part and what the server needs, or why not.
+    fn plan_vmm_share(
+        &self,
+        ctx: &Arc<stolon_cuda::Context>,
+        info: &stolon_cuda::PointerInfo,
+        ptr: u64,
+        len: u64,
+    ) -> std::result::Result<(crate::desc::VmmShare, crate::vmm_share::SharedRegion), String> {
+        if !info.is_vmm {
+            return Err("the memory has no CUDA IPC handle and is not VMM memory".into());
+        }
+        if self.vmm_server.is_none() {
+            return Err(
+                "this engine serves no VMM socket (NVLink off, or the socket could \
+                        not be bound)"
+                    .into(),
+            );
+        }
+        if len == 0 {
+            return Err("an empty region is not shared".into());
+        }
+        let (chunks, offset) = stolon_cuda::vmm::layout(ctx, ptr, len as usize)
+            .map_err(|e| format!("cannot walk its VMM mappings: {e}"))?;
+        if let Some(c) = chunks.iter().find(|c| !c.exportable_as_fd()) {
+            return Err(format!(
+                "the VMM allocation mapped at {:#x} was not created with \
+                 CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR (requested handle types {:#x}), so it \
+                 cannot be exported",
+                c.base, c.handle_types
+            ));
+        }
+        if chunks.len() as u64 > crate::desc::MAX_VMM_CHUNKS {
+            return Err(format!(
+                "{} VMM allocations is too many to share",
+                chunks.len()
+            ));
+        }
+        // One real export now, so a driver that refuses is found here, not by the writer.
+        stolon_cuda::export_fd(ctx, chunks[0].base)
+            .map_err(|e| format!("exporting its VMM allocation failed: {e}"))?;
+        let sizes: Vec<u64> = chunks.iter().map(|c| c.size as u64).collect();
+        let bases: Vec<u64> = chunks.iter().map(|c| c.base).collect();
+        let token = crate::vmm_share::random_token();
+        let desc = crate::desc::VmmShare {
+            token,
+            chunks: sizes.len() as u64,
+            offset: offset as u64,
+            span: sizes.iter().sum(),
+        };
+        let ctx = ctx.clone();
+        let served = crate::vmm_share::SharedRegion {
+            token,
+            layout: crate::vmm_share::Layout {
+                sizes,
+                offset: offset as u64,
+            },
+            exporter: Box::new(move |i| {
+                stolon_cuda::export_fd(&ctx, bases[i]).map_err(crate::staging::cuda_err)
+            }),
+        };
+        Ok((desc, served))
     }
 
     fn prepared(
@@ -1341,6 +1583,10 @@ impl TransferEngine {
             std::mem::forget(self.worker.lock().map(|mut w| w.take()));
             std::mem::forget(self.callbacks.lock().map(|mut c| c.take()));
             return;
+        }
+        // Writers' VMM leases end first: they unmap rather than write into a stopped engine.
+        if let Some(s) = &self.vmm_server {
+            s.shutdown();
         }
         let _ = self.tx.send(Request::Stop);
         if let Some(h) = self.worker.lock().unwrap().take() {

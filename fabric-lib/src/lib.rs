@@ -51,6 +51,7 @@ mod staging;
 pub mod sys;
 pub mod transfer;
 pub mod verbs;
+pub mod vmm_share;
 mod worker;
 
 pub use desc::{DomainAddr, GpuDesc, MemDesc, NvlinkAddr, PeerAddr};

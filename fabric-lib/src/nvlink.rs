@@ -12,7 +12,90 @@
 use std::ffi::CString;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::desc::{GpuDesc, NvlinkAddr};
+use crate::engine::{Path, RegionMem};
 use crate::error::{Error, Result};
+
+/// How an NVLink writer maps the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NvlinkMap {
+    /// `cuMemAlloc` memory: the descriptor's CUDA IPC handle.
+    Ipc,
+    /// VMM memory (`expandable_segments`): allocations fetched as file descriptors from the
+    /// owner's socket ([`crate::vmm_share`]).
+    Vmm,
+}
+
+/// The path chosen for a transfer, how NVLink maps the destination, and why NVLink was not
+/// chosen (None when it was).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub path: Path,
+    pub map: Option<NvlinkMap>,
+    pub why_not_nvlink: Option<String>,
+}
+
+/// Picks the path from a local source of kind `src` to a destination described by `dst` (its
+/// GPU part), between this engine's NVLink address `mine` and the owner's `theirs`. NVLink when
+/// both sides are GPU memory of different processes of one host and the owner shared the
+/// memory (a CUDA IPC handle, or a VMM region served over its socket); otherwise staging
+/// (GPU memory over a provider without GPU support) or plain fabric writes, with the reason.
+pub fn select_path(
+    src: RegionMem,
+    dst: Option<&GpuDesc>,
+    mine: Option<&NvlinkAddr>,
+    theirs: Option<&NvlinkAddr>,
+) -> Route {
+    let fallback = |why: &str| {
+        let dst_staged = dst.is_some_and(|g| !g.direct);
+        let path = if dst_staged || matches!(src, RegionMem::Gpu(_)) {
+            Path::Staged
+        } else {
+            Path::Fabric
+        };
+        Route {
+            path,
+            map: None,
+            why_not_nvlink: Some(why.to_string()),
+        }
+    };
+    if !matches!(src, RegionMem::Gpu(_) | RegionMem::GpuDirect(_)) {
+        return fallback("the source is not GPU memory");
+    }
+    let Some(g) = dst else {
+        return fallback("the destination is not GPU memory");
+    };
+    let Some(mine) = mine else {
+        return fallback("this engine has NVLink off (no cuda_device, or nvlink disabled)");
+    };
+    let Some(theirs) = theirs else {
+        return fallback("the owner accepts no NVLink writes");
+    };
+    if mine.host_id != theirs.host_id {
+        return fallback("the owner is on another host");
+    }
+    if mine.pid == theirs.pid {
+        return fallback("the owner is this process (NVLink sharing needs two processes)");
+    }
+    let nvlink = |map| Route {
+        path: Path::Nvlink,
+        map: Some(map),
+        why_not_nvlink: None,
+    };
+    if !g.ipc_handle.is_empty() {
+        return nvlink(NvlinkMap::Ipc);
+    }
+    if g.vmm.is_some() {
+        if theirs.vmm_socket.is_empty() {
+            return fallback("the owner serves no VMM socket");
+        }
+        return nvlink(NvlinkMap::Vmm);
+    }
+    fallback(
+        "the owner could not share the memory (no CUDA IPC handle, and not VMM memory \
+         exportable as a file descriptor; see the owner's region nvlink_note)",
+    )
+}
 
 const MAGIC: u64 = 0x5354_4f4c_4d42_5831; // "STOLMBX1"
 
@@ -253,6 +336,123 @@ impl Drop for Mailbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn addr(host: &[u8], pid: u32, sock: &str) -> NvlinkAddr {
+        NvlinkAddr {
+            host_id: host.to_vec(),
+            mailbox: "/mb".into(),
+            pid,
+            vmm_socket: sock.into(),
+        }
+    }
+
+    fn gpu(ipc: bool, vmm: bool, direct: bool) -> GpuDesc {
+        GpuDesc {
+            device: 1,
+            ipc_handle: if ipc { vec![1; 64] } else { Vec::new() },
+            ipc_offset: 0,
+            direct,
+            vmm: vmm.then_some(crate::desc::VmmShare {
+                token: [1; 16],
+                chunks: 1,
+                offset: 0,
+                span: 2 << 20,
+            }),
+        }
+    }
+
+    #[test]
+    fn vmm_memory_on_the_same_host_goes_over_nvlink_else_staging_with_a_reason() {
+        let me = addr(b"boot", 1, "@me");
+        let peer = addr(b"boot", 2, "@peer");
+        let gpu_src = RegionMem::Gpu(0);
+        let vmm = gpu(false, true, false);
+        // VMM + same host + shareable: NVLink through the fd socket.
+        let r = select_path(gpu_src, Some(&vmm), Some(&me), Some(&peer));
+        assert_eq!(
+            (r.path, r.map, r.why_not_nvlink),
+            (Path::Nvlink, Some(NvlinkMap::Vmm), None)
+        );
+        // The same from an FI_HMEM source region.
+        let r = select_path(RegionMem::GpuDirect(0), Some(&vmm), Some(&me), Some(&peer));
+        assert_eq!(r.map, Some(NvlinkMap::Vmm));
+        // cuMemAlloc memory keeps CUDA IPC.
+        let r = select_path(
+            gpu_src,
+            Some(&gpu(true, false, false)),
+            Some(&me),
+            Some(&peer),
+        );
+        assert_eq!((r.path, r.map), (Path::Nvlink, Some(NvlinkMap::Ipc)));
+
+        let staged = |r: Route, why: &str| {
+            assert_eq!((r.path, r.map), (Path::Staged, None), "{r:?}");
+            let got = r.why_not_nvlink.unwrap();
+            assert!(got.contains(why), "{got:?} lacks {why:?}");
+        };
+        // VMM memory that was not created shareable: no share in the descriptor.
+        staged(
+            select_path(
+                gpu_src,
+                Some(&gpu(false, false, false)),
+                Some(&me),
+                Some(&peer),
+            ),
+            "could not share",
+        );
+        staged(
+            select_path(gpu_src, Some(&vmm), Some(&me), Some(&addr(b"boot", 2, ""))),
+            "no VMM socket",
+        );
+        staged(
+            select_path(
+                gpu_src,
+                Some(&vmm),
+                Some(&me),
+                Some(&addr(b"other", 2, "@p")),
+            ),
+            "another host",
+        );
+        staged(
+            select_path(
+                gpu_src,
+                Some(&vmm),
+                Some(&me),
+                Some(&addr(b"boot", 1, "@p")),
+            ),
+            "this process",
+        );
+        staged(
+            select_path(gpu_src, Some(&vmm), None, Some(&peer)),
+            "NVLink off",
+        );
+        staged(
+            select_path(gpu_src, Some(&vmm), Some(&me), None),
+            "no NVLink writes",
+        );
+        staged(
+            select_path(gpu_src, None, Some(&me), Some(&peer)),
+            "not GPU memory",
+        );
+        staged(
+            select_path(RegionMem::Host, Some(&vmm), Some(&me), Some(&peer)),
+            "source is not GPU",
+        );
+        staged(
+            select_path(RegionMem::StagedHost, Some(&vmm), Some(&me), Some(&peer)),
+            "source is not GPU",
+        );
+        // Fabric where neither side needs staging.
+        let r = select_path(RegionMem::Host, None, Some(&me), Some(&peer));
+        assert_eq!(r.path, Path::Fabric);
+        let r = select_path(
+            RegionMem::GpuDirect(0),
+            Some(&gpu(false, false, true)),
+            Some(&me),
+            Some(&addr(b"other", 2, "@p")),
+        );
+        assert_eq!((r.path, r.map), (Path::Fabric, None));
+    }
 
     #[test]
     fn many_producers_one_consumer_exact_counts() {

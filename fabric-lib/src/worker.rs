@@ -157,12 +157,11 @@ pub(crate) enum Request {
     Unregister {
         id: u64,
     },
-    /// A peer's GPU region reachable over NVLink (CUDA IPC handle, offset, length).
+    /// A peer's GPU region reachable over NVLink (how to map it, length).
     AddRemoteGpu {
         peer: u32,
         region: u64,
-        handle: Vec<u8>,
-        offset: u64,
+        target: RemoteTarget,
         len: u64,
     },
     AddPeer {
@@ -244,12 +243,28 @@ struct PeerEntry {
     mailbox: Option<crate::nvlink::Mailbox>,
 }
 
+/// How a peer's GPU region is reached over NVLink.
+pub(crate) enum RemoteTarget {
+    /// `cuMemAlloc` memory: its CUDA IPC handle (opened on first use) and the region's offset
+    /// in the allocation.
+    Ipc { handle: Vec<u8>, offset: u64 },
+    /// VMM memory already mapped here from descriptors the owner sent, the lease the owner
+    /// ends when the region goes away, and the region's offset in the mapping. The mapping is
+    /// taken (and unmapped once no copy can use it) when the lease ends.
+    Vmm {
+        mapping: Option<stolon_cuda::MappedVmm>,
+        lease: crate::vmm_share::Lease,
+        offset: u64,
+    },
+}
+
 /// A peer's GPU region reachable over NVLink.
 struct RemoteGpu {
-    handle: Vec<u8>,
-    offset: u64,
+    target: RemoteTarget,
     len: u64,
     mapping: Option<stolon_cuda::IpcMapping>,
+    /// Set when the owner ended the lease: writes fail with this.
+    gone: Option<String>,
 }
 
 pub(crate) struct WorkerConfig {
@@ -314,6 +329,10 @@ pub(crate) struct Worker {
     mailbox: Option<crate::nvlink::Mailbox>,
     /// Peers' GPU regions reachable over NVLink, by (peer, region id).
     remote_gpu: HashMap<(u32, u64), RemoteGpu>,
+    /// VMM mappings whose lease ended, unmapped once no queued copy can still use them.
+    retired_vmm: Vec<stolon_cuda::MappedVmm>,
+    /// IPC mappings replaced while copies may still use them (same rule).
+    retired_ipc: Vec<stolon_cuda::IpcMapping>,
     /// Staged copies in flight, in stream order.
     copies: VecDeque<(Ticket, AfterCopy)>,
     /// Pins `msg_mem` for asynchronous CUDA copies; declared before it so it is dropped first.
@@ -395,6 +414,8 @@ impl Worker {
             copier,
             mailbox,
             remote_gpu: HashMap::new(),
+            retired_vmm: Vec::new(),
+            retired_ipc: Vec::new(),
             copies: VecDeque::new(),
             _pinned: pinned,
             msg_mem,
@@ -591,6 +612,7 @@ impl Worker {
                 last_check = now;
                 self.check_deadlines(now);
                 self.shared.imm.expire(now);
+                self.check_vmm_leases();
             }
             if busy {
                 last_busy = now;
@@ -694,19 +716,21 @@ impl Worker {
             Request::AddRemoteGpu {
                 peer,
                 region,
-                handle,
-                offset,
+                target,
                 len,
             } => {
-                self.remote_gpu.insert(
+                let old = self.remote_gpu.insert(
                     (peer, region),
                     RemoteGpu {
-                        handle,
-                        offset,
+                        target,
                         len,
                         mapping: None,
+                        gone: None,
                     },
                 );
+                if let Some(old) = old {
+                    self.retire(old);
+                }
             }
             Request::Transfer(t) => self.start_transfer(*t),
             Request::Watch(mut w, reply) => {
@@ -906,10 +930,8 @@ impl Worker {
                         op.peer
                     )));
                 };
-                if rg.mapping.is_none() {
-                    let h = stolon_cuda::IpcMemHandle::from_bytes(&rg.handle)
-                        .map_err(crate::staging::cuda_err)?;
-                    rg.mapping = Some(h.open(ctx).map_err(crate::staging::cuda_err)?);
+                if let Some(why) = &rg.gone {
+                    return Err(Error::TransferFailed(why.clone()));
                 }
                 if offset.checked_add(len as u64).is_none_or(|e| e > rg.len) {
                     return Err(Error::OutOfBounds(format!(
@@ -917,7 +939,27 @@ impl Worker {
                         rg.len
                     )));
                 }
-                let base = rg.mapping.as_ref().unwrap().ptr() + rg.offset;
+                let base = match &rg.target {
+                    RemoteTarget::Ipc { handle, offset } => {
+                        if rg.mapping.is_none() {
+                            let h = stolon_cuda::IpcMemHandle::from_bytes(handle)
+                                .map_err(crate::staging::cuda_err)?;
+                            rg.mapping = Some(h.open(ctx).map_err(crate::staging::cuda_err)?);
+                        }
+                        rg.mapping.as_ref().unwrap().ptr() + offset
+                    }
+                    RemoteTarget::Vmm {
+                        mapping: Some(m),
+                        offset,
+                        ..
+                    } => m.ptr() + offset,
+                    RemoteTarget::Vmm { mapping: None, .. } => {
+                        return Err(Error::TransferFailed(format!(
+                            "GPU region {region} of peer {} is no longer mapped",
+                            op.peer
+                        )))
+                    }
+                };
                 // SAFETY: the destination lies inside the peer's IPC-mapped allocation (bounds
                 // checked against the descriptor), the source inside a registered GPU region kept
                 // alive by the transfer until the copy's ticket is done.
@@ -1125,6 +1167,43 @@ impl Worker {
             }
         }
         progressed
+    }
+
+    /// Ends VMM mappings whose owner ended the lease (region unregistered, engine stopped,
+    /// process dead): later writes to them fail; the mapping goes once no queued copy can use
+    /// it.
+    fn check_vmm_leases(&mut self) {
+        for ((peer, region), rg) in self.remote_gpu.iter_mut() {
+            if let RemoteTarget::Vmm { mapping, lease, .. } = &mut rg.target {
+                if mapping.is_some() && lease.is_gone() {
+                    rg.gone = Some(format!(
+                        "peer {peer} ended its VMM region {region} (unregistered, stopped or \
+                         dead)"
+                    ));
+                    self.retired_vmm.extend(mapping.take());
+                }
+            }
+        }
+        if self.copies.is_empty() {
+            // Copies are the only users of a mapping, and none is queued.
+            self.retired_vmm.clear();
+            self.retired_ipc.clear();
+        }
+    }
+
+    /// Drops a remote region's mapping once no queued copy can still use it.
+    fn retire(&mut self, rg: RemoteGpu) {
+        if let RemoteTarget::Vmm {
+            mapping: Some(m), ..
+        } = rg.target
+        {
+            self.retired_vmm.push(m);
+        }
+        if let Some(m) = rg.mapping {
+            // An IPC mapping: closing it under a queued copy would be as wrong; keep it until
+            // the queue drains too (rare: a region described twice).
+            self.retired_ipc.push(m);
+        }
     }
 
     /// Pushes an immediate into a peer's NVLink mailbox (opened on first use).

@@ -232,6 +232,12 @@ impl MemoryRegion {
     fn revoked(&self) -> bool {
         self.inner.is_revoked()
     }
+    /// For GPU memory peers cannot write over NVLink: why (None when they can, or for host
+    /// memory).
+    #[getter]
+    fn nvlink_note(&self) -> Option<String> {
+        self.inner.nvlink_note().map(str::to_string)
+    }
     /// "host", "gpu" or "staged_host".
     #[getter]
     fn memory(&self) -> &'static str {
