@@ -1324,8 +1324,15 @@ impl VerbsDomain {
         unsafe { Self::reg(&self.pd, ptr.cast(), len, self.access(remote_write)) }
     }
 
+    /// Whether the loaded libibverbs exports `ibv_reg_dmabuf_mr` (rdma-core 34 or newer); the
+    /// kernel and device may still refuse a registration.
+    pub fn supports_dmabuf(&self) -> bool {
+        self.lib.reg_dmabuf_mr.is_some()
+    }
+
     /// Registers GPU (or other device) memory exported as a dma-buf: `len` bytes at `offset` in
-    /// the buffer `fd`, addressed by peers as `iova`.
+    /// the buffer `fd`, addressed by peers as `iova`. The registration holds its own reference
+    /// to the dma-buf: `fd` may be closed once this returns.
     ///
     /// # Safety
     /// The dma-buf must stay allocated until the region is dropped.

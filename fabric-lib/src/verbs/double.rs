@@ -59,6 +59,12 @@ pub(crate) struct Faults {
     pub lose_datagrams: u32,
     /// Writes to fail as if transport retries ran out (the QP then goes to error).
     pub fail_writes: u32,
+    /// libibverbs without `ibv_reg_dmabuf_mr` (rdma-core older than 34).
+    pub no_dmabuf: bool,
+    /// The kernel refuses dma-buf registrations (`EOPNOTSUPP`).
+    pub refuse_dmabuf: bool,
+    /// No nvidia-peermem: registering a GPU address fails (`EFAULT`).
+    pub no_peermem: bool,
 }
 
 fn faults() -> &'static Mutex<HashMap<String, Faults>> {
@@ -140,6 +146,8 @@ pub(crate) struct MemDevice {
     next_epoch: u64,
     rng: handshake::Rng,
     max_message: usize,
+    /// dma-buf registrations accepted.
+    dmabuf_regs: u64,
 }
 
 impl MemDevice {
@@ -153,7 +161,12 @@ impl MemDevice {
             next_epoch: 1,
             rng: handshake::Rng::new(handshake::os_seed()),
             max_message,
+            dmabuf_regs: 0,
         })
+    }
+
+    fn fault_flag(&self, pick: impl Fn(&Faults) -> bool) -> bool {
+        faults().lock().unwrap().get(&self.name).is_some_and(pick)
     }
 
     fn take_fault(&self, pick: impl Fn(&mut Faults) -> &mut u32) -> bool {
@@ -443,11 +456,53 @@ impl Device for MemDevice {
         })
     }
 
-    unsafe fn register_gpu(&mut self, _ptr: u64, _len: usize) -> Result<VerbsMr, VError> {
-        Err(VError::Unsupported {
-            what: "GPU memory",
-            why: "the verbs test double has no GPU".into(),
-        })
+    unsafe fn register_gpu(&mut self, ptr: u64, len: usize) -> Result<VerbsMr, VError> {
+        // "GPU memory" in tests is host memory standing in for it.
+        if self.fault_flag(|f| f.no_peermem) {
+            return Err(VError::Verbs {
+                call: "ibv_reg_mr",
+                source: stolon_verbs::error::Errno(libc::EFAULT),
+            });
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.register(ptr as *mut u8, len) }
+    }
+
+    fn supports_dmabuf(&self) -> bool {
+        !self.fault_flag(|f| f.no_dmabuf)
+    }
+
+    unsafe fn register_dmabuf(
+        &mut self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        _offset: u64,
+        len: usize,
+        iova: u64,
+    ) -> Result<VerbsMr, VError> {
+        use std::os::fd::AsRawFd;
+        if self.fault_flag(|f| f.no_dmabuf) {
+            return Err(VError::Unsupported {
+                what: "ibv_reg_dmabuf_mr",
+                why: "the double was told libibverbs lacks it".into(),
+            });
+        }
+        // SAFETY: F_GETFD only reads the descriptor's flags.
+        let open = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) } >= 0;
+        if !open || self.fault_flag(|f| f.refuse_dmabuf) {
+            return Err(VError::Verbs {
+                call: "ibv_reg_dmabuf_mr",
+                source: stolon_verbs::error::Errno(if open {
+                    libc::EOPNOTSUPP
+                } else {
+                    libc::EBADF
+                }),
+            });
+        }
+        self.dmabuf_regs += 1;
+        // Like the kernel, keep no reference to the descriptor itself: the range is addressed
+        // by `iova` (host memory standing in for GPU memory in tests).
+        // SAFETY: forwarded contract.
+        unsafe { self.register(iova as *mut u8, len) }
     }
 
     fn connect(&mut self, peer: PeerId, now: Instant) -> Result<Vec<DomainEvent>, VError> {

@@ -46,6 +46,7 @@ mod tests;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::c_void;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Instant;
 
 use stolon_verbs::completion::TransferId;
@@ -98,11 +99,28 @@ pub(crate) trait Device: Send {
     /// The memory must stay mapped until the returned registration is dropped.
     unsafe fn register(&mut self, ptr: *mut u8, len: usize) -> Result<VerbsMr, VError>;
 
-    /// Registers GPU memory (a CUDA device pointer) peers may write.
+    /// Registers GPU memory (a CUDA device pointer) peers may write, by its address: needs the
+    /// nvidia-peermem kernel module.
     ///
     /// # Safety
     /// The device memory must stay allocated until the returned registration is dropped.
     unsafe fn register_gpu(&mut self, ptr: u64, len: usize) -> Result<VerbsMr, VError>;
+
+    /// Whether the device layer can register dma-bufs (`ibv_reg_dmabuf_mr` exported).
+    fn supports_dmabuf(&self) -> bool;
+
+    /// Registers `len` bytes at `offset` of the dma-buf `fd`, addressed as `iova`, peers may
+    /// write. The registration keeps its own reference to the dma-buf; `fd` stays the caller's.
+    ///
+    /// # Safety
+    /// The memory behind the dma-buf must stay allocated until the registration is dropped.
+    unsafe fn register_dmabuf(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        iova: u64,
+    ) -> Result<VerbsMr, VError>;
 
     fn connect(&mut self, peer: PeerId, now: Instant) -> Result<Vec<DomainEvent>, VError>;
     fn on_handshake(
@@ -194,12 +212,40 @@ impl Device for stolon_verbs::domain::VerbsDomain {
     }
 
     unsafe fn register_gpu(&mut self, ptr: u64, len: usize) -> Result<VerbsMr, VError> {
-        // The CUDA crate does not export dma-bufs yet, so GPU memory is registered by its
-        // device address, which needs the nvidia-peermem kernel module; `register_dmabuf` of
-        // the device layer takes over once a dma-buf fd can be obtained.
+        // Registration by device address, which needs the nvidia-peermem kernel module: the
+        // fallback when dma-buf registration is not possible (see `gpu_registration_order`).
         // SAFETY: forwarded contract (the pointer names device memory kept allocated).
         let mr = unsafe {
             stolon_verbs::domain::VerbsDomain::register(self, ptr as *mut u8, len, true)
+        }?;
+        Ok(VerbsMr {
+            lkey: mr.lkey(),
+            rkey: mr.rkey(),
+            _keep: Box::new(mr),
+        })
+    }
+
+    fn supports_dmabuf(&self) -> bool {
+        stolon_verbs::domain::VerbsDomain::supports_dmabuf(self)
+    }
+
+    unsafe fn register_dmabuf(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        iova: u64,
+    ) -> Result<VerbsMr, VError> {
+        // SAFETY: forwarded contract; the kernel takes its own reference to the dma-buf.
+        let mr = unsafe {
+            stolon_verbs::domain::VerbsDomain::register_dmabuf(
+                self,
+                fd.as_raw_fd(),
+                offset,
+                len,
+                iova,
+                true,
+            )
         }?;
         Ok(VerbsMr {
             lkey: mr.lkey(),
@@ -282,6 +328,73 @@ impl Device for stolon_verbs::domain::VerbsDomain {
 
     fn poll(&mut self, now: Instant, out: &mut Vec<DomainEvent>) -> Result<usize, VError> {
         stolon_verbs::domain::VerbsDomain::poll(self, now, out)
+    }
+}
+
+/// A way to register GPU memory on a verbs device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GpuReg {
+    /// Export the range as a dma-buf (CUDA) and register that (`ibv_reg_dmabuf_mr`): needs no
+    /// out-of-tree kernel module.
+    DmaBuf,
+    /// Register the device address (`ibv_reg_mr`): needs the nvidia-peermem module.
+    Peermem,
+}
+
+/// What decides how GPU memory is registered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GpuRegSupport {
+    /// libibverbs exports `ibv_reg_dmabuf_mr` (rdma-core 34+).
+    pub rdma_core_dmabuf: bool,
+    /// The CUDA driver exports `cuMemGetHandleForAddressRange` and the device reports
+    /// `CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED`.
+    pub cuda_dmabuf: bool,
+    /// Not turned off with `STOLON_VERBS_DMABUF=0`.
+    pub dmabuf_allowed: bool,
+}
+
+/// The ways to try, in order: dma-buf first when both sides support it, then registration by
+/// address. A way that fails at run time (the export or the kernel refuses) falls through to the
+/// next; when all fail, the engine stages the region through host memory.
+pub(crate) fn gpu_registration_order(s: GpuRegSupport) -> Vec<GpuReg> {
+    let mut order = Vec::with_capacity(2);
+    if s.rdma_core_dmabuf && s.cuda_dmabuf && s.dmabuf_allowed {
+        order.push(GpuReg::DmaBuf);
+    }
+    order.push(GpuReg::Peermem);
+    order
+}
+
+/// `STOLON_VERBS_DMABUF=0` turns dma-buf registration off (anything else, or unset, leaves it
+/// on).
+fn dmabuf_allowed_by_env(value: Option<&str>) -> bool {
+    !matches!(value.map(str::trim), Some("0" | "false" | "off" | "no"))
+}
+
+/// Exports GPU memory as dma-bufs: CUDA on hardware, a stand-in in tests.
+pub(crate) trait GpuExporter: Send {
+    /// Whether `device` can export dma-bufs at all.
+    fn dmabuf_supported(&self, device: usize) -> bool;
+    /// A dma-buf covering `ptr..ptr+len` of `device`, and the offset of `ptr` in it.
+    fn export(&self, device: usize, ptr: u64, len: usize) -> Result<(OwnedFd, u64), String>;
+}
+
+/// [`GpuExporter`] through the CUDA driver (`stolon_cuda::export_dmabuf`).
+struct CudaExporter;
+
+impl GpuExporter for CudaExporter {
+    fn dmabuf_supported(&self, device: usize) -> bool {
+        stolon_cuda::Device::get(device)
+            .and_then(|d| d.dma_buf_supported())
+            .unwrap_or(false)
+    }
+
+    fn export(&self, device: usize, ptr: u64, len: usize) -> Result<(OwnedFd, u64), String> {
+        let ctx = stolon_cuda::Device::get(device)
+            .and_then(|d| d.primary_context())
+            .map_err(|e| e.to_string())?;
+        let d = stolon_cuda::export_dmabuf(&ctx, ptr, len).map_err(|e| e.to_string())?;
+        Ok((d.fd, d.offset))
     }
 }
 
@@ -411,6 +524,10 @@ pub(crate) struct ChannelStats {
     pub established: u64,
     pub resets: u64,
     pub gave_up: u64,
+    /// GPU regions registered from a dma-buf.
+    pub gpu_dmabuf: u64,
+    /// GPU regions registered by device address (peermem).
+    pub gpu_peermem: u64,
 }
 
 /// One port driven by the worker.
@@ -434,6 +551,7 @@ pub(crate) struct VerbsRcDomain {
     /// Some peer became established: post what waited for it.
     flush: bool,
     pub(crate) stats: ChannelStats,
+    gpu: Box<dyn GpuExporter>,
 }
 
 // SAFETY: the raw pointers held are integers naming worker-owned buffers; the domain is driven
@@ -524,6 +642,7 @@ impl VerbsRcDomain {
             events: Vec::new(),
             flush: false,
             stats: ChannelStats::default(),
+            gpu: Box::new(CudaExporter),
         })
     }
 
@@ -574,11 +693,81 @@ impl VerbsRcDomain {
         unsafe { self.dev.register(ptr as *mut u8, len) }.map_err(engine_error)
     }
 
+    #[cfg(test)]
+    pub(crate) fn set_gpu_exporter(&mut self, gpu: Box<dyn GpuExporter>) {
+        self.gpu = gpu;
+    }
+
+    /// Registers `len` bytes of GPU memory at `ptr` on CUDA device `device`: from a dma-buf
+    /// when libibverbs and CUDA both can (the descriptor is closed right after registering),
+    /// else by address (peermem); see [`gpu_registration_order`].
+    ///
     /// # Safety
     /// The device memory must stay allocated until the registration is closed.
-    pub(crate) unsafe fn register_hmem(&mut self, ptr: u64, len: usize) -> Result<VerbsMr> {
-        // SAFETY: forwarded contract.
-        unsafe { self.dev.register_gpu(ptr, len) }.map_err(engine_error)
+    ///
+    /// # Errors
+    /// The last way's error (a verbs failure stays [`Error::Fabric`], with every way tried in
+    /// its message); the engine then stages the region.
+    pub(crate) unsafe fn register_hmem(
+        &mut self,
+        ptr: u64,
+        len: usize,
+        device: usize,
+    ) -> Result<VerbsMr> {
+        let support = GpuRegSupport {
+            rdma_core_dmabuf: self.dev.supports_dmabuf(),
+            cuda_dmabuf: self.gpu.dmabuf_supported(device),
+            dmabuf_allowed: dmabuf_allowed_by_env(
+                std::env::var("STOLON_VERBS_DMABUF").ok().as_deref(),
+            ),
+        };
+        let mut tried = Vec::new();
+        let mut last = None;
+        for way in gpu_registration_order(support) {
+            let r = match way {
+                GpuReg::DmaBuf => match self.gpu.export(device, ptr, len) {
+                    Ok((fd, offset)) => {
+                        // SAFETY: the dma-buf covers the caller's device memory, which stays
+                        // allocated while registered (forwarded contract).
+                        let r = unsafe { self.dev.register_dmabuf(fd.as_fd(), offset, len, ptr) };
+                        // The registration holds its own reference to the dma-buf.
+                        drop(fd);
+                        r
+                    }
+                    Err(why) => {
+                        tried.push(format!("dma-buf export: {why}"));
+                        continue;
+                    }
+                },
+                // SAFETY: forwarded contract.
+                GpuReg::Peermem => unsafe { self.dev.register_gpu(ptr, len) },
+            };
+            match r {
+                Ok(mr) => {
+                    match way {
+                        GpuReg::DmaBuf => self.stats.gpu_dmabuf += 1,
+                        GpuReg::Peermem => self.stats.gpu_peermem += 1,
+                    }
+                    return Ok(mr);
+                }
+                Err(e) => {
+                    tried.push(format!("{way:?}: {e}"));
+                    last = Some(e);
+                }
+            }
+        }
+        let last = last.unwrap_or(VError::Unsupported {
+            what: "GPU memory registration",
+            why: "no way to register GPU memory".into(),
+        });
+        Err(match engine_error(last) {
+            Error::Fabric { call, code, .. } => Error::Fabric {
+                call,
+                code,
+                message: format!("GPU memory at {ptr:#x}+{len}: {}", tried.join("; ")),
+            },
+            other => other,
+        })
     }
 
     fn check_peer(&self, dest: fi_addr_t) -> Result<PeerId> {

@@ -498,3 +498,188 @@ fn a_failure_is_reported_to_the_worker_only_after_it_drained() {
     d.handle_events(&mut ev, Instant::now());
     assert!(d.ready.is_empty() && d.errors.is_empty());
 }
+
+// ---------------------------------------------------------------------------------------------
+// GPU memory: dma-buf first, then registration by address. "GPU memory" is host memory here and
+// the exporter a stand-in: what is tested is the choice, the fallbacks and the descriptor's life.
+
+#[test]
+fn gpu_registration_prefers_dmabuf_only_when_every_side_supports_it() {
+    for rdma_core_dmabuf in [false, true] {
+        for cuda_dmabuf in [false, true] {
+            for dmabuf_allowed in [false, true] {
+                let order = gpu_registration_order(GpuRegSupport {
+                    rdma_core_dmabuf,
+                    cuda_dmabuf,
+                    dmabuf_allowed,
+                });
+                let all = rdma_core_dmabuf && cuda_dmabuf && dmabuf_allowed;
+                let want = if all {
+                    vec![GpuReg::DmaBuf, GpuReg::Peermem]
+                } else {
+                    vec![GpuReg::Peermem]
+                };
+                assert_eq!(order, want);
+            }
+        }
+    }
+    assert!(dmabuf_allowed_by_env(None));
+    assert!(dmabuf_allowed_by_env(Some("1")));
+    for off in ["0", "false", "off", "no", " 0 "] {
+        assert!(!dmabuf_allowed_by_env(Some(off)), "{off}");
+    }
+}
+
+/// Exports a pipe's write end as the "dma-buf" and keeps the read end, so a test can tell
+/// whether every copy of the exported descriptor was closed (the read end then sees EOF).
+struct PipeExporter {
+    supported: bool,
+    fail: bool,
+    read_ends: std::sync::Arc<std::sync::Mutex<Vec<OwnedFd>>>,
+}
+
+impl GpuExporter for PipeExporter {
+    fn dmabuf_supported(&self, _device: usize) -> bool {
+        self.supported
+    }
+
+    fn export(&self, _device: usize, ptr: u64, _len: usize) -> Result<(OwnedFd, u64), String> {
+        if self.fail {
+            return Err("cuMemGetHandleForAddressRange failed: CUDA_ERROR_INVALID_VALUE".into());
+        }
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into the array.
+        assert_eq!(
+            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) },
+            0
+        );
+        // SAFETY: both descriptors were just created and are owned here.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        self.read_ends.lock().unwrap().push(r);
+        Ok((w, ptr % 4096))
+    }
+}
+
+fn all_write_ends_closed(read: &OwnedFd) -> bool {
+    let mut b = [0u8; 1];
+    // SAFETY: reads at most one byte into `b` from a non-blocking pipe.
+    let n = unsafe { libc::read(read.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
+    n == 0 // EOF; -1 (EAGAIN) while a write end is open
+}
+
+struct GpuCase {
+    dom: VerbsRcDomain,
+    exports: std::sync::Arc<std::sync::Mutex<Vec<OwnedFd>>>,
+    mem: Vec<u8>,
+}
+
+fn gpu_case(name: &str, faults: Faults, supported: bool, fail: bool) -> GpuCase {
+    double::set_faults(name, faults);
+    let s = spec(name);
+    let dev = double::MemDevice::open(&s, 4096).unwrap();
+    let mut dom = VerbsRcDomain::with_device(&s, Box::new(dev)).unwrap();
+    let exports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    dom.set_gpu_exporter(Box::new(PipeExporter {
+        supported,
+        fail,
+        read_ends: exports.clone(),
+    }));
+    GpuCase {
+        dom,
+        exports,
+        mem: vec![0u8; 3 * 4096],
+    }
+}
+
+use std::os::fd::FromRawFd;
+
+#[test]
+fn gpu_memory_registers_from_a_dmabuf_and_the_descriptor_is_closed() {
+    let mut c = gpu_case("gpu-dmabuf", Faults::default(), true, false);
+    let ptr = c.mem.as_ptr() as u64 + 100;
+    // SAFETY: c.mem outlives the registration (dropped below first).
+    let mr = unsafe { c.dom.register_hmem(ptr, 5000, 0) }.unwrap();
+    assert_eq!((c.dom.stats.gpu_dmabuf, c.dom.stats.gpu_peermem), (1, 0));
+    let exports = c.exports.lock().unwrap();
+    assert_eq!(exports.len(), 1);
+    assert!(
+        all_write_ends_closed(&exports[0]),
+        "the dma-buf fd was left open"
+    );
+    drop(mr);
+}
+
+#[test]
+fn gpu_memory_falls_back_to_peermem_without_dmabuf_support() {
+    // libibverbs without ibv_reg_dmabuf_mr: CUDA is not even asked to export.
+    let no_verbs = Faults {
+        no_dmabuf: true,
+        ..Default::default()
+    };
+    let mut c = gpu_case("gpu-no-verbs-dmabuf", no_verbs, true, false);
+    // SAFETY: c.mem outlives the registration.
+    let mr = unsafe { c.dom.register_hmem(c.mem.as_ptr() as u64, 4096, 0) }.unwrap();
+    assert_eq!((c.dom.stats.gpu_dmabuf, c.dom.stats.gpu_peermem), (0, 1));
+    assert!(c.exports.lock().unwrap().is_empty());
+    drop(mr);
+
+    // The GPU (or driver) cannot export.
+    let mut c = gpu_case("gpu-no-cuda-dmabuf", Faults::default(), false, false);
+    // SAFETY: as above.
+    let mr = unsafe { c.dom.register_hmem(c.mem.as_ptr() as u64, 4096, 0) }.unwrap();
+    assert_eq!((c.dom.stats.gpu_dmabuf, c.dom.stats.gpu_peermem), (0, 1));
+    assert!(c.exports.lock().unwrap().is_empty());
+    drop(mr);
+
+    // The export itself fails (a range CUDA will not export).
+    let mut c = gpu_case("gpu-export-fails", Faults::default(), true, true);
+    // SAFETY: as above.
+    let mr = unsafe { c.dom.register_hmem(c.mem.as_ptr() as u64, 4096, 0) }.unwrap();
+    assert_eq!((c.dom.stats.gpu_dmabuf, c.dom.stats.gpu_peermem), (0, 1));
+    drop(mr);
+
+    // The kernel refuses the dma-buf: peermem, and the exported descriptor is still closed.
+    let refuse = Faults {
+        refuse_dmabuf: true,
+        ..Default::default()
+    };
+    let mut c = gpu_case("gpu-kernel-refuses", refuse, true, false);
+    // SAFETY: as above.
+    let mr = unsafe { c.dom.register_hmem(c.mem.as_ptr() as u64, 4096, 0) }.unwrap();
+    assert_eq!((c.dom.stats.gpu_dmabuf, c.dom.stats.gpu_peermem), (0, 1));
+    let exports = c.exports.lock().unwrap();
+    assert_eq!(exports.len(), 1);
+    assert!(all_write_ends_closed(&exports[0]));
+    drop(mr);
+}
+
+#[test]
+fn gpu_registration_that_fails_every_way_is_a_typed_error_naming_each() {
+    let f = Faults {
+        refuse_dmabuf: true,
+        no_peermem: true,
+        ..Default::default()
+    };
+    let mut c = gpu_case("gpu-nothing-works", f, true, false);
+    // SAFETY: nothing is registered.
+    let e = unsafe { c.dom.register_hmem(c.mem.as_ptr() as u64, 4096, 0) }
+        .err()
+        .expect("no way works");
+    match e {
+        Error::Fabric {
+            call,
+            code,
+            message,
+        } => {
+            assert_eq!(call, "ibv_reg_mr");
+            assert_eq!(code, -(libc::EFAULT as isize));
+            assert!(
+                message.contains("DmaBuf") && message.contains("ibv_reg_dmabuf_mr"),
+                "{message}"
+            );
+            assert!(message.contains("Peermem"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!((c.dom.stats.gpu_dmabuf, c.dom.stats.gpu_peermem), (0, 0));
+}
