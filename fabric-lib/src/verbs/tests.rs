@@ -459,8 +459,7 @@ fn a_failure_is_reported_to_the_worker_only_after_it_drained() {
     d.inflight.insert(
         id,
         InFlight {
-            ctx: 0x40,
-            len: 8,
+            ops: vec![(0x40, 8)],
             send: false,
             held: None,
         },
@@ -682,4 +681,217 @@ fn gpu_registration_that_fails_every_way_is_a_typed_error_naming_each() {
         other => panic!("{other:?}"),
     }
     assert_eq!((c.dom.stats.gpu_dmabuf, c.dom.stats.gpu_peermem), (0, 0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chained writes with selective signalling: ops accepted between two polls go out to each peer
+// as one chain; completions map back to every op exactly once.
+
+struct Pair {
+    a: VerbsRcDomain,
+    b: VerbsRcDomain,
+    to_b: fi_addr_t,
+    src: Vec<u8>,
+    dst: Vec<u8>,
+    src_mr: VerbsMr,
+    dst_mr: VerbsMr,
+    a_name: String,
+}
+
+fn pair(a_name: &str, b_name: &str) -> Pair {
+    double::set_faults(a_name, Faults::default());
+    let open = |n: &str| {
+        let s = spec(n);
+        let dev = double::MemDevice::open(&s, 4096).unwrap();
+        VerbsRcDomain::with_device(&s, Box::new(dev)).unwrap()
+    };
+    let (mut a, mut b) = (open(a_name), open(b_name));
+    let to_b = a.insert_addr(b.name()).unwrap();
+    let src = pattern(64 << 10, 3);
+    let dst = vec![0u8; 64 << 10];
+    // SAFETY: both buffers outlive the registrations (fields dropped in declaration order is
+    // not relied on: the registrations only name the memory, the double reads it while
+    // delivering, which happens only inside polls below).
+    let src_mr = unsafe { a.register(src.as_ptr(), src.len()) }.unwrap();
+    // SAFETY: as above.
+    let dst_mr = unsafe { b.register(dst.as_ptr(), dst.len()) }.unwrap();
+    Pair {
+        a,
+        b,
+        to_b,
+        src,
+        dst,
+        src_mr,
+        dst_mr,
+        a_name: a_name.into(),
+    }
+}
+
+impl Pair {
+    /// Posts write `i` (bytes `i*64..i*64+64`, immediate `100 + i`) with context `1 + i`.
+    fn post(&mut self, i: usize) -> Posted {
+        let off = i * 64;
+        // SAFETY: src/dst are registered and outlive every poll of this pair.
+        unsafe {
+            self.a.post_write(
+                self.src.as_ptr().add(off),
+                64,
+                self.src_mr.lkey as usize as *mut c_void,
+                self.to_b,
+                self.dst.as_ptr() as u64 + off as u64,
+                self.dst_mr.rkey as u64,
+                Some(100 + i as u64),
+                (1 + i) as *mut c_void,
+            )
+        }
+        .unwrap()
+    }
+
+    /// Polls both sides until `a` reported `n` completions (successes and failures), returning
+    /// (contexts that succeeded, contexts that failed, immediates `b` saw).
+    fn run(&mut self, n: usize) -> (Vec<usize>, Vec<usize>, Vec<u64>) {
+        let (mut ok, mut failed, mut imms) = (Vec::new(), Vec::new(), Vec::new());
+        let mut out: Vec<fi_cq_data_entry> = (0..16).map(|_| entry(0, 0, 0, 0)).collect();
+        let deadline = Instant::now() + T;
+        while ok.len() + failed.len() < n {
+            assert!(Instant::now() < deadline, "stuck: {ok:?} {failed:?}");
+            loop {
+                match self.a.poll(&mut out) {
+                    Ok(0) => break,
+                    Ok(k) => ok.extend(out[..k].iter().map(|e| e.op_context as usize)),
+                    Err(e) => failed.push(e.op_context as usize),
+                }
+            }
+            if let Ok(k) = self.b.poll(&mut out) {
+                imms.extend(out[..k].iter().map(|e| e.data));
+            }
+        }
+        // Let b drain what landed.
+        for _ in 0..10 {
+            if let Ok(k) = self.b.poll(&mut out) {
+                imms.extend(out[..k].iter().map(|e| e.data));
+            }
+        }
+        ok.sort_unstable();
+        failed.sort_unstable();
+        imms.sort_unstable();
+        (ok, failed, imms)
+    }
+
+    fn connect(&mut self) {
+        // One write establishes the connection (and is itself a chain of one).
+        assert_eq!(self.post(0), Posted::Yes);
+        let (ok, failed, _) = self.run(1);
+        assert_eq!((ok, failed), (vec![1], vec![]));
+    }
+}
+
+#[test]
+fn ops_posted_together_go_out_as_chains_and_complete_exactly_once() {
+    let mut p = pair("chain-a", "chain-b");
+    p.connect();
+    let before = double::stats("chain-a");
+    // Ten writes accepted before the next poll: the send queue (8 deep) takes a chain of 8,
+    // the other 2 wait for the completions and go out as a second chain.
+    for i in 0..10 {
+        assert_eq!(p.post(i), Posted::Yes);
+    }
+    let (ok, failed, imms) = p.run(10);
+    assert_eq!(ok, (1..=10).collect::<Vec<_>>(), "every op exactly once");
+    assert!(failed.is_empty());
+    assert_eq!(imms, (100..110).collect::<Vec<_>>(), "one immediate per op");
+    assert_eq!(&p.dst[..640], &p.src[..640]);
+    let s = double::stats("chain-a");
+    assert_eq!(s.chains - before.chains, 2);
+    assert_eq!(s.write_wrs - before.write_wrs, 10);
+    // Chain of 8 signals WRs 4 and 8; the chain of 2 its last: 3 completions for 10 ops.
+    assert_eq!(s.signalled_cqes - before.signalled_cqes, 3);
+    assert_eq!(s.error_cqes, 0);
+    // Nothing is left over.
+    let (ok, failed, _) = p.run(0);
+    assert!(ok.is_empty() && failed.is_empty());
+}
+
+#[test]
+fn an_error_in_the_middle_of_a_chain_fails_every_op_of_that_chain_once() {
+    let mut p = pair("chain-err-a", "chain-err-b");
+    p.connect();
+    double::set_faults(
+        &p.a_name,
+        Faults {
+            fail_chain_at: Some(3),
+            ..Default::default()
+        },
+    );
+    for i in 0..6 {
+        assert_eq!(p.post(i), Posted::Yes);
+    }
+    let (ok, failed, imms) = p.run(6);
+    assert!(ok.is_empty(), "{ok:?}");
+    assert_eq!(
+        failed,
+        (1..=6).collect::<Vec<_>>(),
+        "each op of the chain fails once"
+    );
+    // WRs before the failing one landed (RC order), the rest did not.
+    assert_eq!(imms, vec![100, 101, 102]);
+    assert_eq!(double::stats(&p.a_name).error_cqes, 1);
+    // The connection comes back and later chains succeed.
+    for i in 6..9 {
+        assert_eq!(p.post(i), Posted::Yes);
+    }
+    let (ok, failed, _) = p.run(3);
+    assert_eq!((ok, failed), (vec![7, 8, 9], vec![]));
+}
+
+#[test]
+fn a_full_backlog_says_again_and_a_full_send_queue_holds_the_rest() {
+    let mut p = pair("chain-full-a", "chain-full-b");
+    p.connect();
+    p.a.backlog_cap = 12;
+    for i in 0..12 {
+        assert_eq!(p.post(i), Posted::Yes);
+    }
+    // Past the backlog the worker keeps the op (its own back-pressure queue).
+    assert_eq!(p.post(12), Posted::Again);
+    let before = double::stats(&p.a_name);
+    let (ok, failed, imms) = p.run(12);
+    assert_eq!(ok, (1..=12).collect::<Vec<_>>());
+    assert!(failed.is_empty());
+    assert_eq!(imms.len(), 12);
+    let s = double::stats(&p.a_name);
+    // Never more WRs in flight than the queue holds: 8, then the other 4.
+    assert_eq!(s.chains - before.chains, 2);
+    assert_eq!(s.signalled_cqes - before.signalled_cqes, 2 + 1);
+    assert_eq!(p.post(12), Posted::Yes);
+    let (ok, _, _) = p.run(1);
+    assert_eq!(ok, vec![13]);
+}
+
+#[test]
+fn the_chained_run_stops_at_a_send_and_at_the_chain_limit() {
+    let w = |ctx| Deferred::Write {
+        seg: WriteSeg {
+            local_addr: 0,
+            lkey: 0,
+            remote_addr: 0,
+            rkey: 0,
+            len: 0,
+        },
+        imm: None,
+        ctx,
+    };
+    let send = Deferred::Send {
+        buf: 0,
+        len: 0,
+        ctx: 99,
+    };
+    let q: VecDeque<Deferred> = [w(1), w(2), send, w(3)].into_iter().collect();
+    let ctxs = |v: Vec<Deferred>| v.iter().map(Deferred::ctx).collect::<Vec<_>>();
+    assert_eq!(ctxs(chain_prefix(&q, 64)), vec![1, 2]);
+    assert_eq!(ctxs(chain_prefix(&q, 1)), vec![1]);
+    let q: VecDeque<Deferred> = [send, w(1)].into_iter().collect();
+    assert!(chain_prefix(&q, 64).is_empty());
+    let q: VecDeque<Deferred> = (0..100).map(w).collect();
+    assert_eq!(chain_prefix(&q, MAX_CHAIN).len(), MAX_CHAIN);
 }
