@@ -1039,7 +1039,16 @@ mod tests {
         let adm = sq.admit(p.wrs.len());
         assert_eq!(adm.count, 8, "a full queue admits a prefix");
         assert_eq!(adm.covers, vec![0, 0, 0, 4, 0, 0, 0, 4]);
-        let imms = [Some(7), None, Some(9), Some(9), None, Some(1), Some(2), Some(3)];
+        let imms = [
+            Some(7),
+            None,
+            Some(9),
+            Some(9),
+            None,
+            Some(1),
+            Some(2),
+            Some(3),
+        ];
         let chain = build_writes_with(&p, 0..8, |i| imms[i], &adm, 0, |c| c as u64);
         for (i, wr) in chain.wrs().iter().enumerate() {
             let signalled = wr.send_flags & sys::IBV_SEND_SIGNALED != 0;
@@ -1057,6 +1066,10 @@ mod tests {
         sq.complete(4);
         sq.complete(4);
         let adm = sq.admit(2);
-        assert_eq!(adm.covers, vec![0, 2], "the last WR of every batch is signalled");
+        assert_eq!(
+            adm.covers,
+            vec![0, 2],
+            "the last WR of every batch is signalled"
+        );
     }
 }
