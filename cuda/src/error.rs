@@ -43,6 +43,15 @@ pub enum Error {
     /// A bad argument (out of range, zero size, misaligned, wrong length...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The driver or device cannot do this at all (a driver too old to export the entry point,
+    /// or a device attribute saying no). Callers fall back to another mechanism.
+    #[error("{what} is not supported here: {why}")]
+    Unsupported {
+        /// The feature, e.g. `dma-buf export`.
+        what: &'static str,
+        /// Why, in words.
+        why: String,
+    },
     /// A bounded wait ran out.
     #[error("timed out after {waited:?} waiting for {what}")]
     Timeout {

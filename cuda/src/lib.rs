@@ -41,7 +41,8 @@
 //!   where the call can break memory safety.
 //! - the safe types re-exported here: [`Device`], [`Context`], [`DeviceBuffer`],
 //!   [`PinnedHostBuffer`], [`HostRegistration`], [`HostCounter`], [`Stream`], [`Event`],
-//!   [`IpcMemHandle`]/[`IpcMapping`], [`VmmAllocation`]/[`MappedVmm`], [`Module`]/[`Function`].
+//!   [`IpcMemHandle`]/[`IpcMapping`], [`VmmAllocation`]/[`MappedVmm`], [`Module`]/[`Function`],
+//!   [`DmaBuf`] ([`export_dmabuf`]: device memory as a dma-buf for RDMA registration).
 //!   Raw-address operations on memory the crate does not own (copies, stream memory operations,
 //!   registration, kernel launches) stay `unsafe fn`, each saying what it needs.
 //!
@@ -60,7 +61,9 @@
 //! or the symbol a too-old driver lacks), [`Error::NoDevice`] (driver, but no visible GPU),
 //! [`Error::Driver`] (a call failed: its name, `CUresult` code, `cuGetErrorName` and
 //! `cuGetErrorString`), [`Error::Forked`], [`Error::InvalidDevice`], [`Error::InvalidArgument`]
-//! (bounds, sizes, alignment: checked before calling the driver), [`Error::Timeout`].
+//! (bounds, sizes, alignment: checked before calling the driver), [`Error::Timeout`],
+//! [`Error::Unsupported`] (the driver lacks an optional entry point such as
+//! `cuMemGetHandleForAddressRange`).
 //! [`Error::is_unavailable`] tells "no CUDA here" from "an operation failed".
 //!
 //! ## Contexts and threads
@@ -107,6 +110,7 @@
 //! the allocation it sits in.
 
 pub mod device;
+pub mod dmabuf;
 pub mod error;
 pub mod ipc;
 pub mod memory;
@@ -117,6 +121,7 @@ pub mod sys;
 pub mod vmm;
 
 pub use device::{device_count, Context, ContextGuard, Device};
+pub use dmabuf::{export_dmabuf, DmaBuf};
 pub use error::{Error, Result};
 pub use ipc::{IpcExport, IpcMapping, IpcMemHandle};
 pub use memory::{

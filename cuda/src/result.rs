@@ -797,6 +797,54 @@ pub unsafe fn mem_export_to_fd(h: sys::CUmemGenericAllocationHandle) -> Result<O
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// `cuMemGetHandleForAddressRange` with `CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD`: a dma-buf file
+/// descriptor for `len` bytes of device memory at `ptr` (both must be multiples of the host page
+/// size; [`crate::memory::dmabuf_range`] computes such a range). Needs a current context.
+///
+/// # Errors
+/// [`Error::Unsupported`] when the driver does not export the entry point (older than CUDA
+/// 11.7); `CUDA_ERROR_INVALID_VALUE` for a misaligned or unmapped range;
+/// `CUDA_ERROR_NOT_SUPPORTED` when the device or kernel cannot export dma-bufs.
+pub fn mem_get_dmabuf_fd(ptr: CUdeviceptr, len: usize) -> Result<OwnedFd> {
+    let d = driver()?;
+    let Some(f) = d.cuMemGetHandleForAddressRange else {
+        return Err(Error::Unsupported {
+            what: "dma-buf export",
+            why: format!(
+                "{} does not export cuMemGetHandleForAddressRange (CUDA 11.7 or newer needed)",
+                d.path
+            ),
+        });
+    };
+    let mut fd: c_int = -1;
+    // SAFETY: for DMA_BUF_FD the driver writes one int through the handle pointer; it validates
+    // the range itself.
+    check(d, "cuMemGetHandleForAddressRange", unsafe {
+        f(
+            &mut fd as *mut c_int as *mut c_void,
+            ptr,
+            len,
+            sys::CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD,
+            0,
+        )
+    })?;
+    if fd < 0 {
+        return Err(Error::InvalidArgument(format!(
+            "cuMemGetHandleForAddressRange returned fd {fd}"
+        )));
+    }
+    // SAFETY: the driver created this descriptor for the caller, who now owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether the loaded driver exports `cuMemGetHandleForAddressRange` (dma-buf export).
+///
+/// # Errors
+/// [`Error::LibraryNotFound`] and the other [`driver`] errors.
+pub fn has_dmabuf_export() -> Result<bool> {
+    Ok(driver()?.cuMemGetHandleForAddressRange.is_some())
+}
+
 /// `cuMemImportFromShareableHandle` from a POSIX file descriptor (which stays the caller's).
 ///
 /// # Errors

@@ -31,6 +31,7 @@ pub type CUmemAllocationType = u32;
 pub type CUmemLocationType = u32;
 pub type CUmemAccess_flags = u32;
 pub type CUmemAllocationGranularity_flags = u32;
+pub type CUmemRangeHandleType = u32;
 
 macro_rules! opaque {
     ($($st:ident => $handle:ident),* $(,)?) => {$(
@@ -146,6 +147,10 @@ pub const CU_MEM_ALLOCATION_TYPE_PINNED: CUmemAllocationType = 0x1;
 pub const CU_MEM_ALLOC_GRANULARITY_MINIMUM: CUmemAllocationGranularity_flags = 0x0;
 pub const CU_MEM_ALLOC_GRANULARITY_RECOMMENDED: CUmemAllocationGranularity_flags = 0x1;
 
+// cuMemGetHandleForAddressRange (dma-buf export of device memory, CUDA 11.7+).
+pub const CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD: CUmemRangeHandleType = 0x1;
+pub const CU_MEM_RANGE_FLAG_DMA_BUF_MAPPING_TYPE_PCIE: c_ulonglong = 0x1;
+
 /// `CUipcMemHandle`: 64 opaque bytes, passed by value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,33 +216,60 @@ pub struct SymbolInfo {
     pub symbols: &'static [&'static str],
     /// The Rust argument types, as written in the table.
     pub args: &'static [&'static str],
+    /// Bound when the driver exports it, else the field is `None` (the driver still loads).
+    pub optional: bool,
 }
 
 /// Declares the driver's function table: the struct [`Driver`], the list [`SYMBOLS`] and the
-/// loader. Each entry is `ApiName [symbols tried, first match wins] (argument types)`; every
+/// loader. Each entry of the `required { ... }` block is `ApiName [symbols tried, first match wins] (argument types)`; every
 /// function returns `CUresult`. The argument types are copied from the prototypes in `cuda.h`.
+/// Entries in the trailing `optional { ... }` block are `Option`s: a driver without them still
+/// loads, and the calls that need them say so ([`crate::Error::Unsupported`]).
 macro_rules! driver_api {
-    ($(
-        $(#[doc = $doc:literal])*
-        $field:ident [$($sym:literal),+] ($($arg:ty),* $(,)?);
-    )*) => {
+    (
+        required {
+            $(
+                $(#[doc = $doc:literal])*
+                $field:ident [$($sym:literal),+] ($($arg:ty),* $(,)?);
+            )*
+        }
+        optional {
+            $(
+                $(#[doc = $odoc:literal])*
+                $ofield:ident [$($osym:literal),+] ($($oarg:ty),* $(,)?);
+            )*
+        }
+    ) => {
         /// The driver's functions, looked up by symbol. Fields carry the API name; the symbol
         /// actually bound is listed in [`SYMBOLS`].
         pub struct Driver {
             $( $(#[doc = $doc])* pub $field: unsafe extern "C" fn($($arg),*) -> CUresult, )*
+            $(
+                $(#[doc = $odoc])*
+                pub $ofield: Option<unsafe extern "C" fn($($oarg),*) -> CUresult>,
+            )*
             /// Where the library was loaded from.
             pub path: String,
             _lib: libloading::Library,
         }
 
-        /// Every entry of [`Driver`], in declaration order.
-        pub const SYMBOLS: &[SymbolInfo] = &[ $( SymbolInfo {
-            api: stringify!($field),
-            symbols: &[$($sym),+],
-            args: &[$(stringify!($arg)),*],
-        }, )* ];
+        /// Every entry of [`Driver`], in declaration order (required ones first).
+        pub const SYMBOLS: &[SymbolInfo] = &[
+            $( SymbolInfo {
+                api: stringify!($field),
+                symbols: &[$($sym),+],
+                args: &[$(stringify!($arg)),*],
+                optional: false,
+            }, )*
+            $( SymbolInfo {
+                api: stringify!($ofield),
+                symbols: &[$($osym),+],
+                args: &[$(stringify!($oarg)),*],
+                optional: true,
+            }, )*
+        ];
 
-        /// Binds every entry of the table from `lib`, or names the first one missing.
+        /// Binds every entry of the table from `lib`, or names the first required one missing.
         fn resolve(lib: libloading::Library, path: String) -> Result<Driver, String> {
             Ok(Driver {
                 $( $field: {
@@ -245,6 +277,10 @@ macro_rules! driver_api {
                     // declares for each symbol named (checked by tests/abi_layout.rs), all return
                     // CUresult, and the pointer is stored next to `lib`, which is never unloaded.
                     unsafe { symbol_any(&lib, &[$($sym),+]) }?
+                }, )*
+                $( $ofield: {
+                    // SAFETY: as above; a missing optional symbol leaves the field `None`.
+                    unsafe { symbol_any(&lib, &[$($osym),+]) }.ok()
                 }, )*
                 path,
                 _lib: lib,
@@ -254,6 +290,7 @@ macro_rules! driver_api {
 }
 
 driver_api! {
+    required {
     cuGetErrorName ["cuGetErrorName"] (CUresult, *mut *const c_char);
     cuGetErrorString ["cuGetErrorString"] (CUresult, *mut *const c_char);
     cuInit ["cuInit"] (c_uint);
@@ -359,6 +396,14 @@ driver_api! {
         *mut *mut c_void,
         *mut *mut c_void,
     );
+    }
+
+    optional {
+        /// CUDA 11.7+: a dma-buf file descriptor for a range of device memory (the handle
+        /// argument points to an `int`). Older drivers lack it.
+        cuMemGetHandleForAddressRange ["cuMemGetHandleForAddressRange"]
+            (*mut c_void, CUdeviceptr, usize, CUmemRangeHandleType, c_ulonglong);
+    }
 }
 
 impl std::fmt::Debug for Driver {

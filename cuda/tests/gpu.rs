@@ -720,3 +720,25 @@ fn a_forked_child_gets_a_clean_error() {
     assert!(!result::is_forked_child());
     buf.to_vec().unwrap();
 }
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --ignored on a GPU machine"]
+fn dmabuf_export_of_device_memory() {
+    let c = ctx();
+    let supported = c.device().dma_buf_supported().unwrap();
+    let buf = DeviceBuffer::alloc(&c, 4 << 20).unwrap();
+    match stolon_cuda::export_dmabuf(&c, buf.ptr() + 4096 + 3, 1 << 20) {
+        Ok(d) => {
+            assert!(supported, "exported although the attribute says no");
+            assert_eq!(d.base, buf.ptr() + 4096);
+            assert_eq!(d.offset, 3);
+            assert!(d.fd.as_raw_fd() >= 0);
+            eprintln!("dma-buf export: {} bytes at {:#x}", d.len, d.base);
+        }
+        Err(e) => {
+            // Proprietary kernel modules or an old kernel: say so, the fallback is peermem.
+            eprintln!("SKIP-ish: dma-buf export refused (attribute {supported}): {e}");
+            assert!(!supported || e.driver_code() == Some(sys::CUDA_ERROR_NOT_SUPPORTED));
+        }
+    }
+}

@@ -19,6 +19,8 @@ use stolon_cuda::{
 
 const ROLE: &str = "STOLON_CUDA_MOCK_ROLE";
 const CHILD_OK: &str = "STOLON_CUDA_MOCK_CHILD_OK";
+/// Set in a child: its mock is built without the dma-buf entry point.
+const OLD_DRIVER: &str = "STOLON_CUDA_MOCK_OLD_DRIVER";
 const T: Duration = Duration::from_secs(5);
 
 // Object kinds counted by mock_live (enum kind in mock_libcuda.c).
@@ -73,7 +75,12 @@ fn build() -> Option<PathBuf> {
     std::fs::create_dir_all(&dir).unwrap();
     let so = dir.join("libcuda.so.1");
     let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mock_libcuda.c");
-    let out = match Command::new("cc")
+    let mut cc = Command::new("cc");
+    if std::env::var_os(OLD_DRIVER).is_some() {
+        // A driver older than CUDA 11.7: no cuMemGetHandleForAddressRange.
+        cc.arg("-DMOCK_NO_DMABUF");
+    }
+    let out = match cc
         .args(["-shared", "-fPIC", "-O1", "-o"])
         .arg(&so)
         .arg(src)
@@ -729,6 +736,27 @@ fn child_entry() {
             // SAFETY: as above.
             unsafe { memory::memset_d8(&c, m.ptr(), 0x32, size / 2).unwrap() };
         }
+        "old_driver" => {
+            // The driver loads without the optional entry point; dma-buf export says so.
+            assert!(sys::driver()
+                .unwrap()
+                .cuMemGetHandleForAddressRange
+                .is_none());
+            assert!(!result::has_dmabuf_export().unwrap());
+            let dev = Device::get(0).unwrap();
+            assert!(!dev.dma_buf_supported().unwrap());
+            let c = ctx(0);
+            let buf = DeviceBuffer::alloc(&c, 1 << 16).unwrap();
+            match stolon_cuda::export_dmabuf(&c, buf.ptr(), 4096) {
+                Err(Error::Unsupported { what, why }) => {
+                    assert_eq!(what, "dma-buf export");
+                    assert!(why.contains("cuMemGetHandleForAddressRange"), "{why}");
+                }
+                other => panic!("{other:?}"),
+            }
+            // Everything else still works.
+            buf.to_vec().unwrap();
+        }
         "stub" => {
             let e = Device::get(0).unwrap_err();
             assert_eq!(e.driver_code(), Some(sys::CUDA_ERROR_STUB_LIBRARY), "{e:?}");
@@ -762,4 +790,91 @@ fn vmm_memory_reaches_a_child_process() {
     unsafe { memory::copy_dtoh(&c, got.as_mut_ptr(), v.ptr(), v.len()).unwrap() };
     assert!(got[..v.len() / 2].iter().all(|&x| x == 0x32));
     assert!(got[v.len() / 2..].iter().all(|&x| x == 0x31));
+}
+
+fn fd_size(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fstat writes one struct stat for an open descriptor.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }, 0);
+    st.st_size as u64
+}
+
+#[test]
+fn device_memory_exports_as_a_dmabuf_on_page_boundaries() {
+    let Some((_g, _m)) = mock() else { return };
+    let page = stolon_cuda::dmabuf::host_page_size();
+    let c = ctx(0);
+    assert!(result::has_dmabuf_export().unwrap());
+    assert!(Device::get(0).unwrap().dma_buf_supported().unwrap());
+    let buf = DeviceBuffer::alloc(&c, 16 * page).unwrap();
+    assert_eq!(buf.ptr() % page as u64, 0);
+
+    // A range inside one page: that page, with the offset of the bytes asked for.
+    let d = stolon_cuda::export_dmabuf(&c, buf.ptr() + 100, 1000).unwrap();
+    assert_eq!((d.base, d.len, d.offset), (buf.ptr(), page, 100));
+    assert_eq!(fd_size(d.fd.as_fd()), page as u64);
+    // Straddling a page boundary: both pages.
+    let d = stolon_cuda::export_dmabuf(&c, buf.ptr() + page as u64 - 8, 16).unwrap();
+    assert_eq!(
+        (d.base, d.len, d.offset),
+        (buf.ptr(), 2 * page, page as u64 - 8)
+    );
+    // The whole buffer.
+    let d = stolon_cuda::export_dmabuf(&c, buf.ptr(), 16 * page).unwrap();
+    assert_eq!((d.len, d.offset), (16 * page, 0));
+    // VMM memory too.
+    let v = VmmAllocation::new(&c, 1).unwrap();
+    let d = stolon_cuda::export_dmabuf(&c, v.ptr() + 5, 10).unwrap();
+    assert_eq!((d.base, d.offset), (v.ptr(), 5));
+    // Every call binds the context and restores the thread's (none).
+    assert!(result::ctx_get_current().unwrap().is_null());
+
+    // Rounding past the end of the allocation: the driver refuses, typed.
+    let small = DeviceBuffer::alloc(&c, 100).unwrap();
+    let e = stolon_cuda::export_dmabuf(&c, small.ptr(), 100).unwrap_err();
+    assert_eq!(
+        e.driver_code(),
+        Some(sys::CUDA_ERROR_INVALID_VALUE),
+        "{e:?}"
+    );
+    // Memory the driver does not know.
+    let heap = vec![0u8; 3 * page];
+    let e = stolon_cuda::export_dmabuf(&c, heap.as_ptr() as u64, page).unwrap_err();
+    assert_eq!(
+        e.driver_code(),
+        Some(sys::CUDA_ERROR_INVALID_VALUE),
+        "{e:?}"
+    );
+    assert!(matches!(
+        stolon_cuda::export_dmabuf(&c, buf.ptr(), 0),
+        Err(Error::InvalidArgument(_))
+    ));
+}
+
+#[test]
+fn a_device_without_dmabuf_support_says_so() {
+    let Some((_g, _m)) = mock() else { return };
+    let dev = Device::get(1).unwrap();
+    assert!(!dev.dma_buf_supported().unwrap());
+    let c = ctx(1);
+    let buf = DeviceBuffer::alloc(&c, 1 << 16).unwrap();
+    let e = stolon_cuda::export_dmabuf(&c, buf.ptr(), 1 << 16).unwrap_err();
+    assert_eq!(
+        e.driver_code(),
+        Some(sys::CUDA_ERROR_NOT_SUPPORTED),
+        "{e:?}"
+    );
+    assert!(!e.is_unavailable());
+    assert!(
+        e.to_string().contains("cuMemGetHandleForAddressRange"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_driver_without_the_entry_point_still_loads_and_says_dmabuf_is_unsupported() {
+    let Some((_g, _m)) = mock() else { return };
+    run_child("old_driver", &[(OLD_DRIVER, "1")], None);
 }

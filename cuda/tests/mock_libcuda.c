@@ -7,6 +7,9 @@
  * exported descriptor maps the same bytes elsewhere. mock_* functions let tests count live
  * objects. Environment: STOLON_MOCK_CUDA_DEVICES (default 2; 0 = no device),
  * STOLON_MOCK_CUDA_STUB=1 (cuInit answers like the toolkit's stub library).
+ * dma-buf export: device 0 supports it, device 1 does not (attribute 124 is 0 and
+ * cuMemGetHandleForAddressRange answers CUDA_ERROR_NOT_SUPPORTED); built with -DMOCK_NO_DMABUF
+ * the entry point is missing, as in drivers older than CUDA 11.7.
  *
  * Compiled by tests/mock_driver.rs: cc -shared -fPIC -o libcuda.so.1 mock_libcuda.c -lpthread */
 #define _GNU_SOURCE
@@ -182,6 +185,7 @@ CUresult cuDeviceGetAttribute(int *v, unsigned int attr, CUdevice d) {
   case 75: *v = 9; return OK;             /* cc major */
   case 76: *v = 0; return OK;             /* cc minor */
   case 19: case 41: case 102: case 103: case 122: *v = 1; return OK;
+  case 124: *v = d == 0; return OK;      /* DMA_BUF_SUPPORTED: device 0 only */
   default: if (attr < 150) { *v = 0; return OK; } return INVAL;
   }
 }
@@ -241,7 +245,8 @@ CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) {
   NEED_CTX;
   if (n == 0) return INVAL;
   if (n > (1ull << 40)) return OOM;
-  void *m = aligned_alloc(256, (n + 255) & ~(size_t)255);
+  /* Page-aligned, as cuMemAlloc's blocks are in practice (dma-buf export needs pages). */
+  void *m = aligned_alloc(4096, (n + 4095) & ~(size_t)4095);
   if (!m) return OOM;
   *p = (uintptr_t)m;
   return add_mem(K_DEV, m, n, t_cur->dev);
@@ -516,6 +521,28 @@ CUresult cuMemGetAllocationPropertiesFromHandle(Prop *prop, CUmemGenericAllocati
   UNLOCK;
   return i >= 0 ? OK : INVAL;
 }
+
+/* ---- dma-buf export: a memfd of the range's size stands in for the dma-buf ---- */
+#ifndef MOCK_NO_DMABUF
+CUresult cuMemGetHandleForAddressRange(void *handle, CUdeviceptr p, size_t n, unsigned int type,
+                                       unsigned long long flags) {
+  NEED_CTX;
+  long page = sysconf(_SC_PAGESIZE);
+  if (!handle || type != 1 || flags || n == 0 || p % page || n % page) return INVAL;
+  LOCK;
+  int i = find_kind(K_DEV, p), kind = K_DEV;
+  if (i < 0) { i = find_kind(K_VMAP, p); kind = K_VMAP; }
+  int dev = i < 0 ? -1 : kind == K_VMAP ? g_obj[g_obj[i].handle].dev : g_obj[i].dev;
+  int inside = i >= 0 && p + n <= g_obj[i].base + g_obj[i].size;
+  UNLOCK;
+  if (!inside) return INVAL;
+  if (dev != 0) return UNSUPPORTED;
+  int fd = memfd_create("stolon-mock-dmabuf", MFD_CLOEXEC);
+  if (fd < 0 || ftruncate(fd, n)) { if (fd >= 0) close(fd); return OOM; }
+  *(int *)handle = fd;
+  return OK;
+}
+#endif
 
 /* ---- streams and events: all work runs when queued ---- */
 CUresult cuStreamCreate(void **s, unsigned int flags) {

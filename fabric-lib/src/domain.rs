@@ -141,7 +141,7 @@ impl Domain {
                 "the reorder double has no GPU memory".into(),
             )),
             // SAFETY: forwarded contract.
-            Domain::Verbs(d) => unsafe { d.register_hmem(ptr, len) }.map(MrHandle::Verbs),
+            Domain::Verbs(d) => unsafe { d.register_hmem(ptr, len, device) }.map(MrHandle::Verbs),
         }
     }
 

@@ -1324,8 +1324,15 @@ impl VerbsDomain {
         unsafe { Self::reg(&self.pd, ptr.cast(), len, self.access(remote_write)) }
     }
 
+    /// Whether the loaded libibverbs exports `ibv_reg_dmabuf_mr` (rdma-core 34 or newer); the
+    /// kernel and device may still refuse a registration.
+    pub fn supports_dmabuf(&self) -> bool {
+        self.lib.reg_dmabuf_mr.is_some()
+    }
+
     /// Registers GPU (or other device) memory exported as a dma-buf: `len` bytes at `offset` in
-    /// the buffer `fd`, addressed by peers as `iova`.
+    /// the buffer `fd`, addressed by peers as `iova`. The registration holds its own reference
+    /// to the dma-buf: `fd` may be closed once this returns.
     ///
     /// # Safety
     /// The dma-buf must stay allocated until the region is dropped.
@@ -1729,6 +1736,83 @@ impl VerbsDomain {
             return Err(e);
         }
         Ok(posted)
+    }
+
+    /// Posts a batch of separate writes to `peer` as one chain (one `ibv_post_send`, one WR
+    /// per segment, [`wr::plan_ops`]) under one transfer, each WR with its own immediate
+    /// (`imms[i]` for `segs[i]`). Only as many as the send queue has room for are taken (a
+    /// prefix, at least one); every `signal_every`th WR and the last are signalled, so the
+    /// transfer finishes when the chain's last WR completes, and an error completion anywhere
+    /// fails the whole transfer. Returns the transfer and how many segments it took, or `None`
+    /// when the send queue is full.
+    ///
+    /// # Safety
+    /// As [`Self::post_write`], for every segment taken.
+    ///
+    /// # Errors
+    /// [`Error::NotConnected`]; [`Error::InvalidArgument`] for mismatched lengths, an empty
+    /// batch or a segment longer than one message: nothing was posted. A WR the provider
+    /// refuses fails the transfer through `out` instead (and resets the connection).
+    pub unsafe fn post_ops(
+        &mut self,
+        peer: PeerId,
+        segs: &[WriteSeg],
+        imms: &[Option<u32>],
+        now: Instant,
+        out: &mut Vec<DomainEvent>,
+    ) -> Result<Option<(TransferId, usize)>> {
+        if segs.is_empty() || segs.len() != imms.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} segments with {} immediates",
+                segs.len(),
+                imms.len()
+            )));
+        }
+        if !self.is_established(peer) {
+            return Err(Error::NotConnected(peer));
+        }
+        let free = self
+            .peers
+            .get(&peer)
+            .ok_or(Error::NotConnected(peer))?
+            .data_sq
+            .free() as usize;
+        let n = free.min(segs.len());
+        if n == 0 {
+            return Ok(None);
+        }
+        let plan = wr::plan_ops(&segs[..n], &self.limits())?;
+        let id = self.transfers.begin(peer, n as u64)?;
+        let max_inline = self.max_inline;
+        let p = self.peers.get_mut(&peer).ok_or(Error::NotConnected(peer))?;
+        let qp = p
+            .data
+            .as_mut()
+            .and_then(AnyQp::rts_mut)
+            .ok_or(Error::NotConnected(peer))?;
+        let adm = p.data_sq.admit(n);
+        debug_assert_eq!(adm.count, n, "room was checked");
+        let mut chain = wr::build_writes_with(
+            &plan,
+            0..adm.count,
+            |i| imms[i],
+            &adm,
+            max_inline,
+            |c| id.wr_id(WrKind::Write, c),
+        );
+        // SAFETY: the caller upholds the memory contract for every segment taken.
+        let (posted, err) = unsafe { qp.sender().post(&mut chain) };
+        self.transfers.posted(id, posted as u64);
+        if let Some(e) = err {
+            // Part of the chain may be in the send queue: the failure is reported through
+            // `out` (drained or not), like a failed completion, never as an error here, so the
+            // caller keeps the memory of every segment until the transfer has drained.
+            if let Some(f) = self.transfers.cancel(id, e.clone()) {
+                self.finish(f, out);
+            }
+            self.local_failure(peer, &e, now, out);
+        }
+        Ok(Some((id, adm.count)))
     }
 
     /// Sends a message (copied into a registered buffer) on `peer`'s message QP. Returns `None`

@@ -172,6 +172,48 @@ pub fn plan_writes(segs: &[WriteSeg], limits: &Limits) -> Result<WritePlan> {
     Ok(plan)
 }
 
+/// Plans a batch of separate operations (for example the writes of several transfers to one
+/// peer, posted together as one chain) into exactly one WR per segment, in order: unlike
+/// [`plan_writes`], contiguous segments are never merged, because each is an operation of its
+/// own whose immediate the receiver counts. Zero-length segments stay (a WR without SGE that
+/// delivers only its immediate).
+///
+/// # Errors
+/// [`Error::Config`] for invalid limits; [`Error::InvalidArgument`] for a segment longer than
+/// one message (or an SGE).
+pub fn plan_ops(segs: &[WriteSeg], limits: &Limits) -> Result<WritePlan> {
+    limits.validate()?;
+    let mut plan = WritePlan {
+        wrs: Vec::with_capacity(segs.len()),
+        sges: Vec::with_capacity(segs.len()),
+    };
+    for seg in segs {
+        if seg.len > limits.max_msg_size || seg.len > u32::MAX as u64 {
+            return Err(Error::InvalidArgument(format!(
+                "a write of {} bytes is longer than one message ({} bytes)",
+                seg.len,
+                limits.max_msg_size.min(u32::MAX as u64)
+            )));
+        }
+        let with_sge = seg.len > 0;
+        plan.wrs.push(PlannedWr {
+            remote_addr: seg.remote_addr,
+            rkey: seg.rkey,
+            len: seg.len,
+            sge_start: plan.sges.len() as u32,
+            sge_count: with_sge as u32,
+        });
+        if with_sge {
+            plan.sges.push(ibv_sge {
+                addr: seg.local_addr,
+                length: seg.len as u32,
+                lkey: seg.lkey,
+            });
+        }
+    }
+    Ok(plan)
+}
+
 /// Which WRs of a transfer carry the immediate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ImmPolicy {
@@ -373,6 +415,27 @@ pub fn build_writes(
     policy: ImmPolicy,
     admitted: &Admitted,
     max_inline: u32,
+    wr_id: impl FnMut(u16) -> u64,
+) -> SendChain {
+    let total = plan.wrs.len();
+    build_writes_with(
+        plan,
+        range,
+        |i| imm.filter(|_| policy.carries(i, total)),
+        admitted,
+        max_inline,
+        wr_id,
+    )
+}
+
+/// Like [`build_writes`], with the immediate of each WR (by its index in the plan) given by
+/// `imm_of`: for chains of separate operations ([`plan_ops`]) that carry different immediates.
+pub fn build_writes_with(
+    plan: &WritePlan,
+    range: Range<usize>,
+    imm_of: impl Fn(usize) -> Option<u32>,
+    admitted: &Admitted,
+    max_inline: u32,
     mut wr_id: impl FnMut(u16) -> u64,
 ) -> SendChain {
     assert_eq!(
@@ -380,7 +443,6 @@ pub fn build_writes(
         admitted.count,
         "build exactly what was admitted"
     );
-    let total = plan.wrs.len();
     let mut chain = SendChain::default();
     for (k, i) in range.enumerate() {
         let p = &plan.wrs[i];
@@ -393,7 +455,7 @@ pub fn build_writes(
         if p.len > 0 && p.len <= max_inline as u64 {
             flags |= sys::IBV_SEND_INLINE;
         }
-        let with_imm = imm.filter(|_| policy.carries(i, total));
+        let with_imm = imm_of(i);
         let wr = ibv_send_wr {
             wr_id: wr_id(covers),
             opcode: if with_imm.is_some() {
@@ -916,5 +978,98 @@ mod tests {
             }
             prop_assert_eq!(sq.outstanding(), 0);
         }
+    }
+
+    #[test]
+    fn ops_are_planned_one_wr_each_and_never_merged() {
+        let l = limits();
+        // Contiguous on both sides: plan_writes would merge them, plan_ops must not.
+        let segs = [
+            WriteSeg {
+                local_addr: 0x1000,
+                lkey: 1,
+                remote_addr: 0x9000,
+                rkey: 2,
+                len: 100,
+            },
+            WriteSeg {
+                local_addr: 0x1064,
+                lkey: 1,
+                remote_addr: 0x9064,
+                rkey: 2,
+                len: 50,
+            },
+            WriteSeg {
+                local_addr: 0,
+                lkey: 0,
+                remote_addr: 0x9000,
+                rkey: 2,
+                len: 0,
+            },
+        ];
+        assert_eq!(plan_writes(&segs, &l).unwrap().wrs.len(), 1);
+        let p = plan_ops(&segs, &l).unwrap();
+        assert_eq!(p.wrs.len(), 3);
+        assert_eq!(p.sges.len(), 2);
+        assert_eq!(p.sges_of(&p.wrs[1])[0].addr, 0x1064);
+        assert!(p.sges_of(&p.wrs[2]).is_empty());
+        let too_long = WriteSeg {
+            len: l.max_msg_size + 1,
+            ..segs[0]
+        };
+        assert!(matches!(
+            plan_ops(&[too_long], &l),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn a_chain_of_ops_carries_each_immediate_and_signals_selectively() {
+        let segs: Vec<WriteSeg> = (0..10u64)
+            .map(|i| WriteSeg {
+                local_addr: 0x1000 + i * 64,
+                lkey: 1,
+                remote_addr: 0x9000 + i * 64,
+                rkey: 2,
+                len: 64,
+            })
+            .collect();
+        let p = plan_ops(&segs, &limits()).unwrap();
+        let mut sq = SendQueue::new(8, 4);
+        let adm = sq.admit(p.wrs.len());
+        assert_eq!(adm.count, 8, "a full queue admits a prefix");
+        assert_eq!(adm.covers, vec![0, 0, 0, 4, 0, 0, 0, 4]);
+        let imms = [
+            Some(7),
+            None,
+            Some(9),
+            Some(9),
+            None,
+            Some(1),
+            Some(2),
+            Some(3),
+        ];
+        let chain = build_writes_with(&p, 0..8, |i| imms[i], &adm, 0, |c| c as u64);
+        for (i, wr) in chain.wrs().iter().enumerate() {
+            let signalled = wr.send_flags & sys::IBV_SEND_SIGNALED != 0;
+            assert_eq!(signalled, adm.covers[i] > 0, "WR {i}");
+            assert_eq!(wr.wr_id, adm.covers[i] as u64);
+            match imms[i] {
+                Some(v) => {
+                    assert_eq!(wr.opcode, sys::IBV_WR_RDMA_WRITE_WITH_IMM);
+                    assert_eq!(u32::from_be(wr.imm_data), v);
+                }
+                None => assert_eq!(wr.opcode, sys::IBV_WR_RDMA_WRITE),
+            }
+        }
+        assert_eq!(sq.free(), 0);
+        sq.complete(4);
+        sq.complete(4);
+        let adm = sq.admit(2);
+        assert_eq!(
+            adm.covers,
+            vec![0, 2],
+            "the last WR of every batch is signalled"
+        );
     }
 }

@@ -308,7 +308,7 @@ fn getinfo(
             }
             let mut info = ptr::null_mut();
             let rc = (lib.getinfo)(
-                fi::FI_VERSION_REQUESTED,
+                fi::api_version_for(lib.runtime_version(), hmem),
                 node.as_ref().map_or(ptr::null(), |n| n.as_ptr()),
                 ptr::null(),
                 flags,
@@ -488,7 +488,16 @@ impl FabricDomain {
         Ok(Mr { raw: mr })
     }
 
-    /// Registers `len` bytes of CUDA device memory on device `cuda_device` (FI_HMEM).
+    /// The API version this domain's fabric was opened with.
+    fn api_version(&self) -> u32 {
+        // SAFETY: info is the list head fi_getinfo returned, kept until drop; its fabric_attr
+        // is always allocated.
+        unsafe { (*(*self.info).fabric_attr).api_version }
+    }
+
+    /// Registers `len` bytes of CUDA device memory on device `cuda_device` (FI_HMEM): from a
+    /// dma-buf (`FI_MR_DMABUF`) where [`fi::gpu_mr_path`] allows it, else (or when the provider
+    /// refuses the dma-buf) through the CUDA interface. An error makes the engine stage.
     ///
     /// # Safety
     /// The device memory must stay allocated until the region is closed.
@@ -499,11 +508,29 @@ impl FabricDomain {
         key: u64,
         cuda_device: usize,
     ) -> Result<Mr> {
-        if !self.attrs.hmem {
-            return Err(Error::Config(format!(
-                "{} cannot register GPU memory (no FI_HMEM)",
-                self.attrs.provider
-            )));
+        let runtime = self.lib.runtime_version();
+        let api = self.api_version();
+        // Ask CUDA only where the answer matters (never with libfabric 1.17).
+        let cuda_dmabuf = self.attrs.hmem
+            && fi::gpu_mr_path(runtime, api, true, true) == fi::GpuMrPath::DmaBuf
+            && stolon_cuda::Device::get(cuda_device)
+                .and_then(|d| d.dma_buf_supported())
+                .unwrap_or(false);
+        match fi::gpu_mr_path(runtime, api, self.attrs.hmem, cuda_dmabuf) {
+            fi::GpuMrPath::Staging => {
+                return Err(Error::Config(format!(
+                    "{} cannot register GPU memory (no FI_HMEM)",
+                    self.attrs.provider
+                )))
+            }
+            fi::GpuMrPath::DmaBuf => {
+                // SAFETY: forwarded contract; gpu_mr_path chose DmaBuf, so API >= 1.20.
+                if let Ok(mr) = unsafe { self.register_dmabuf(ptr, len, key, cuda_device) } {
+                    return Ok(mr);
+                }
+                // The export or the provider refused: the CUDA interface next.
+            }
+            fi::GpuMrPath::CudaIface => {}
         }
         let iov = libc::iovec {
             iov_base: ptr as *mut c_void,
@@ -527,6 +554,67 @@ impl FabricDomain {
         let rc =
             unsafe { ((*(*self.domain).mr).regattr)(&mut (*self.domain).fid, &attr, 0, &mut mr) };
         check(self.lib, "fi_mr_regattr(FI_HMEM_CUDA)", rc as isize)?;
+        Ok(Mr { raw: mr })
+    }
+
+    /// `fi_mr_regattr` with `FI_MR_DMABUF`: exports the page-aligned range around
+    /// `ptr..ptr+len` as a CUDA dma-buf and registers `len` bytes at `ptr` from it. The
+    /// descriptor is closed once registered (the provider holds its own reference).
+    ///
+    /// # Safety
+    /// The device memory must stay allocated until the region is closed; the domain must have
+    /// been opened with API version >= 1.20.
+    unsafe fn register_dmabuf(
+        &mut self,
+        ptr: u64,
+        len: usize,
+        key: u64,
+        cuda_device: usize,
+    ) -> Result<Mr> {
+        use std::os::fd::AsRawFd;
+        let ctx = stolon_cuda::Device::get(cuda_device)
+            .and_then(|d| d.primary_context())
+            .map_err(crate::staging::cuda_err)?;
+        let exported =
+            stolon_cuda::export_dmabuf(&ctx, ptr, len).map_err(crate::staging::cuda_err)?;
+        let dmabuf = fi::fi_mr_dmabuf {
+            fd: exported.fd.as_raw_fd(),
+            offset: exported.offset,
+            len,
+            base_addr: exported.base as *mut c_void,
+        };
+        let attr = fi::fi_mr_attr_v1_20 {
+            mem: fi::fi_mr_attr_mem { dmabuf: &dmabuf },
+            iov_count: 1,
+            access: fi::FI_SEND | fi::FI_RECV | fi::FI_WRITE | fi::FI_REMOTE_WRITE,
+            offset: 0,
+            requested_key: key,
+            context: ptr::null_mut(),
+            auth_key_size: 0,
+            auth_key: ptr::null_mut(),
+            iface: fi::FI_HMEM_CUDA,
+            device: cuda_device as u64,
+            hmem_data: ptr::null_mut(),
+            page_size: 0,
+            base_mr: ptr::null(),
+            sub_mr_cnt: 0,
+        };
+        let mut mr = ptr::null_mut();
+        // SAFETY: the domain is open with FI_HMEM and API >= 1.20 (the caller checked), so the
+        // provider reads the 1.20 layout and, with FI_MR_DMABUF, the dma-buf through the union;
+        // attr, dmabuf and the descriptor live across the call; the caller keeps the memory
+        // allocated while registered.
+        let rc = unsafe {
+            ((*(*self.domain).mr).regattr)(
+                &mut (*self.domain).fid,
+                (&attr as *const fi::fi_mr_attr_v1_20).cast(),
+                fi::FI_MR_DMABUF,
+                &mut mr,
+            )
+        };
+        // The registration holds its own reference to the dma-buf.
+        drop(exported);
+        check(self.lib, "fi_mr_regattr(FI_MR_DMABUF)", rc as isize)?;
         Ok(Mr { raw: mr })
     }
 

@@ -294,6 +294,108 @@ pub struct fi_mr_attr {
 /// `enum fi_hmem_iface`: CUDA device memory.
 pub const FI_HMEM_CUDA: c_int = 1;
 
+// ---------------------------------------------------------------------------------------------
+// libfabric 1.20: dma-buf registration. The installed headers are 1.17, which lack all of this;
+// the layout below is copied from libfabric v1.20's `include/rdma/fi_domain.h` (`struct
+// fi_mr_dmabuf`, the anonymous union that replaced `mr_iov` as the first member of `struct
+// fi_mr_attr`, and the members appended after `device`: `hmem_data` since 1.18, then
+// `page_size`, `base_mr`, `sub_mr_cnt`), and `FI_MR_DMABUF` from the same header. Only the
+// union, the 1.17 members and `FI_MR_DMABUF` are relied on; the appended members are passed
+// zeroed (their documented defaults), so a runtime that reads fewer of them is unaffected.
+// `tests` below pin every size and offset; the 1.17 prefix is checked to coincide with
+// [`fi_mr_attr`], which `tests/abi_layout.rs` checks against the installed header.
+
+/// The API version that introduced `FI_MR_DMABUF`.
+pub const FI_VERSION_DMABUF: u32 = fi_version(1, 20);
+
+/// `fi_mr_regattr` flag (1.20): `attr.dmabuf` names a dma-buf instead of `attr.mr_iov`.
+pub const FI_MR_DMABUF: u64 = 1 << 40;
+
+/// `struct fi_mr_dmabuf` (1.20): `len` bytes at `offset` in the dma-buf `fd`, whose first byte
+/// the application addresses as `base_addr` (so the region's address is `base_addr + offset`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct fi_mr_dmabuf {
+    pub fd: c_int,
+    pub offset: u64,
+    pub len: usize,
+    pub base_addr: *mut c_void,
+}
+
+/// The anonymous union at the start of the 1.20 `struct fi_mr_attr`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub union fi_mr_attr_mem {
+    pub mr_iov: *const libc::iovec,
+    pub dmabuf: *const fi_mr_dmabuf,
+}
+
+/// `struct fi_mr_attr` as of 1.20. Pass it (cast to `*const fi_mr_attr`) only to a domain
+/// opened with API version >= [`FI_VERSION_DMABUF`]; providers read the members the
+/// application's API version defines.
+#[repr(C)]
+pub struct fi_mr_attr_v1_20 {
+    pub mem: fi_mr_attr_mem,
+    pub iov_count: usize,
+    pub access: u64,
+    pub offset: u64,
+    pub requested_key: u64,
+    pub context: *mut c_void,
+    pub auth_key_size: usize,
+    pub auth_key: *mut u8,
+    pub iface: c_int,
+    /// The `device` union: `int cuda` sits in its first bytes.
+    pub device: u64,
+    pub hmem_data: *mut c_void,
+    pub page_size: usize,
+    pub base_mr: *const fid_mr,
+    pub sub_mr_cnt: usize,
+}
+
+/// The API version to open a domain with: 1.20 where the runtime has it and the domain is to
+/// register GPU memory (so `FI_MR_DMABUF` is understood), else 1.17 (what every runtime
+/// accepts; LIBFABRIC.md). With libfabric 1.17 this is always 1.17.
+pub fn api_version_for(runtime: (u32, u32), hmem: bool) -> u32 {
+    if hmem && fi_version(runtime.0, runtime.1) >= FI_VERSION_DMABUF {
+        FI_VERSION_DMABUF
+    } else {
+        FI_VERSION_REQUESTED
+    }
+}
+
+/// How a domain registers GPU memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuMrPath {
+    /// `fi_mr_regattr` with `FI_MR_DMABUF` and a CUDA dma-buf.
+    DmaBuf,
+    /// `fi_mr_regattr` with `iface = FI_HMEM_CUDA` and the device address.
+    CudaIface,
+    /// The provider cannot touch GPU memory: the engine stages through host memory.
+    Staging,
+}
+
+/// The first way to try for GPU memory: dma-buf when the loaded libfabric is 1.20 or newer, the
+/// domain was opened with API 1.20 and the GPU exports dma-bufs; else the CUDA interface; both
+/// only on a domain granted FI_HMEM. A dma-buf registration the provider refuses falls back to
+/// the CUDA interface, and that to staging.
+pub fn gpu_mr_path(
+    runtime: (u32, u32),
+    api_version: u32,
+    hmem_granted: bool,
+    cuda_dmabuf: bool,
+) -> GpuMrPath {
+    if !hmem_granted {
+        GpuMrPath::Staging
+    } else if fi_version(runtime.0, runtime.1) >= FI_VERSION_DMABUF
+        && api_version >= FI_VERSION_DMABUF
+        && cuda_dmabuf
+    {
+        GpuMrPath::DmaBuf
+    } else {
+        GpuMrPath::CudaIface
+    }
+}
+
 #[repr(C)]
 pub struct fid_domain {
     pub fid: fid,
@@ -639,5 +741,113 @@ impl LibFabric {
         // SAFETY: fi_version takes no arguments and has no preconditions.
         let v = unsafe { (self.version)() };
         (v >> 16, v & 0xffff)
+    }
+}
+
+#[cfg(test)]
+mod dmabuf_tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    #[test]
+    fn the_1_20_dmabuf_structs_have_the_header_layout() {
+        assert_eq!(size_of::<fi_mr_dmabuf>(), 32);
+        assert_eq!(offset_of!(fi_mr_dmabuf, fd), 0);
+        assert_eq!(offset_of!(fi_mr_dmabuf, offset), 8);
+        assert_eq!(offset_of!(fi_mr_dmabuf, len), 16);
+        assert_eq!(offset_of!(fi_mr_dmabuf, base_addr), 24);
+        assert_eq!(size_of::<fi_mr_attr_mem>(), 8);
+        assert_eq!(offset_of!(fi_mr_attr_v1_20, mem), 0);
+        assert_eq!(offset_of!(fi_mr_attr_v1_20, iface), 64);
+        assert_eq!(offset_of!(fi_mr_attr_v1_20, device), 72);
+        assert_eq!(offset_of!(fi_mr_attr_v1_20, hmem_data), 80);
+        assert_eq!(offset_of!(fi_mr_attr_v1_20, page_size), 88);
+        assert_eq!(offset_of!(fi_mr_attr_v1_20, base_mr), 96);
+        assert_eq!(offset_of!(fi_mr_attr_v1_20, sub_mr_cnt), 104);
+        assert_eq!(size_of::<fi_mr_attr_v1_20>(), 112);
+        assert_eq!(FI_MR_DMABUF, 0x100_0000_0000);
+        assert_eq!(FI_VERSION_DMABUF, (1 << 16) | 20);
+    }
+
+    #[test]
+    fn the_1_20_attr_starts_with_the_1_17_attr() {
+        // The 1.17 layout (checked against the installed header by tests/abi_layout.rs) is a
+        // prefix of the 1.20 one: mr_iov became the union's first member, nothing moved.
+        assert_eq!(
+            offset_of!(fi_mr_attr, mr_iov),
+            offset_of!(fi_mr_attr_v1_20, mem)
+        );
+        for (a, b) in [
+            (
+                offset_of!(fi_mr_attr, iov_count),
+                offset_of!(fi_mr_attr_v1_20, iov_count),
+            ),
+            (
+                offset_of!(fi_mr_attr, access),
+                offset_of!(fi_mr_attr_v1_20, access),
+            ),
+            (
+                offset_of!(fi_mr_attr, offset),
+                offset_of!(fi_mr_attr_v1_20, offset),
+            ),
+            (
+                offset_of!(fi_mr_attr, requested_key),
+                offset_of!(fi_mr_attr_v1_20, requested_key),
+            ),
+            (
+                offset_of!(fi_mr_attr, context),
+                offset_of!(fi_mr_attr_v1_20, context),
+            ),
+            (
+                offset_of!(fi_mr_attr, auth_key_size),
+                offset_of!(fi_mr_attr_v1_20, auth_key_size),
+            ),
+            (
+                offset_of!(fi_mr_attr, auth_key),
+                offset_of!(fi_mr_attr_v1_20, auth_key),
+            ),
+            (
+                offset_of!(fi_mr_attr, iface),
+                offset_of!(fi_mr_attr_v1_20, iface),
+            ),
+            (
+                offset_of!(fi_mr_attr, device),
+                offset_of!(fi_mr_attr_v1_20, device),
+            ),
+        ] {
+            assert_eq!(a, b);
+        }
+        assert_eq!(
+            size_of::<fi_mr_attr>(),
+            offset_of!(fi_mr_attr_v1_20, hmem_data)
+        );
+    }
+
+    #[test]
+    fn the_api_version_rises_to_1_20_only_for_gpu_domains_on_new_runtimes() {
+        let v17 = FI_VERSION_REQUESTED;
+        assert_eq!(api_version_for((1, 17), true), v17);
+        assert_eq!(api_version_for((1, 17), false), v17);
+        assert_eq!(api_version_for((1, 19), true), v17);
+        assert_eq!(api_version_for((1, 20), false), v17);
+        assert_eq!(api_version_for((1, 20), true), FI_VERSION_DMABUF);
+        assert_eq!(api_version_for((1, 22), true), FI_VERSION_DMABUF);
+        assert_eq!(api_version_for((2, 0), true), FI_VERSION_DMABUF);
+    }
+
+    #[test]
+    fn gpu_registration_path_selection() {
+        let (v17, v20) = (FI_VERSION_REQUESTED, FI_VERSION_DMABUF);
+        use GpuMrPath::*;
+        // libfabric 1.17 (this machine, the H100 hosts): never dma-buf.
+        assert_eq!(gpu_mr_path((1, 17), v17, true, true), CudaIface);
+        assert_eq!(gpu_mr_path((1, 17), v17, false, true), Staging);
+        // 1.20+: dma-buf when the domain was opened with 1.20 and CUDA can export.
+        assert_eq!(gpu_mr_path((1, 20), v20, true, true), DmaBuf);
+        assert_eq!(gpu_mr_path((2, 1), v20, true, true), DmaBuf);
+        assert_eq!(gpu_mr_path((1, 20), v20, true, false), CudaIface);
+        assert_eq!(gpu_mr_path((1, 20), v17, true, true), CudaIface);
+        assert_eq!(gpu_mr_path((1, 19), v17, true, true), CudaIface);
+        assert_eq!(gpu_mr_path((1, 20), v20, false, true), Staging);
     }
 }

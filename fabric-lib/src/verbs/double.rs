@@ -16,7 +16,11 @@
 //! * Posting before the connection is established is refused ([`VError::NotConnected`]).
 //! * Remote keys and bounds are checked against the target's registrations
 //!   ([`VError::RemoteAccess`]); bytes are really copied.
-//! * A small send queue gives back-pressure; completions appear only when polled, shuffled.
+//! * A small send queue gives back-pressure, accounted as the device layer does under selective
+//!   signalling ([`SendQueue`]: every [`SIGNAL_EVERY`]th WR of a chain and its last are
+//!   signalled; a signalled completion frees the WRs it covers); a chain's WRs land in order
+//!   and the first failing one ends it; completions appear only when polled, shuffled between
+//!   transfers.
 //! * A failed transfer is first reported un-drained, then drained at teardown, as the device
 //!   layer's transfer table does.
 //!
@@ -31,7 +35,7 @@ use stolon_verbs::domain::{DomainEvent, PeerId};
 use stolon_verbs::gid::{Gid, LinkLayer};
 use stolon_verbs::handshake::{self, Action, Handshake, HandshakeConfig, LocalStatic, Phase, Step};
 use stolon_verbs::qp::{LocalPath, Mtu, QpConfig};
-use stolon_verbs::wr::WriteSeg;
+use stolon_verbs::wr::{SendQueue, WriteSeg};
 use stolon_verbs::Error as VError;
 
 use super::{Device, VerbsMr};
@@ -42,6 +46,8 @@ use crate::libfabric::DomainSpec;
 pub(crate) const PROVIDER: &str = "verbs-double";
 /// Send-queue depth per peer: small, so back-pressure happens in tests.
 const DEPTH: u32 = 8;
+/// Every how many WRs of a chain one is signalled (the device layer's `signal_every`).
+pub(crate) const SIGNAL_EVERY: u32 = 4;
 
 /// Handshake timers of the double: fast, so retries and giving up happen within a test.
 pub(crate) fn handshake_config() -> HandshakeConfig {
@@ -59,6 +65,43 @@ pub(crate) struct Faults {
     pub lose_datagrams: u32,
     /// Writes to fail as if transport retries ran out (the QP then goes to error).
     pub fail_writes: u32,
+    /// libibverbs without `ibv_reg_dmabuf_mr` (rdma-core older than 34).
+    pub no_dmabuf: bool,
+    /// The kernel refuses dma-buf registrations (`EOPNOTSUPP`).
+    pub refuse_dmabuf: bool,
+    /// No nvidia-peermem: registering a GPU address fails (`EFAULT`).
+    pub no_peermem: bool,
+    /// The next chain of more than `k` WRs fails at WR `k` (its earlier WRs land); one-shot.
+    pub fail_chain_at: Option<u32>,
+}
+
+/// What a device of the double did (per device name), for exact counts in tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct DoubleStats {
+    /// Chained posts of writes.
+    pub chains: u64,
+    /// Write WRs posted.
+    pub write_wrs: u64,
+    /// Successful completions of signalled write WRs (each covers itself and the unsignalled
+    /// WRs before it).
+    pub signalled_cqes: u64,
+    /// Error completions.
+    pub error_cqes: u64,
+}
+
+fn stats_map() -> &'static Mutex<HashMap<String, DoubleStats>> {
+    static S: OnceLock<Mutex<HashMap<String, DoubleStats>>> = OnceLock::new();
+    S.get_or_init(Default::default)
+}
+
+/// The counts of every device of the double opened with interface `name`.
+pub(crate) fn stats(name: &str) -> DoubleStats {
+    stats_map()
+        .lock()
+        .unwrap()
+        .get(name)
+        .copied()
+        .unwrap_or_default()
 }
 
 fn faults() -> &'static Mutex<HashMap<String, Faults>> {
@@ -111,8 +154,15 @@ impl Drop for MrGuard {
 }
 
 enum OpKind {
-    Write { seg: WriteSeg, imm: Option<u32> },
-    Send { data: Vec<u8> },
+    /// A chain of writes, each with its immediate, and the completions each WR asks for
+    /// (selective signalling: 0 = unsignalled).
+    Writes {
+        wrs: Vec<(WriteSeg, Option<u32>)>,
+        covers: Vec<u16>,
+    },
+    Send {
+        data: Vec<u8>,
+    },
 }
 
 struct Op {
@@ -121,11 +171,19 @@ struct Op {
     kind: OpKind,
 }
 
+/// One WR as delivered.
+#[derive(Clone, Copy)]
+enum Wr<'a> {
+    Write { seg: WriteSeg, imm: Option<u32> },
+    Send { data: &'a [u8] },
+}
+
 struct DPeer {
     hs: Handshake,
     data_qpn: u32,
     msg_qpn: u32,
-    outstanding: u32,
+    data_sq: SendQueue,
+    msg_sq: SendQueue,
     /// Transfers reported failed but not yet drained.
     undrained: HashSet<TransferId>,
 }
@@ -140,6 +198,8 @@ pub(crate) struct MemDevice {
     next_epoch: u64,
     rng: handshake::Rng,
     max_message: usize,
+    /// dma-buf registrations accepted.
+    dmabuf_regs: u64,
 }
 
 impl MemDevice {
@@ -153,7 +213,27 @@ impl MemDevice {
             next_epoch: 1,
             rng: handshake::Rng::new(handshake::os_seed()),
             max_message,
+            dmabuf_regs: 0,
         })
+    }
+
+    /// Whether WR `k` of a chain of `len` fails (the one-shot `fail_chain_at`).
+    fn take_chain_fault(&self, k: usize, len: usize) -> bool {
+        let mut f = faults().lock().unwrap();
+        let Some(x) = f.get_mut(&self.name) else {
+            return false;
+        };
+        match x.fail_chain_at {
+            Some(at) if at as usize == k && len > k => {
+                x.fail_chain_at = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn fault_flag(&self, pick: impl Fn(&Faults) -> bool) -> bool {
+        faults().lock().unwrap().get(&self.name).is_some_and(pick)
     }
 
     fn take_fault(&self, pick: impl Fn(&mut Faults) -> &mut u32) -> bool {
@@ -204,7 +284,8 @@ impl MemDevice {
                 hs,
                 data_qpn,
                 msg_qpn,
-                outstanding: 0,
+                data_sq: SendQueue::new(DEPTH, SIGNAL_EVERY),
+                msg_sq: SendQueue::new(DEPTH, 1),
                 undrained: HashSet::new(),
             },
         );
@@ -241,7 +322,8 @@ impl MemDevice {
             }));
         }
         if let Some(p) = self.peers.get_mut(&peer) {
-            p.outstanding = 0;
+            p.data_sq.reset();
+            p.msg_sq.reset();
             for id in p.undrained.drain() {
                 out.push(DomainEvent::Drained(id));
             }
@@ -314,7 +396,15 @@ impl MemDevice {
         }
     }
 
-    fn begin(&mut self, peer: PeerId) -> Result<Option<TransferId>, VError> {
+    fn count(&self, f: impl FnOnce(&mut DoubleStats)) {
+        f(stats_map()
+            .lock()
+            .unwrap()
+            .entry(self.name.clone())
+            .or_default());
+    }
+
+    fn established(&mut self, peer: PeerId) -> Result<&mut DPeer, VError> {
         let p = self
             .peers
             .get_mut(&peer)
@@ -322,27 +412,24 @@ impl MemDevice {
         if p.hs.phase() != Phase::Established {
             return Err(VError::NotConnected(peer));
         }
-        if p.outstanding >= DEPTH {
-            return Ok(None);
-        }
-        p.outstanding += 1;
-        self.next_slot += 1;
-        Ok(Some(TransferId {
-            slot: self.next_slot,
-            generation: 0,
-        }))
+        Ok(p)
     }
 
-    /// Executes one op against its target; the error is what the sender's CQ would report.
-    fn deliver(&mut self, op: &Op) -> Result<(), VError> {
-        let p = self
-            .peers
-            .get(&op.peer)
-            .ok_or(VError::NotConnected(op.peer))?;
-        let remote = p.hs.peer().copied().ok_or(VError::NotConnected(op.peer))?;
-        let (mine, theirs) = match op.kind {
-            OpKind::Write { .. } => (p.data_qpn, remote.data.qpn),
-            OpKind::Send { .. } => (p.msg_qpn, remote.msg.qpn),
+    fn new_id(&mut self) -> TransferId {
+        self.next_slot += 1;
+        TransferId {
+            slot: self.next_slot,
+            generation: 0,
+        }
+    }
+
+    /// Executes one WR against its target; the error is what the sender's CQ would report.
+    fn deliver(&mut self, peer: PeerId, wr: Wr<'_>) -> Result<(), VError> {
+        let p = self.peers.get(&peer).ok_or(VError::NotConnected(peer))?;
+        let remote = p.hs.peer().copied().ok_or(VError::NotConnected(peer))?;
+        let (mine, theirs) = match wr {
+            Wr::Write { .. } => (p.data_qpn, remote.data.qpn),
+            Wr::Send { .. } => (p.msg_qpn, remote.msg.qpn),
         };
         let unreachable = VError::PeerUnreachable {
             qp_num: mine,
@@ -357,8 +444,8 @@ impl MemDevice {
             (e.owner.upgrade().ok_or(unreachable)?, e.peer)
         };
         let mut t = target.lock().unwrap();
-        match &op.kind {
-            OpKind::Write { seg, imm } => {
+        match wr {
+            Wr::Write { seg, imm } => {
                 let dst = t.mrs.get(&seg.rkey).and_then(|&(base, len)| {
                     let off = (seg.remote_addr as usize).checked_sub(base)?;
                     (off.checked_add(seg.len as usize)? <= len).then_some(seg.remote_addr)
@@ -381,16 +468,16 @@ impl MemDevice {
                         )
                     };
                 }
-                if let Some(imm) = *imm {
+                if let Some(imm) = imm {
                     t.inbox.push(DomainEvent::Imm {
                         peer: Some(their_peer),
                         imm,
                     });
                 }
             }
-            OpKind::Send { data } => t.inbox.push(DomainEvent::Message {
+            Wr::Send { data } => t.inbox.push(DomainEvent::Message {
                 peer: Some(their_peer),
-                data: data.clone(),
+                data: data.to_vec(),
                 imm: None,
             }),
         }
@@ -443,11 +530,53 @@ impl Device for MemDevice {
         })
     }
 
-    unsafe fn register_gpu(&mut self, _ptr: u64, _len: usize) -> Result<VerbsMr, VError> {
-        Err(VError::Unsupported {
-            what: "GPU memory",
-            why: "the verbs test double has no GPU".into(),
-        })
+    unsafe fn register_gpu(&mut self, ptr: u64, len: usize) -> Result<VerbsMr, VError> {
+        // "GPU memory" in tests is host memory standing in for it.
+        if self.fault_flag(|f| f.no_peermem) {
+            return Err(VError::Verbs {
+                call: "ibv_reg_mr",
+                source: stolon_verbs::error::Errno(libc::EFAULT),
+            });
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.register(ptr as *mut u8, len) }
+    }
+
+    fn supports_dmabuf(&self) -> bool {
+        !self.fault_flag(|f| f.no_dmabuf)
+    }
+
+    unsafe fn register_dmabuf(
+        &mut self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        _offset: u64,
+        len: usize,
+        iova: u64,
+    ) -> Result<VerbsMr, VError> {
+        use std::os::fd::AsRawFd;
+        if self.fault_flag(|f| f.no_dmabuf) {
+            return Err(VError::Unsupported {
+                what: "ibv_reg_dmabuf_mr",
+                why: "the double was told libibverbs lacks it".into(),
+            });
+        }
+        // SAFETY: F_GETFD only reads the descriptor's flags.
+        let open = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) } >= 0;
+        if !open || self.fault_flag(|f| f.refuse_dmabuf) {
+            return Err(VError::Verbs {
+                call: "ibv_reg_dmabuf_mr",
+                source: stolon_verbs::error::Errno(if open {
+                    libc::EOPNOTSUPP
+                } else {
+                    libc::EBADF
+                }),
+            });
+        }
+        self.dmabuf_regs += 1;
+        // Like the kernel, keep no reference to the descriptor itself: the range is addressed
+        // by `iova` (host memory standing in for GPU memory in tests).
+        // SAFETY: forwarded contract.
+        unsafe { self.register(iova as *mut u8, len) }
     }
 
     fn connect(&mut self, peer: PeerId, now: Instant) -> Result<Vec<DomainEvent>, VError> {
@@ -507,43 +636,64 @@ impl Device for MemDevice {
         out
     }
 
-    unsafe fn write_one(
+    unsafe fn write_chain(
         &mut self,
         peer: PeerId,
-        seg: WriteSeg,
-        imm: Option<u32>,
+        segs: &[WriteSeg],
+        imms: &[Option<u32>],
         _now: Instant,
         _out: &mut Vec<DomainEvent>,
-    ) -> Result<Option<TransferId>, VError> {
-        // A zero-length write (an immediate only) has no local memory.
-        let known = seg.len == 0
-            || self
-                .target
-                .lock()
-                .unwrap()
-                .mrs
-                .get(&seg.lkey)
-                .is_some_and(|&(base, len)| {
-                    (seg.local_addr as usize)
-                        .checked_sub(base)
-                        .and_then(|o| o.checked_add(seg.len as usize))
-                        .is_some_and(|end| end <= len)
-                });
-        if !known {
+    ) -> Result<Option<(TransferId, usize)>, VError> {
+        if segs.is_empty() || segs.len() != imms.len() {
             return Err(VError::InvalidArgument(format!(
-                "local range {:#x}+{} is not registered under lkey {:#x}",
-                seg.local_addr, seg.len, seg.lkey
+                "{} segments with {} immediates",
+                segs.len(),
+                imms.len()
             )));
         }
-        let Some(id) = self.begin(peer)? else {
+        {
+            let t = self.target.lock().unwrap();
+            for seg in segs {
+                // A zero-length write (an immediate only) has no local memory.
+                let known = seg.len == 0
+                    || t.mrs.get(&seg.lkey).is_some_and(|&(base, len)| {
+                        (seg.local_addr as usize)
+                            .checked_sub(base)
+                            .and_then(|o| o.checked_add(seg.len as usize))
+                            .is_some_and(|end| end <= len)
+                    });
+                if !known {
+                    return Err(VError::InvalidArgument(format!(
+                        "local range {:#x}+{} is not registered under lkey {:#x}",
+                        seg.local_addr, seg.len, seg.lkey
+                    )));
+                }
+            }
+        }
+        let p = self.established(peer)?;
+        let n = (p.data_sq.free() as usize).min(segs.len());
+        if n == 0 {
             return Ok(None);
-        };
+        }
+        let adm = p.data_sq.admit(n);
+        let id = self.new_id();
+        self.count(|s| {
+            s.chains += 1;
+            s.write_wrs += n as u64;
+        });
         self.ops.push(Op {
             id,
             peer,
-            kind: OpKind::Write { seg, imm },
+            kind: OpKind::Writes {
+                wrs: segs[..n]
+                    .iter()
+                    .copied()
+                    .zip(imms[..n].iter().copied())
+                    .collect(),
+                covers: adm.covers,
+            },
         });
-        Ok(Some(id))
+        Ok(Some((id, n)))
     }
 
     fn send_one(
@@ -560,9 +710,11 @@ impl Device for MemDevice {
                 self.max_message
             )));
         }
-        let Some(id) = self.begin(peer)? else {
+        let p = self.established(peer)?;
+        if p.msg_sq.admit(1).count == 0 {
             return Ok(None);
-        };
+        }
+        let id = self.new_id();
         self.ops.push(Op {
             id,
             peer,
@@ -575,7 +727,8 @@ impl Device for MemDevice {
 
     fn poll(&mut self, now: Instant, out: &mut Vec<DomainEvent>) -> Result<usize, VError> {
         let mut ops = std::mem::take(&mut self.ops);
-        // Completions in a scrambled order.
+        // Completions of different transfers in a scrambled order (within a chain, in order, as
+        // on one RC QP).
         for i in (1..ops.len()).rev() {
             let j = (self.rng.next_u64() % (i as u64 + 1)) as usize;
             ops.swap(i, j);
@@ -583,29 +736,60 @@ impl Device for MemDevice {
         let mut n = 0;
         while let Some(op) = ops.pop() {
             n += 1;
-            let injected =
-                matches!(op.kind, OpKind::Write { .. }) && self.take_fault(|f| &mut f.fail_writes);
-            let result = if injected {
-                Err(VError::PeerUnreachable {
-                    qp_num: self.peers.get(&op.peer).map_or(0, |p| p.data_qpn),
-                    vendor_err: 0,
-                })
-            } else {
-                self.deliver(&op)
-            };
-            match result {
-                Ok(()) => {
-                    if let Some(p) = self.peers.get_mut(&op.peer) {
-                        p.outstanding = p.outstanding.saturating_sub(1);
+            // Deliver WR by WR; the first failure ends the chain (later WRs are flushed by the
+            // teardown that follows).
+            let mut failed = None;
+            let mut freed = 0u16;
+            let mut signalled = 0u64;
+            match &op.kind {
+                OpKind::Writes { wrs, covers } => {
+                    for (k, &(seg, imm)) in wrs.iter().enumerate() {
+                        let injected = (k == 0 && self.take_fault(|f| &mut f.fail_writes))
+                            || self.take_chain_fault(k, wrs.len());
+                        let r = if injected {
+                            Err(VError::PeerUnreachable {
+                                qp_num: self.peers.get(&op.peer).map_or(0, |p| p.data_qpn),
+                                vendor_err: 0,
+                            })
+                        } else {
+                            self.deliver(op.peer, Wr::Write { seg, imm })
+                        };
+                        if let Err(e) = r {
+                            failed = Some(e);
+                            break;
+                        }
+                        if covers[k] > 0 {
+                            freed += covers[k];
+                            signalled += 1;
+                        }
                     }
-                    out.push(DomainEvent::Finished(Finished {
-                        id: op.id,
-                        peer: op.peer,
-                        result: Ok(()),
-                        drained: true,
-                    }));
                 }
-                Err(e) => {
+                OpKind::Send { data } => {
+                    if let Err(e) = self.deliver(op.peer, Wr::Send { data }) {
+                        failed = Some(e);
+                    }
+                }
+            }
+            let send = matches!(op.kind, OpKind::Send { .. });
+            if let Some(p) = self.peers.get_mut(&op.peer) {
+                if send {
+                    p.msg_sq.complete(if failed.is_none() { 1 } else { 0 });
+                } else {
+                    p.data_sq.complete(freed);
+                }
+            }
+            if !send {
+                self.count(|s| s.signalled_cqes += signalled);
+            }
+            match failed {
+                None => out.push(DomainEvent::Finished(Finished {
+                    id: op.id,
+                    peer: op.peer,
+                    result: Ok(()),
+                    drained: true,
+                })),
+                Some(e) => {
+                    self.count(|s| s.error_cqes += 1);
                     // Reported now, drained when the QP is torn down (the error put it in ERR).
                     if let Some(p) = self.peers.get_mut(&op.peer) {
                         p.undrained.insert(op.id);

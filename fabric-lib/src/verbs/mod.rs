@@ -24,12 +24,29 @@
 //! then. A peer whose QPs fail while it stays up (or that resets them) goes through the
 //! handshake's epoch rules: both sides tear down and reconnect on fresh PSNs.
 //!
+//! # Posting: chained work requests
+//! Ops the worker posts are accepted into the peer's queue and go out on the next poll (the
+//! worker polls every domain right after handling its requests, so in the same loop): the run
+//! of writes at the front of each peer's queue, up to [`MAX_CHAIN`], becomes one chained
+//! `ibv_post_send`, one WR per op (each with its own immediate; the worker's planning keeps ops
+//! within the port's largest message) under one device-layer transfer, with selective
+//! signalling (every `signal_every`th WR and the last). The send queue takes a prefix when it is
+//! nearly full; the rest waits for completions. Sends go out one by one in queue order. Past
+//! [`MAX_BACKLOG`] queued ops the worker is told "again" and keeps them itself.
+//!
 //! # Completions
-//! Every posted op is one device-layer transfer (one WR: the worker's planning keeps ops within
-//! the port's largest message), keyed by its [`TransferId`] to the worker's context. A failed
-//! transfer is reported to the worker only once it has drained from the send queue, so the
-//! worker never releases memory a WR may still read. Writes with immediate that land here
+//! A chain is keyed by its [`TransferId`] to the worker contexts of all its ops. Unsignalled
+//! WRs complete with the signalled one after them, so the chain completes with its last WR and
+//! every op is reported once; an error completion anywhere fails every op of its chain (RC
+//! stops at the first error; the WRs before it landed, but the chain is reported as one). A
+//! failed transfer is reported to the worker only once it has drained from the send queue, so
+//! the worker never releases memory a WR may still read. Writes with immediate that land here
 //! become remote-CQ-data entries the worker counts.
+//!
+//! # GPU memory
+//! [`gpu_registration_order`]: from a CUDA dma-buf (`ibv_reg_dmabuf_mr`, no kernel module
+//! needed) when libibverbs and the GPU both support it, else by device address (needs
+//! nvidia-peermem); when both fail the engine stages the region through host memory.
 //!
 //! # Not run on hardware
 //! No machine available to the project has an RDMA device. The device-facing calls are those of
@@ -46,6 +63,7 @@ mod tests;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::c_void;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Instant;
 
 use stolon_verbs::completion::TransferId;
@@ -68,8 +86,12 @@ pub fn is_verbs_provider(provider: &str) -> bool {
     provider == PROVIDER || provider == PROVIDER_ALIAS
 }
 
-/// Operations held for one peer while it connects, at most.
+/// Operations held for one peer (while it connects, or until the next poll posts them), at
+/// most; past it the worker's own back-pressure queue takes over.
 const MAX_BACKLOG: usize = 4096;
+/// Writes chained into one post, at most: bounds how long the first op of a chain waits for
+/// the chain's completion, and how many ops one error completion fails.
+const MAX_CHAIN: usize = 64;
 /// Datagrams read per poll, at most.
 const DATAGRAMS_PER_POLL: usize = 64;
 
@@ -98,11 +120,28 @@ pub(crate) trait Device: Send {
     /// The memory must stay mapped until the returned registration is dropped.
     unsafe fn register(&mut self, ptr: *mut u8, len: usize) -> Result<VerbsMr, VError>;
 
-    /// Registers GPU memory (a CUDA device pointer) peers may write.
+    /// Registers GPU memory (a CUDA device pointer) peers may write, by its address: needs the
+    /// nvidia-peermem kernel module.
     ///
     /// # Safety
     /// The device memory must stay allocated until the returned registration is dropped.
     unsafe fn register_gpu(&mut self, ptr: u64, len: usize) -> Result<VerbsMr, VError>;
+
+    /// Whether the device layer can register dma-bufs (`ibv_reg_dmabuf_mr` exported).
+    fn supports_dmabuf(&self) -> bool;
+
+    /// Registers `len` bytes at `offset` of the dma-buf `fd`, addressed as `iova`, peers may
+    /// write. The registration keeps its own reference to the dma-buf; `fd` stays the caller's.
+    ///
+    /// # Safety
+    /// The memory behind the dma-buf must stay allocated until the registration is dropped.
+    unsafe fn register_dmabuf(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        iova: u64,
+    ) -> Result<VerbsMr, VError>;
 
     fn connect(&mut self, peer: PeerId, now: Instant) -> Result<Vec<DomainEvent>, VError>;
     fn on_handshake(
@@ -116,20 +155,22 @@ pub(crate) trait Device: Send {
     fn is_established(&self, peer: PeerId) -> bool;
     fn disconnect(&mut self, peer: PeerId) -> Vec<DomainEvent>;
 
-    /// Posts one write (with immediate when `imm` is set) as one transfer; `None` when the send
-    /// queue is full.
+    /// Posts a batch of writes to one peer as one chained post under one transfer: one WR per
+    /// write, `imms[i]` on WR `i`, selectively signalled (the chain completes with its last
+    /// WR). Takes a prefix as long as the send queue has room for; returns the transfer and how
+    /// many writes it took, or `None` when the send queue is full.
     ///
     /// # Safety
-    /// The local range must stay registered and valid until the transfer has drained; the
-    /// remote range and key must be ones the peer handed out.
-    unsafe fn write_one(
+    /// Every local range taken must stay registered and valid until the transfer has drained;
+    /// the remote ranges and keys must be ones the peer handed out.
+    unsafe fn write_chain(
         &mut self,
         peer: PeerId,
-        seg: WriteSeg,
-        imm: Option<u32>,
+        segs: &[WriteSeg],
+        imms: &[Option<u32>],
         now: Instant,
         out: &mut Vec<DomainEvent>,
-    ) -> Result<Option<TransferId>, VError>;
+    ) -> Result<Option<(TransferId, usize)>, VError>;
 
     /// Sends one message (copied); `None` when no buffer or send slot is free.
     fn send_one(
@@ -194,12 +235,40 @@ impl Device for stolon_verbs::domain::VerbsDomain {
     }
 
     unsafe fn register_gpu(&mut self, ptr: u64, len: usize) -> Result<VerbsMr, VError> {
-        // The CUDA crate does not export dma-bufs yet, so GPU memory is registered by its
-        // device address, which needs the nvidia-peermem kernel module; `register_dmabuf` of
-        // the device layer takes over once a dma-buf fd can be obtained.
+        // Registration by device address, which needs the nvidia-peermem kernel module: the
+        // fallback when dma-buf registration is not possible (see `gpu_registration_order`).
         // SAFETY: forwarded contract (the pointer names device memory kept allocated).
         let mr = unsafe {
             stolon_verbs::domain::VerbsDomain::register(self, ptr as *mut u8, len, true)
+        }?;
+        Ok(VerbsMr {
+            lkey: mr.lkey(),
+            rkey: mr.rkey(),
+            _keep: Box::new(mr),
+        })
+    }
+
+    fn supports_dmabuf(&self) -> bool {
+        stolon_verbs::domain::VerbsDomain::supports_dmabuf(self)
+    }
+
+    unsafe fn register_dmabuf(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        iova: u64,
+    ) -> Result<VerbsMr, VError> {
+        // SAFETY: forwarded contract; the kernel takes its own reference to the dma-buf.
+        let mr = unsafe {
+            stolon_verbs::domain::VerbsDomain::register_dmabuf(
+                self,
+                fd.as_raw_fd(),
+                offset,
+                len,
+                iova,
+                true,
+            )
         }?;
         Ok(VerbsMr {
             lkey: mr.lkey(),
@@ -237,37 +306,16 @@ impl Device for stolon_verbs::domain::VerbsDomain {
         stolon_verbs::domain::VerbsDomain::disconnect(self, peer)
     }
 
-    unsafe fn write_one(
+    unsafe fn write_chain(
         &mut self,
         peer: PeerId,
-        seg: WriteSeg,
-        imm: Option<u32>,
+        segs: &[WriteSeg],
+        imms: &[Option<u32>],
         now: Instant,
         out: &mut Vec<DomainEvent>,
-    ) -> Result<Option<TransferId>, VError> {
-        let plan = if seg.len == 0 {
-            stolon_verbs::wr::WritePlan::zero_length(seg.remote_addr, seg.rkey)
-        } else {
-            self.plan(&[seg])?
-        };
-        if plan.wrs.len() != 1 {
-            return Err(VError::InvalidArgument(format!(
-                "a write of {} bytes needs {} WRs; the engine plans ops within one message",
-                seg.len,
-                plan.wrs.len()
-            )));
-        }
-        let id = self.begin_write(peer, &plan)?;
-        // SAFETY: forwarded contract; the plan's SGE is the caller's registered local range.
-        let n = unsafe {
-            stolon_verbs::domain::VerbsDomain::post_write(self, peer, id, &plan, 0, imm, now, out)
-        }?;
-        if n == 0 {
-            // Send queue full: nothing was posted, so the transfer retires at once.
-            self.cancel(id, VError::NotConnected(peer), out);
-            return Ok(None);
-        }
-        Ok(Some(id))
+    ) -> Result<Option<(TransferId, usize)>, VError> {
+        // SAFETY: forwarded contract; the plan's SGEs are the caller's registered local ranges.
+        unsafe { self.post_ops(peer, segs, imms, now, out) }
     }
 
     fn send_one(
@@ -282,6 +330,73 @@ impl Device for stolon_verbs::domain::VerbsDomain {
 
     fn poll(&mut self, now: Instant, out: &mut Vec<DomainEvent>) -> Result<usize, VError> {
         stolon_verbs::domain::VerbsDomain::poll(self, now, out)
+    }
+}
+
+/// A way to register GPU memory on a verbs device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GpuReg {
+    /// Export the range as a dma-buf (CUDA) and register that (`ibv_reg_dmabuf_mr`): needs no
+    /// out-of-tree kernel module.
+    DmaBuf,
+    /// Register the device address (`ibv_reg_mr`): needs the nvidia-peermem module.
+    Peermem,
+}
+
+/// What decides how GPU memory is registered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GpuRegSupport {
+    /// libibverbs exports `ibv_reg_dmabuf_mr` (rdma-core 34+).
+    pub rdma_core_dmabuf: bool,
+    /// The CUDA driver exports `cuMemGetHandleForAddressRange` and the device reports
+    /// `CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED`.
+    pub cuda_dmabuf: bool,
+    /// Not turned off with `STOLON_VERBS_DMABUF=0`.
+    pub dmabuf_allowed: bool,
+}
+
+/// The ways to try, in order: dma-buf first when both sides support it, then registration by
+/// address. A way that fails at run time (the export or the kernel refuses) falls through to the
+/// next; when all fail, the engine stages the region through host memory.
+pub(crate) fn gpu_registration_order(s: GpuRegSupport) -> Vec<GpuReg> {
+    let mut order = Vec::with_capacity(2);
+    if s.rdma_core_dmabuf && s.cuda_dmabuf && s.dmabuf_allowed {
+        order.push(GpuReg::DmaBuf);
+    }
+    order.push(GpuReg::Peermem);
+    order
+}
+
+/// `STOLON_VERBS_DMABUF=0` turns dma-buf registration off (anything else, or unset, leaves it
+/// on).
+fn dmabuf_allowed_by_env(value: Option<&str>) -> bool {
+    !matches!(value.map(str::trim), Some("0" | "false" | "off" | "no"))
+}
+
+/// Exports GPU memory as dma-bufs: CUDA on hardware, a stand-in in tests.
+pub(crate) trait GpuExporter: Send {
+    /// Whether `device` can export dma-bufs at all.
+    fn dmabuf_supported(&self, device: usize) -> bool;
+    /// A dma-buf covering `ptr..ptr+len` of `device`, and the offset of `ptr` in it.
+    fn export(&self, device: usize, ptr: u64, len: usize) -> Result<(OwnedFd, u64), String>;
+}
+
+/// [`GpuExporter`] through the CUDA driver (`stolon_cuda::export_dmabuf`).
+struct CudaExporter;
+
+impl GpuExporter for CudaExporter {
+    fn dmabuf_supported(&self, device: usize) -> bool {
+        stolon_cuda::Device::get(device)
+            .and_then(|d| d.dma_buf_supported())
+            .unwrap_or(false)
+    }
+
+    fn export(&self, device: usize, ptr: u64, len: usize) -> Result<(OwnedFd, u64), String> {
+        let ctx = stolon_cuda::Device::get(device)
+            .and_then(|d| d.primary_context())
+            .map_err(|e| e.to_string())?;
+        let d = stolon_cuda::export_dmabuf(&ctx, ptr, len).map_err(|e| e.to_string())?;
+        Ok((d.fd, d.offset))
     }
 }
 
@@ -385,6 +500,24 @@ impl Deferred {
             Deferred::Write { ctx, .. } | Deferred::Send { ctx, .. } => ctx,
         }
     }
+
+    fn len(&self) -> usize {
+        match *self {
+            Deferred::Write { seg, .. } => seg.len as usize,
+            Deferred::Send { len, .. } => len,
+        }
+    }
+}
+
+/// The writes to chain from the front of a peer's backlog: the run of writes there, at most
+/// `max` (empty when a send is first). Sends are posted one by one, in backlog order.
+fn chain_prefix(backlog: &VecDeque<Deferred>, max: usize) -> Vec<Deferred> {
+    backlog
+        .iter()
+        .take(max)
+        .take_while(|op| matches!(op, Deferred::Write { .. }))
+        .copied()
+        .collect()
 }
 
 struct PeerSlot {
@@ -392,10 +525,10 @@ struct PeerSlot {
     backlog: VecDeque<Deferred>,
 }
 
-/// A posted op: the worker's context, and its result once reported but not yet drained.
+/// A posted device transfer: the worker ops it carries (context and length; several for a
+/// chain of writes), and its result once reported but not yet drained.
 struct InFlight {
-    ctx: usize,
-    len: usize,
+    ops: Vec<(usize, usize)>,
     send: bool,
     held: Option<VError>,
 }
@@ -411,6 +544,10 @@ pub(crate) struct ChannelStats {
     pub established: u64,
     pub resets: u64,
     pub gave_up: u64,
+    /// GPU regions registered from a dma-buf.
+    pub gpu_dmabuf: u64,
+    /// GPU regions registered by device address (peermem).
+    pub gpu_peermem: u64,
 }
 
 /// One port driven by the worker.
@@ -434,6 +571,9 @@ pub(crate) struct VerbsRcDomain {
     /// Some peer became established: post what waited for it.
     flush: bool,
     pub(crate) stats: ChannelStats,
+    gpu: Box<dyn GpuExporter>,
+    /// [`MAX_BACKLOG`], lowered by tests.
+    backlog_cap: usize,
 }
 
 // SAFETY: the raw pointers held are integers naming worker-owned buffers; the domain is driven
@@ -524,6 +664,8 @@ impl VerbsRcDomain {
             events: Vec::new(),
             flush: false,
             stats: ChannelStats::default(),
+            gpu: Box::new(CudaExporter),
+            backlog_cap: MAX_BACKLOG,
         })
     }
 
@@ -574,11 +716,81 @@ impl VerbsRcDomain {
         unsafe { self.dev.register(ptr as *mut u8, len) }.map_err(engine_error)
     }
 
+    #[cfg(test)]
+    pub(crate) fn set_gpu_exporter(&mut self, gpu: Box<dyn GpuExporter>) {
+        self.gpu = gpu;
+    }
+
+    /// Registers `len` bytes of GPU memory at `ptr` on CUDA device `device`: from a dma-buf
+    /// when libibverbs and CUDA both can (the descriptor is closed right after registering),
+    /// else by address (peermem); see [`gpu_registration_order`].
+    ///
     /// # Safety
     /// The device memory must stay allocated until the registration is closed.
-    pub(crate) unsafe fn register_hmem(&mut self, ptr: u64, len: usize) -> Result<VerbsMr> {
-        // SAFETY: forwarded contract.
-        unsafe { self.dev.register_gpu(ptr, len) }.map_err(engine_error)
+    ///
+    /// # Errors
+    /// The last way's error (a verbs failure stays [`Error::Fabric`], with every way tried in
+    /// its message); the engine then stages the region.
+    pub(crate) unsafe fn register_hmem(
+        &mut self,
+        ptr: u64,
+        len: usize,
+        device: usize,
+    ) -> Result<VerbsMr> {
+        let support = GpuRegSupport {
+            rdma_core_dmabuf: self.dev.supports_dmabuf(),
+            cuda_dmabuf: self.gpu.dmabuf_supported(device),
+            dmabuf_allowed: dmabuf_allowed_by_env(
+                std::env::var("STOLON_VERBS_DMABUF").ok().as_deref(),
+            ),
+        };
+        let mut tried = Vec::new();
+        let mut last = None;
+        for way in gpu_registration_order(support) {
+            let r = match way {
+                GpuReg::DmaBuf => match self.gpu.export(device, ptr, len) {
+                    Ok((fd, offset)) => {
+                        // SAFETY: the dma-buf covers the caller's device memory, which stays
+                        // allocated while registered (forwarded contract).
+                        let r = unsafe { self.dev.register_dmabuf(fd.as_fd(), offset, len, ptr) };
+                        // The registration holds its own reference to the dma-buf.
+                        drop(fd);
+                        r
+                    }
+                    Err(why) => {
+                        tried.push(format!("dma-buf export: {why}"));
+                        continue;
+                    }
+                },
+                // SAFETY: forwarded contract.
+                GpuReg::Peermem => unsafe { self.dev.register_gpu(ptr, len) },
+            };
+            match r {
+                Ok(mr) => {
+                    match way {
+                        GpuReg::DmaBuf => self.stats.gpu_dmabuf += 1,
+                        GpuReg::Peermem => self.stats.gpu_peermem += 1,
+                    }
+                    return Ok(mr);
+                }
+                Err(e) => {
+                    tried.push(format!("{way:?}: {e}"));
+                    last = Some(e);
+                }
+            }
+        }
+        let last = last.unwrap_or(VError::Unsupported {
+            what: "GPU memory registration",
+            why: "no way to register GPU memory".into(),
+        });
+        Err(match engine_error(last) {
+            Error::Fabric { call, code, .. } => Error::Fabric {
+                call,
+                code,
+                message: format!("GPU memory at {ptr:#x}+{len}: {}", tried.join("; ")),
+            },
+            other => other,
+        })
     }
 
     fn check_peer(&self, dest: fi_addr_t) -> Result<PeerId> {
@@ -594,7 +806,7 @@ impl VerbsRcDomain {
     /// Queues `op` for a peer that is not established (starting its handshake), or says
     /// "again" when its backlog is full.
     fn defer(&mut self, peer: PeerId, op: Deferred, now: Instant) -> Result<Posted> {
-        if self.peers[peer as usize].backlog.len() >= MAX_BACKLOG {
+        if self.peers[peer as usize].backlog.len() >= self.backlog_cap {
             return Ok(Posted::Again);
         }
         let mut ev = self.dev.connect(peer, now).map_err(engine_error)?;
@@ -603,60 +815,92 @@ impl VerbsRcDomain {
         Ok(Posted::Yes)
     }
 
-    /// Posts `op` to the device now. `Ok(false)`: the queue is full.
-    fn post_now(&mut self, peer: PeerId, op: Deferred, now: Instant) -> Result<bool, VError> {
+    /// Posts the op (a send) or the run of writes (up to [`MAX_CHAIN`], one chained post) at
+    /// the front of `peer`'s backlog. `Ok(0)`: the send queue is full. `Err`: nothing was
+    /// posted and the `n` ops at the front fail with the error.
+    fn post_front(&mut self, peer: PeerId, now: Instant) -> Result<usize, (usize, VError)> {
+        let backlog = &self.peers[peer as usize].backlog;
+        let Some(&first) = backlog.front() else {
+            return Ok(0);
+        };
         let mut ev = std::mem::take(&mut self.events);
-        let r = match op {
-            Deferred::Write { seg, imm, .. } => {
-                // SAFETY: the worker keeps the source registered and alive until this op's
+        let r = match first {
+            Deferred::Write { .. } => {
+                let chain = chain_prefix(backlog, MAX_CHAIN);
+                let mut segs = Vec::with_capacity(chain.len());
+                let mut imms = Vec::with_capacity(chain.len());
+                for op in &chain {
+                    if let Deferred::Write { seg, imm, .. } = *op {
+                        segs.push(seg);
+                        imms.push(imm);
+                    }
+                }
+                // SAFETY: the worker keeps every source registered and alive until its op's
                 // completion, which is reported only after the transfer drained; the remote
-                // range and key come from a validated descriptor.
-                unsafe { self.dev.write_one(peer, seg, imm, now, &mut ev) }
+                // ranges and keys come from validated descriptors.
+                match unsafe { self.dev.write_chain(peer, &segs, &imms, now, &mut ev) } {
+                    Ok(Some((id, taken))) => {
+                        let ops = chain[..taken]
+                            .iter()
+                            .map(|op| (op.ctx(), op.len()))
+                            .collect();
+                        self.inflight.insert(
+                            id,
+                            InFlight {
+                                ops,
+                                send: false,
+                                held: None,
+                            },
+                        );
+                        Ok(taken)
+                    }
+                    Ok(None) => Ok(0),
+                    Err(e) => Err((chain.len(), e)),
+                }
             }
-            Deferred::Send { buf, len, .. } => {
+            Deferred::Send { buf, len, ctx } => {
                 // SAFETY: buf..buf+len is a worker send buffer reserved until this op's
                 // completion; the device copies it before returning.
                 let data = unsafe { std::slice::from_raw_parts(buf as *const u8, len) };
-                self.dev.send_one(peer, data, now, &mut ev)
+                match self.dev.send_one(peer, data, now, &mut ev) {
+                    Ok(Some(id)) => {
+                        self.inflight.insert(
+                            id,
+                            InFlight {
+                                ops: vec![(ctx, len)],
+                                send: true,
+                                held: None,
+                            },
+                        );
+                        Ok(1)
+                    }
+                    Ok(None) => Ok(0),
+                    Err(e) => Err((1, e)),
+                }
             }
         };
-        let ok = match r {
-            Ok(Some(id)) => {
-                let (len, send) = match op {
-                    Deferred::Write { seg, .. } => (seg.len as usize, false),
-                    Deferred::Send { len, .. } => (len, true),
-                };
-                self.inflight.insert(
-                    id,
-                    InFlight {
-                        ctx: op.ctx(),
-                        len,
-                        send,
-                        held: None,
-                    },
-                );
-                Ok(true)
-            }
-            Ok(None) => Ok(false),
-            Err(e) => Err(e),
-        };
+        // Events after the in-flight entry exists, so a chain failed while posting maps back.
         self.handle_events(&mut ev, now);
         self.events = ev;
-        ok
+        r
     }
 
+    /// Accepts `op` for `dest`: it waits in the peer's backlog (connecting it first when
+    /// needed) and is posted on the next poll, chained with the other writes to that peer
+    /// accepted meanwhile. "Again" once the backlog holds [`MAX_BACKLOG`] ops.
     fn submit(&mut self, dest: fi_addr_t, op: Deferred) -> Result<Posted> {
         let peer = self.check_peer(dest)?;
         let now = Instant::now();
-        if !self.dev.is_established(peer) || !self.peers[peer as usize].backlog.is_empty() {
+        if !self.dev.is_established(peer) {
             return self.defer(peer, op, now);
         }
-        match self.post_now(peer, op, now) {
-            Ok(true) => Ok(Posted::Yes),
-            Ok(false) => Ok(Posted::Again),
-            // The device reset the connection: this op is not posted, so it fails here.
-            Err(e) => Err(engine_error(e)),
+        let backlog = &mut self.peers[peer as usize].backlog;
+        if backlog.len() >= self.backlog_cap {
+            return Ok(Posted::Again);
         }
+        backlog.push_back(op);
+        self.flush = true;
+        Ok(Posted::Yes)
     }
 
     /// # Safety
@@ -745,6 +989,8 @@ impl VerbsRcDomain {
         }
     }
 
+    /// Reports every op of a finished (and drained) device transfer to the worker, each once:
+    /// all succeed together, or the error fails every op of the chain.
     fn complete(&mut self, id: TransferId, peer: Option<PeerId>, result: Result<(), VError>) {
         let Some(f) = self.inflight.remove(&id) else {
             return; // not ours (a transfer cancelled before it was posted)
@@ -756,9 +1002,15 @@ impl VerbsRcDomain {
                 } else {
                     fi::FI_RMA | fi::FI_WRITE
                 };
-                self.ready.push_back(entry(f.ctx, flags, f.len, 0));
+                for (ctx, len) in f.ops {
+                    self.ready.push_back(entry(ctx, flags, len, 0));
+                }
             }
-            Err(e) => self.fail_ctx(f.ctx, peer, &e),
+            Err(e) => {
+                for (ctx, _) in f.ops {
+                    self.fail_ctx(ctx, peer, &e);
+                }
+            }
         }
     }
 
@@ -873,25 +1125,29 @@ impl VerbsRcDomain {
         }
     }
 
-    /// Posts what waited for peers that are established now.
+    /// Posts what waits for established peers: runs of writes as chains, sends one by one, as
+    /// far as each peer's send queue takes them.
     fn flush_backlogs(&mut self, now: Instant) {
         self.flush = false;
         for p in 0..self.peers.len() as PeerId {
-            while let Some(&op) = self.peers[p as usize].backlog.front() {
+            while !self.peers[p as usize].backlog.is_empty() {
                 if !self.dev.is_established(p) {
                     break;
                 }
-                match self.post_now(p, op, now) {
-                    Ok(true) => {
-                        self.peers[p as usize].backlog.pop_front();
-                    }
-                    Ok(false) => {
+                match self.post_front(p, now) {
+                    Ok(0) => {
                         self.flush = true; // queue full: again on the next poll
                         break;
                     }
-                    Err(e) => {
-                        self.peers[p as usize].backlog.pop_front();
-                        self.fail_ctx(op.ctx(), Some(p), &e);
+                    Ok(n) => {
+                        self.peers[p as usize].backlog.drain(..n);
+                    }
+                    Err((n, e)) => {
+                        let failed: Vec<Deferred> =
+                            self.peers[p as usize].backlog.drain(..n).collect();
+                        for op in failed {
+                            self.fail_ctx(op.ctx(), Some(p), &e);
+                        }
                     }
                 }
             }
@@ -905,6 +1161,10 @@ impl VerbsRcDomain {
         if self.dev.next_deadline().is_some_and(|t| t <= now) {
             let mut ev = self.dev.tick(now);
             self.handle_events(&mut ev, now);
+        }
+        if self.flush {
+            // Ops accepted since the last poll go out first, chained per peer.
+            self.flush_backlogs(now);
         }
         let mut ev = std::mem::take(&mut self.events);
         let polled = self.dev.poll(now, &mut ev);

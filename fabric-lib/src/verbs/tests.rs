@@ -459,8 +459,7 @@ fn a_failure_is_reported_to_the_worker_only_after_it_drained() {
     d.inflight.insert(
         id,
         InFlight {
-            ctx: 0x40,
-            len: 8,
+            ops: vec![(0x40, 8)],
             send: false,
             held: None,
         },
@@ -497,4 +496,402 @@ fn a_failure_is_reported_to_the_worker_only_after_it_drained() {
     })];
     d.handle_events(&mut ev, Instant::now());
     assert!(d.ready.is_empty() && d.errors.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// GPU memory: dma-buf first, then registration by address. "GPU memory" is host memory here and
+// the exporter a stand-in: what is tested is the choice, the fallbacks and the descriptor's life.
+
+#[test]
+fn gpu_registration_prefers_dmabuf_only_when_every_side_supports_it() {
+    for rdma_core_dmabuf in [false, true] {
+        for cuda_dmabuf in [false, true] {
+            for dmabuf_allowed in [false, true] {
+                let order = gpu_registration_order(GpuRegSupport {
+                    rdma_core_dmabuf,
+                    cuda_dmabuf,
+                    dmabuf_allowed,
+                });
+                let all = rdma_core_dmabuf && cuda_dmabuf && dmabuf_allowed;
+                let want = if all {
+                    vec![GpuReg::DmaBuf, GpuReg::Peermem]
+                } else {
+                    vec![GpuReg::Peermem]
+                };
+                assert_eq!(order, want);
+            }
+        }
+    }
+    assert!(dmabuf_allowed_by_env(None));
+    assert!(dmabuf_allowed_by_env(Some("1")));
+    for off in ["0", "false", "off", "no", " 0 "] {
+        assert!(!dmabuf_allowed_by_env(Some(off)), "{off}");
+    }
+}
+
+/// Exports a pipe's write end as the "dma-buf" and keeps the read end, so a test can tell
+/// whether every copy of the exported descriptor was closed (the read end then sees EOF).
+struct PipeExporter {
+    supported: bool,
+    fail: bool,
+    read_ends: std::sync::Arc<std::sync::Mutex<Vec<OwnedFd>>>,
+}
+
+impl GpuExporter for PipeExporter {
+    fn dmabuf_supported(&self, _device: usize) -> bool {
+        self.supported
+    }
+
+    fn export(&self, _device: usize, ptr: u64, _len: usize) -> Result<(OwnedFd, u64), String> {
+        if self.fail {
+            return Err("cuMemGetHandleForAddressRange failed: CUDA_ERROR_INVALID_VALUE".into());
+        }
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into the array.
+        assert_eq!(
+            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) },
+            0
+        );
+        // SAFETY: both descriptors were just created and are owned here.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        self.read_ends.lock().unwrap().push(r);
+        Ok((w, ptr % 4096))
+    }
+}
+
+fn all_write_ends_closed(read: &OwnedFd) -> bool {
+    let mut b = [0u8; 1];
+    // SAFETY: reads at most one byte into `b` from a non-blocking pipe.
+    let n = unsafe { libc::read(read.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
+    n == 0 // EOF; -1 (EAGAIN) while a write end is open
+}
+
+struct GpuCase {
+    dom: VerbsRcDomain,
+    exports: std::sync::Arc<std::sync::Mutex<Vec<OwnedFd>>>,
+    mem: Vec<u8>,
+}
+
+fn gpu_case(name: &str, faults: Faults, supported: bool, fail: bool) -> GpuCase {
+    double::set_faults(name, faults);
+    let s = spec(name);
+    let dev = double::MemDevice::open(&s, 4096).unwrap();
+    let mut dom = VerbsRcDomain::with_device(&s, Box::new(dev)).unwrap();
+    let exports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    dom.set_gpu_exporter(Box::new(PipeExporter {
+        supported,
+        fail,
+        read_ends: exports.clone(),
+    }));
+    GpuCase {
+        dom,
+        exports,
+        mem: vec![0u8; 3 * 4096],
+    }
+}
+
+use std::os::fd::FromRawFd;
+
+#[test]
+fn gpu_memory_registers_from_a_dmabuf_and_the_descriptor_is_closed() {
+    let mut c = gpu_case("gpu-dmabuf", Faults::default(), true, false);
+    let ptr = c.mem.as_ptr() as u64 + 100;
+    // SAFETY: c.mem outlives the registration (dropped below first).
+    let mr = unsafe { c.dom.register_hmem(ptr, 5000, 0) }.unwrap();
+    assert_eq!((c.dom.stats.gpu_dmabuf, c.dom.stats.gpu_peermem), (1, 0));
+    let exports = c.exports.lock().unwrap();
+    assert_eq!(exports.len(), 1);
+    assert!(
+        all_write_ends_closed(&exports[0]),
+        "the dma-buf fd was left open"
+    );
+    drop(mr);
+}
+
+#[test]
+fn gpu_memory_falls_back_to_peermem_without_dmabuf_support() {
+    // libibverbs without ibv_reg_dmabuf_mr: CUDA is not even asked to export.
+    let no_verbs = Faults {
+        no_dmabuf: true,
+        ..Default::default()
+    };
+    let mut c = gpu_case("gpu-no-verbs-dmabuf", no_verbs, true, false);
+    // SAFETY: c.mem outlives the registration.
+    let mr = unsafe { c.dom.register_hmem(c.mem.as_ptr() as u64, 4096, 0) }.unwrap();
+    assert_eq!((c.dom.stats.gpu_dmabuf, c.dom.stats.gpu_peermem), (0, 1));
+    assert!(c.exports.lock().unwrap().is_empty());
+    drop(mr);
+
+    // The GPU (or driver) cannot export.
+    let mut c = gpu_case("gpu-no-cuda-dmabuf", Faults::default(), false, false);
+    // SAFETY: as above.
+    let mr = unsafe { c.dom.register_hmem(c.mem.as_ptr() as u64, 4096, 0) }.unwrap();
+    assert_eq!((c.dom.stats.gpu_dmabuf, c.dom.stats.gpu_peermem), (0, 1));
+    assert!(c.exports.lock().unwrap().is_empty());
+    drop(mr);
+
+    // The export itself fails (a range CUDA will not export).
+    let mut c = gpu_case("gpu-export-fails", Faults::default(), true, true);
+    // SAFETY: as above.
+    let mr = unsafe { c.dom.register_hmem(c.mem.as_ptr() as u64, 4096, 0) }.unwrap();
+    assert_eq!((c.dom.stats.gpu_dmabuf, c.dom.stats.gpu_peermem), (0, 1));
+    drop(mr);
+
+    // The kernel refuses the dma-buf: peermem, and the exported descriptor is still closed.
+    let refuse = Faults {
+        refuse_dmabuf: true,
+        ..Default::default()
+    };
+    let mut c = gpu_case("gpu-kernel-refuses", refuse, true, false);
+    // SAFETY: as above.
+    let mr = unsafe { c.dom.register_hmem(c.mem.as_ptr() as u64, 4096, 0) }.unwrap();
+    assert_eq!((c.dom.stats.gpu_dmabuf, c.dom.stats.gpu_peermem), (0, 1));
+    let exports = c.exports.lock().unwrap();
+    assert_eq!(exports.len(), 1);
+    assert!(all_write_ends_closed(&exports[0]));
+    drop(mr);
+}
+
+#[test]
+fn gpu_registration_that_fails_every_way_is_a_typed_error_naming_each() {
+    let f = Faults {
+        refuse_dmabuf: true,
+        no_peermem: true,
+        ..Default::default()
+    };
+    let mut c = gpu_case("gpu-nothing-works", f, true, false);
+    // SAFETY: nothing is registered.
+    let e = unsafe { c.dom.register_hmem(c.mem.as_ptr() as u64, 4096, 0) }
+        .err()
+        .expect("no way works");
+    match e {
+        Error::Fabric {
+            call,
+            code,
+            message,
+        } => {
+            assert_eq!(call, "ibv_reg_mr");
+            assert_eq!(code, -(libc::EFAULT as isize));
+            assert!(
+                message.contains("DmaBuf") && message.contains("ibv_reg_dmabuf_mr"),
+                "{message}"
+            );
+            assert!(message.contains("Peermem"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!((c.dom.stats.gpu_dmabuf, c.dom.stats.gpu_peermem), (0, 0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chained writes with selective signalling: ops accepted between two polls go out to each peer
+// as one chain; completions map back to every op exactly once.
+
+struct Pair {
+    a: VerbsRcDomain,
+    b: VerbsRcDomain,
+    to_b: fi_addr_t,
+    src: Vec<u8>,
+    dst: Vec<u8>,
+    src_mr: VerbsMr,
+    dst_mr: VerbsMr,
+    a_name: String,
+}
+
+fn pair(a_name: &str, b_name: &str) -> Pair {
+    double::set_faults(a_name, Faults::default());
+    let open = |n: &str| {
+        let s = spec(n);
+        let dev = double::MemDevice::open(&s, 4096).unwrap();
+        VerbsRcDomain::with_device(&s, Box::new(dev)).unwrap()
+    };
+    let (mut a, mut b) = (open(a_name), open(b_name));
+    let to_b = a.insert_addr(b.name()).unwrap();
+    let src = pattern(64 << 10, 3);
+    let dst = vec![0u8; 64 << 10];
+    // SAFETY: both buffers outlive the registrations (fields dropped in declaration order is
+    // not relied on: the registrations only name the memory, the double reads it while
+    // delivering, which happens only inside polls below).
+    let src_mr = unsafe { a.register(src.as_ptr(), src.len()) }.unwrap();
+    // SAFETY: as above.
+    let dst_mr = unsafe { b.register(dst.as_ptr(), dst.len()) }.unwrap();
+    Pair {
+        a,
+        b,
+        to_b,
+        src,
+        dst,
+        src_mr,
+        dst_mr,
+        a_name: a_name.into(),
+    }
+}
+
+impl Pair {
+    /// Posts write `i` (bytes `i*64..i*64+64`, immediate `100 + i`) with context `1 + i`.
+    fn post(&mut self, i: usize) -> Posted {
+        let off = i * 64;
+        // SAFETY: src/dst are registered and outlive every poll of this pair.
+        unsafe {
+            self.a.post_write(
+                self.src.as_ptr().add(off),
+                64,
+                self.src_mr.lkey as usize as *mut c_void,
+                self.to_b,
+                self.dst.as_ptr() as u64 + off as u64,
+                self.dst_mr.rkey as u64,
+                Some(100 + i as u64),
+                (1 + i) as *mut c_void,
+            )
+        }
+        .unwrap()
+    }
+
+    /// Polls both sides until `a` reported `n` completions (successes and failures), returning
+    /// (contexts that succeeded, contexts that failed, immediates `b` saw).
+    fn run(&mut self, n: usize) -> (Vec<usize>, Vec<usize>, Vec<u64>) {
+        let (mut ok, mut failed, mut imms) = (Vec::new(), Vec::new(), Vec::new());
+        let mut out: Vec<fi_cq_data_entry> = (0..16).map(|_| entry(0, 0, 0, 0)).collect();
+        let deadline = Instant::now() + T;
+        while ok.len() + failed.len() < n {
+            assert!(Instant::now() < deadline, "stuck: {ok:?} {failed:?}");
+            loop {
+                match self.a.poll(&mut out) {
+                    Ok(0) => break,
+                    Ok(k) => ok.extend(out[..k].iter().map(|e| e.op_context as usize)),
+                    Err(e) => failed.push(e.op_context as usize),
+                }
+            }
+            if let Ok(k) = self.b.poll(&mut out) {
+                imms.extend(out[..k].iter().map(|e| e.data));
+            }
+        }
+        // Let b drain what landed.
+        for _ in 0..10 {
+            if let Ok(k) = self.b.poll(&mut out) {
+                imms.extend(out[..k].iter().map(|e| e.data));
+            }
+        }
+        ok.sort_unstable();
+        failed.sort_unstable();
+        imms.sort_unstable();
+        (ok, failed, imms)
+    }
+
+    fn connect(&mut self) {
+        // One write establishes the connection (and is itself a chain of one).
+        assert_eq!(self.post(0), Posted::Yes);
+        let (ok, failed, _) = self.run(1);
+        assert_eq!((ok, failed), (vec![1], vec![]));
+    }
+}
+
+#[test]
+fn ops_posted_together_go_out_as_chains_and_complete_exactly_once() {
+    let mut p = pair("chain-a", "chain-b");
+    p.connect();
+    let before = double::stats("chain-a");
+    // Ten writes accepted before the next poll: the send queue (8 deep) takes a chain of 8,
+    // the other 2 wait for the completions and go out as a second chain.
+    for i in 0..10 {
+        assert_eq!(p.post(i), Posted::Yes);
+    }
+    let (ok, failed, imms) = p.run(10);
+    assert_eq!(ok, (1..=10).collect::<Vec<_>>(), "every op exactly once");
+    assert!(failed.is_empty());
+    assert_eq!(imms, (100..110).collect::<Vec<_>>(), "one immediate per op");
+    assert_eq!(&p.dst[..640], &p.src[..640]);
+    let s = double::stats("chain-a");
+    assert_eq!(s.chains - before.chains, 2);
+    assert_eq!(s.write_wrs - before.write_wrs, 10);
+    // Chain of 8 signals WRs 4 and 8; the chain of 2 its last: 3 completions for 10 ops.
+    assert_eq!(s.signalled_cqes - before.signalled_cqes, 3);
+    assert_eq!(s.error_cqes, 0);
+    // Nothing is left over.
+    let (ok, failed, _) = p.run(0);
+    assert!(ok.is_empty() && failed.is_empty());
+}
+
+#[test]
+fn an_error_in_the_middle_of_a_chain_fails_every_op_of_that_chain_once() {
+    let mut p = pair("chain-err-a", "chain-err-b");
+    p.connect();
+    double::set_faults(
+        &p.a_name,
+        Faults {
+            fail_chain_at: Some(3),
+            ..Default::default()
+        },
+    );
+    for i in 0..6 {
+        assert_eq!(p.post(i), Posted::Yes);
+    }
+    let (ok, failed, imms) = p.run(6);
+    assert!(ok.is_empty(), "{ok:?}");
+    assert_eq!(
+        failed,
+        (1..=6).collect::<Vec<_>>(),
+        "each op of the chain fails once"
+    );
+    // WRs before the failing one landed (RC order), the rest did not.
+    assert_eq!(imms, vec![100, 101, 102]);
+    assert_eq!(double::stats(&p.a_name).error_cqes, 1);
+    // The connection comes back and later chains succeed.
+    for i in 6..9 {
+        assert_eq!(p.post(i), Posted::Yes);
+    }
+    let (ok, failed, _) = p.run(3);
+    assert_eq!((ok, failed), (vec![7, 8, 9], vec![]));
+}
+
+#[test]
+fn a_full_backlog_says_again_and_a_full_send_queue_holds_the_rest() {
+    let mut p = pair("chain-full-a", "chain-full-b");
+    p.connect();
+    p.a.backlog_cap = 12;
+    for i in 0..12 {
+        assert_eq!(p.post(i), Posted::Yes);
+    }
+    // Past the backlog the worker keeps the op (its own back-pressure queue).
+    assert_eq!(p.post(12), Posted::Again);
+    let before = double::stats(&p.a_name);
+    let (ok, failed, imms) = p.run(12);
+    assert_eq!(ok, (1..=12).collect::<Vec<_>>());
+    assert!(failed.is_empty());
+    assert_eq!(imms.len(), 12);
+    let s = double::stats(&p.a_name);
+    // Never more WRs in flight than the queue holds: 8, then the other 4.
+    assert_eq!(s.chains - before.chains, 2);
+    assert_eq!(s.signalled_cqes - before.signalled_cqes, 2 + 1);
+    assert_eq!(p.post(12), Posted::Yes);
+    let (ok, _, _) = p.run(1);
+    assert_eq!(ok, vec![13]);
+}
+
+#[test]
+fn the_chained_run_stops_at_a_send_and_at_the_chain_limit() {
+    let w = |ctx| Deferred::Write {
+        seg: WriteSeg {
+            local_addr: 0,
+            lkey: 0,
+            remote_addr: 0,
+            rkey: 0,
+            len: 0,
+        },
+        imm: None,
+        ctx,
+    };
+    let send = Deferred::Send {
+        buf: 0,
+        len: 0,
+        ctx: 99,
+    };
+    let q: VecDeque<Deferred> = [w(1), w(2), send, w(3)].into_iter().collect();
+    let ctxs = |v: Vec<Deferred>| v.iter().map(Deferred::ctx).collect::<Vec<_>>();
+    assert_eq!(ctxs(chain_prefix(&q, 64)), vec![1, 2]);
+    assert_eq!(ctxs(chain_prefix(&q, 1)), vec![1]);
+    let q: VecDeque<Deferred> = [send, w(1)].into_iter().collect();
+    assert!(chain_prefix(&q, 64).is_empty());
+    let q: VecDeque<Deferred> = (0..100).map(w).collect();
+    assert_eq!(chain_prefix(&q, MAX_CHAIN).len(), MAX_CHAIN);
 }
