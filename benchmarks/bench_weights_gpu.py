@@ -478,10 +478,12 @@ def run_path(args: argparse.Namespace, path: str, gb: float, cuda: bool, rates: 
     try:
         setup_s = time.monotonic() - t_setup
         probe_big = min((1 << 30) if cuda else (16 << 20), int(recv.min()) // 2)
-        link_s = c.probe(probe_big, 2, 0x5A000000) / 2
+        # The first write to a region sets up the path (over NVLink: opening the peer's IPC
+        # handle, milliseconds); a one-page write first keeps that out of the link rate.
+        rtt_s = c.probe(4096, 1, 0x5A000020)
+        link_s = c.probe(probe_big, 4, 0x5A000000) / 4
         small_n = 2000 if cuda else 500
         ops_s = c.probe(4096, small_n, 0x5A000010)
-        rtt_s = c.probe(4096, 1, 0x5A000020)
         times, stats = [], []
         c.update(0)  # warm-up: NVLink mappings, allocator, first staged buffers
         for v in range(1, args.repeats + 1):
