@@ -488,47 +488,45 @@ namespace {
 template <typename T>
 struct Vec;  // 16 bytes of T, converted to and from float
 
-template <>
-struct Vec<__nv_bfloat16> {
+// The two 16-bit float types differ only in their pair conversions.
+struct Bf16Pair {
+    using T = __nv_bfloat162;
+    __device__ static float2 to_float(T v) { return __bfloat1622float2(v); }
+    __device__ static T from_float(float a, float b) { return __floats2bfloat162_rn(a, b); }
+};
+
+struct HalfPair {
+    using T = __half2;
+    __device__ static float2 to_float(T v) { return __half22float2(v); }
+    __device__ static T from_float(float a, float b) { return __floats2half2_rn(a, b); }
+};
+
+template <typename Pair>
+struct PairVec {
     static constexpr int N = 8;
     __device__ static void load(const uint4& v, float* f) {
-        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+        const typename Pair::T* h = reinterpret_cast<const typename Pair::T*>(&v);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const float2 p = __bfloat1622float2(h[i]);
+            const float2 p = Pair::to_float(h[i]);
             f[2 * i] = p.x;
             f[2 * i + 1] = p.y;
         }
     }
     __device__ static uint4 store(const float* f) {
         uint4 v;
-        __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+        typename Pair::T* h = reinterpret_cast<typename Pair::T*>(&v);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+        for (int i = 0; i < 4; ++i) h[i] = Pair::from_float(f[2 * i], f[2 * i + 1]);
         return v;
     }
 };
 
 template <>
-struct Vec<__half> {
-    static constexpr int N = 8;
-    __device__ static void load(const uint4& v, float* f) {
-        const __half2* h = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const float2 p = __half22float2(h[i]);
-            f[2 * i] = p.x;
-            f[2 * i + 1] = p.y;
-        }
-    }
-    __device__ static uint4 store(const float* f) {
-        uint4 v;
-        __half2* h = reinterpret_cast<__half2*>(&v);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
-        return v;
-    }
-};
+struct Vec<__nv_bfloat16> : PairVec<Bf16Pair> {};
+
+template <>
+struct Vec<__half> : PairVec<HalfPair> {};
 
 template <>
 struct Vec<float> {
