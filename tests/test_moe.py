@@ -95,6 +95,21 @@ def test_moe_reference_matches_a_naive_sum():
             assert torch.allclose(out[r][t], want, atol=1e-5)
 
 
+def test_no_cuda_device_is_a_typed_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(CudaUnavailableError, match="no CUDA device"):
+        AllToAll(
+            num_experts=8,
+            topk=2,
+            hidden=64,
+            max_tokens=4,
+            rank=0,
+            world_size=1,
+            exchange=lambda h: [h],
+        )
+
+
 def test_building_without_cuda_fails_clearly():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the GPU tests cover construction")
@@ -110,6 +125,33 @@ def test_building_without_cuda_fails_clearly():
             device="cuda:0",
         )
     assert isinstance(ei.value, StolonError)
+
+
+def test_other_nodes_need_an_engine():
+    with pytest.raises(InvalidArgumentError, match="reached through a TransferEngine"):
+        AllToAll(
+            num_experts=8,
+            topk=2,
+            hidden=64,
+            max_tokens=4,
+            rank=0,
+            world_size=2,
+            ranks_per_node=1,
+            exchange=lambda h: [h, h],
+            device="cuda:0",
+        )
+    with pytest.raises(InvalidArgumentError, match="must divide the world"):
+        AllToAll(
+            num_experts=8,
+            topk=2,
+            hidden=64,
+            max_tokens=4,
+            rank=0,
+            world_size=4,
+            ranks_per_node=3,
+            exchange=lambda h: [h] * 4,
+            device="cuda:0",
+        )
 
 
 def test_bad_config_is_rejected_before_cuda():

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from ..errors import AllToAllError, InvalidArgumentError
+from ..errors import AllToAllError, CudaUnavailableError, InvalidArgumentError
 
 if TYPE_CHECKING:
     import torch
@@ -137,6 +137,10 @@ class AllToAll:
             world_size = dist.get_world_size(group)
         elif rank is None or world_size is None:
             raise _fail("with exchange=, rank= and world_size= must be given too")
+        if device is None and not torch.cuda.is_available():
+            raise CudaUnavailableError(
+                "torch sees no CUDA device: stolon.moe runs on GPUs (pass device= to choose one)"
+            )
         dev = torch.device("cuda", torch.cuda.current_device()) if device is None else device
         dev = torch.device(dev)
         if dev.type != "cuda":
