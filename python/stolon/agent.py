@@ -11,8 +11,9 @@ file and check every byte that landed, without copying it through the pipe.
 
 Protocol: the agent prints `{"ok": true, "address": TEXT, "descriptors": [TEXT], "files":
 [PATH], "pid": N}` once, then answers each command line `{"cmd": NAME, ...}` with one line
-`{"ok": true, ...}` or `{"ok": false, "error": CLASS, "message": TEXT}`. Every wait is bounded
-by the command's `timeout` (default 30 s). The agent exits on `{"cmd": "exit"}` or stdin EOF.
+`{"ok": true, ...}` or `{"ok": false, "error": CLASS, "message": TEXT}` (echoing the command's
+`id`, if it has one). Every wait is bounded by the command's `timeout` (default 30 s). The agent
+exits on `{"cmd": "exit"}` or stdin EOF. `tests/peer.py` extends `Agent` with more commands.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -50,10 +51,12 @@ class Agent:
 
     def hello(self) -> Dict[str, Any]:
         return {
+            "hello": True,
             "address": self.engine.address.to_text(),
             "descriptors": [r.descriptor.to_text() for r in self.regions],
             "files": self.files,
             "pid": os.getpid(),
+            "num_domains": self.engine.num_domains,
         }
 
     def cmd_fill(self, m: Dict[str, Any]) -> Dict[str, Any]:
@@ -131,10 +134,13 @@ class Agent:
         return {"results": results, "seconds": time.perf_counter() - t0}
 
     def cmd_wait_imms(self, m: Dict[str, Any]) -> Dict[str, Any]:
-        """Waits until each imm arrived its count (consuming), then reports what is left."""
+        """Waits until each imm arrived its count (consuming), all within one `timeout`, then
+        reports what is left counted of each."""
         t0 = time.perf_counter()
+        deadline = time.monotonic() + m.get("timeout", 30.0)
         for imm, count in m["imms"].items():
-            self.engine.wait_imm(int(imm), int(count), timeout=m.get("timeout", 30.0))
+            left_s = max(deadline - time.monotonic(), 0.0)
+            self.engine.wait_imm(int(imm), int(count), timeout=left_s)
         left = {imm: self.engine.imm_count(int(imm)) for imm in m["imms"]}
         return {"left": left, "seconds": time.perf_counter() - t0, "t_end": time.time()}
 
@@ -153,37 +159,56 @@ def _reply(obj: Dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def main(argv: List[str]) -> int:
-    cfg = json.loads(argv[0])
+def serve(
+    make: Callable[[Dict[str, Any]], Agent],
+    cfg: Dict[str, Any],
+    keep_files: bool = False,
+    on_abandoned: Optional[Callable[[], None]] = None,
+) -> int:
+    """Runs an agent made by `make(cfg)` until `exit` or stdin EOF. Replies echo a command's
+    `id`. Region files are removed on the way out unless `keep_files` (the driver reads them
+    after `exit`); `on_abandoned` runs when stdin ended without `exit` (the driver went away)."""
     try:
-        agent = Agent(cfg)
-    except Exception as e:
-        _reply({"ok": False, "error": type(e).__name__, "message": str(e)})
+        agent = make(cfg)
+    except Exception as e:  # reported, so the driver can skip or fail with the reason
+        _reply({"ok": False, "hello": True, "error": type(e).__name__, "message": str(e)})
         return 1
     _reply({"ok": True, **agent.hello()})
+    told_to_exit = False
     try:
         for line in sys.stdin:
             if not line.strip():
                 continue
             msg = json.loads(line)
-            handler = getattr(agent, "cmd_" + msg.get("cmd", ""), None)
+            name = msg.get("cmd", "")
+            handler = getattr(agent, "cmd_" + name, None)
             try:
                 if handler is None:
-                    raise ValueError(f"unknown command {msg.get('cmd')!r}")
+                    raise ValueError(f"unknown command {name!r}")
                 out = {"ok": True, **handler(msg)}
             except Exception as e:
                 out = {"ok": False, "error": type(e).__name__, "message": str(e)}
+            if "id" in msg:
+                out["id"] = msg["id"]
             _reply(out)
-            if msg.get("cmd") == "exit":
+            if name == "exit":
+                told_to_exit = True
                 break
     finally:
         agent.engine.stop()
-        for f in agent.files:
-            try:
-                os.unlink(f)
-            except OSError:
-                pass
+        if not keep_files:
+            for f in agent.files:
+                try:
+                    os.unlink(f)
+                except OSError:
+                    pass
+        if not told_to_exit and on_abandoned is not None:
+            on_abandoned()
     return 0
+
+
+def main(argv: List[str]) -> int:
+    return serve(Agent, json.loads(argv[0]))
 
 
 if __name__ == "__main__":
