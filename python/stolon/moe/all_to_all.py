@@ -20,6 +20,8 @@ from ..errors import AllToAllError, CudaUnavailableError, InvalidArgumentError
 if TYPE_CHECKING:
     import torch
 
+    from .._native import MoeAllToAll
+
 __all__ = ["AllToAll", "DispatchOutput", "SCALE_BLOCK"]
 
 #: Elements per float32 scale of an fp8 token.
@@ -159,7 +161,7 @@ class AllToAll:
         self.fp8 = dispatch_dtype == torch.float8_e4m3fn
         self.scales_per_token = math.ceil(hidden / SCALE_BLOCK) if self.fp8 else 0
         elem = torch.empty((), dtype=dispatch_dtype).element_size()
-        self._native = MoeAllToAll(
+        native = MoeAllToAll(
             device=dev.index,
             rank=self.rank,
             world=self.world_size,
@@ -176,10 +178,10 @@ class AllToAll:
             engine=engine,
         )
         self.timeout = float(timeout)
-        layout = self._native.layout()
+        layout = native.layout()
         self.capacity: int = layout["capacity"]
         self.experts_per_rank: int = layout["experts_per_rank"]
-        mine = bytes(self._native.handle())
+        mine = bytes(native.handle())
         if exchange is None:
             import torch.distributed as dist
 
@@ -188,9 +190,10 @@ class AllToAll:
             handles = [bytes(h) for h in gathered]
         else:
             handles = [bytes(h) for h in exchange(mine)]
-        self._native.connect(handles)
+        native.connect(handles)
         self._exchange = exchange
         self._key = hashlib.sha1(b"".join(handles)).hexdigest()[:16]
+        self._native: Optional[MoeAllToAll] = native
         self._next = 0  # index into _PHASES of the phase the host expects next
         self._graph_tokens = False
         self._ntok = 0
@@ -200,6 +203,11 @@ class AllToAll:
 
     def _stream(self) -> int:
         return int(self._torch.cuda.current_stream(self.device).cuda_stream)
+
+    def _nat(self) -> MoeAllToAll:
+        if self._native is None:
+            raise AllToAllError("the all-to-all was closed")
+        return self._native
 
     def _phase(self, name: str) -> None:
         if self._native is None:
@@ -316,7 +324,7 @@ class AllToAll:
             count = int(num_tokens)
             if not 0 <= count <= n:
                 raise _fail(f"num_tokens {count} is outside 0..{n} (the rows of x)")
-        self._native.dispatch_send(
+        self._nat().dispatch_send(
             self._stream(),
             x.data_ptr(),
             x.stride(0) * x.element_size(),
@@ -381,7 +389,7 @@ class AllToAll:
                     or not t.is_contiguous()
                 ):
                     raise _fail(f"out.{name} must be a contiguous int32 [{size}] tensor here")
-        self._native.dispatch_recv(
+        self._nat().dispatch_recv(
             self._stream(),
             out.x.data_ptr(),
             out.scales.data_ptr() if out.scales is not None else 0,
@@ -414,7 +422,7 @@ class AllToAll:
         """
         self._phase("combine_send")
         y = self._tensor("expert_y", expert_y, [self.combine_dtype], self.hidden, self.capacity)
-        self._native.combine_send(self._stream(), y.data_ptr(), y.stride(0) * y.element_size())
+        self._nat().combine_send(self._stream(), y.data_ptr(), y.stride(0) * y.element_size())
         self._keep = (*self._keep, y)
         self._advance()
 
@@ -440,7 +448,7 @@ class AllToAll:
             out = self._tensor("out", out, [self.combine_dtype], self.hidden)
             if out.shape[0] < need:
                 raise _fail(f"out has {out.shape[0]} rows; the step dispatched up to {need}")
-        self._native.combine_recv(
+        self._nat().combine_recv(
             self._stream(), out.data_ptr(), out.stride(0) * out.element_size(), bool(accumulate)
         )
         self._advance()
@@ -461,19 +469,19 @@ class AllToAll:
     def synchronize(self, timeout: Optional[float] = None) -> None:
         """Waits for the current stream, then raises what a kernel recorded (if anything)."""
         limit = self.timeout * 4 + 5 if timeout is None else timeout
-        self._native.synchronize(self._stream(), float(limit))
+        self._nat().synchronize(self._stream(), float(limit))
 
     def check(self) -> None:
         """Raises what a kernel recorded, without waiting."""
-        self._native.check()
+        self._nat().check()
 
     def steps(self) -> list[int]:
         """Steps each of the four phases completed (reads the device; synchronous)."""
-        return list(self._native.steps())
+        return list(self._nat().steps())
 
     def footprint(self) -> dict[str, int]:
         """Buffer sizes: the receive area and state this rank allocated, the dispatch output."""
-        return dict(self._native.layout())
+        return dict(self._nat().layout())
 
     def close(self) -> None:
         """Frees the buffers. Call on every rank, after the stream is idle.
