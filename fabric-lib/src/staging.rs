@@ -80,11 +80,23 @@ impl Header {
 pub(crate) enum Copier {
     /// Plain memcpy: "staged" host regions (tests of the protocol on machines without a GPU).
     Host,
-    /// CUDA copies on the worker's own stream.
+    /// CUDA copies on the worker's own streams, taken in turn. Copies are independent (each has
+    /// its own event, nothing relies on their order), so several streams let copies to
+    /// different peers, and the launch gaps between copies, overlap.
     Cuda {
         ctx: Arc<stolon_cuda::Context>,
-        stream: stolon_cuda::Stream,
+        streams: Vec<stolon_cuda::Stream>,
+        next: std::sync::atomic::AtomicUsize,
     },
+}
+
+/// Streams a CUDA copier uses: `$STOLON_COPY_STREAMS` (1..=16), else 4.
+fn copy_streams() -> usize {
+    std::env::var("STOLON_COPY_STREAMS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| (1..=16).contains(n))
+        .unwrap_or(4)
 }
 
 /// A copy in flight.
@@ -117,8 +129,14 @@ impl Copier {
     pub(crate) fn cuda(device: usize) -> Result<Self> {
         let dev = stolon_cuda::Device::get(device).map_err(cuda_err)?;
         let ctx = dev.primary_context().map_err(cuda_err)?;
-        let stream = stolon_cuda::Stream::new(&ctx).map_err(cuda_err)?;
-        Ok(Copier::Cuda { ctx, stream })
+        let streams = (0..copy_streams())
+            .map(|_| stolon_cuda::Stream::new(&ctx).map_err(cuda_err))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Copier::Cuda {
+            ctx,
+            streams,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        })
     }
 
     /// Copies `len` bytes from `src` to `dst`, asynchronously where the copier can.
@@ -132,7 +150,9 @@ impl Copier {
                 unsafe { std::ptr::copy(s as *const u8, d as *mut u8, len) };
                 Ok(Ticket::Done)
             }
-            (Copier::Cuda { ctx, stream }, dst, src) => {
+            (Copier::Cuda { ctx, streams, next }, dst, src) => {
+                let turn = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let stream = &streams[turn % streams.len()];
                 // SAFETY: the caller promises both ranges until the ticket (an event recorded
                 // after the copy on the same stream) is done.
                 unsafe {

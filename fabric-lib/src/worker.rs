@@ -333,7 +333,8 @@ pub(crate) struct Worker {
     retired_vmm: Vec<stolon_cuda::MappedVmm>,
     /// IPC mappings replaced while copies may still use them (same rule).
     retired_ipc: Vec<stolon_cuda::IpcMapping>,
-    /// Staged copies in flight, in stream order.
+    /// Staged copies in flight, in submission order (on several streams; finished ones are
+    /// handled in this order).
     copies: VecDeque<(Ticket, AfterCopy)>,
     /// Pins `msg_mem` for asynchronous CUDA copies; declared before it so it is dropped first.
     _pinned: Option<stolon_cuda::HostRegistration>,
@@ -1085,7 +1086,7 @@ impl Worker {
         r
     }
 
-    /// Advances staged copies that have finished (in stream order).
+    /// Advances staged copies that have finished (in submission order).
     fn poll_copies(&mut self) -> bool {
         let mut progressed = false;
         while let Some((ticket, _)) = self.copies.front() {
