@@ -69,6 +69,7 @@ struct Error {
     uint32_t peer;
     uint32_t detail;
     uint64_t step;
+    uint64_t progress[4];  // last completed step of each phase, readable without the stream
 };
 
 // Mirrored by `KernelParams` in src/lib.rs: same order, same types.
@@ -211,6 +212,7 @@ __device__ void finish_phase(const Params& P, int phase, uint64_t n) {
     if (threadIdx.x == 0) {
         P.st->done[phase] = 0;
         P.st->seq[phase] = n;
+        *reinterpret_cast<volatile uint64_t*>(&P.err->progress[phase]) = n;
     }
 }
 

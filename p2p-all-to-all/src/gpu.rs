@@ -854,7 +854,9 @@ impl AllToAll {
             }
             if start.elapsed() > timeout {
                 return Err(Error::Timeout(format!(
-                    "the all-to-all's stream did not finish within {timeout:?}"
+                    "the all-to-all's stream did not finish within {timeout:?} (steps completed \
+                     by dispatch_send, dispatch_recv, combine_send, combine_recv: {:?})",
+                    self.progress()
                 )));
             }
             std::thread::sleep(Duration::from_micros(50));
@@ -939,6 +941,15 @@ impl AllToAll {
         handle
             .is_finished()
             .then(|| "the proxy thread stopped (a write to a peer failed)".to_string())
+    }
+
+    /// Steps each phase has completed, as the kernels last reported them in host-mapped memory:
+    /// readable at any time without touching a stream (e.g. while one is stuck).
+    pub fn progress(&self) -> [u64; 4] {
+        let p = self.err.host_ptr().cast::<u64>();
+        // SAFETY: the 64-byte error buffer holds the four progress words at bytes 24..56; the
+        // kernels store them through the device mapping, so read volatile.
+        unsafe { [3, 4, 5, 6].map(|i| p.add(i).read_volatile()) }
     }
 
     /// Steps each phase has completed (reads device memory; synchronous).

@@ -218,6 +218,11 @@ impl MoeAllToAll {
         }
     }
 
+    /// Steps completed by each phase as the kernels last reported them (no synchronisation).
+    fn progress(&self) -> PyResult<[u64; 4]> {
+        Ok(self.get()?.progress())
+    }
+
     /// Steps completed by each phase (synchronous device read).
     fn steps(&self) -> PyResult<[u64; 4]> {
         self.get()?.steps().map_err(to_py)

@@ -479,6 +479,11 @@ class AllToAll:
         """Steps each of the four phases completed (reads the device; synchronous)."""
         return list(self._nat().steps())
 
+    def progress(self) -> list[int]:
+        """Steps each phase completed, as the kernels last reported them; unlike :meth:`steps`
+        it does not touch the stream, so it answers while a phase is stuck."""
+        return list(self._nat().progress())
+
     def footprint(self) -> dict[str, int]:
         """Buffer sizes: the receive area and state this rank allocated, the dispatch output."""
         return dict(self._nat().layout())
