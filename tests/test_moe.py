@@ -95,101 +95,43 @@ def test_moe_reference_matches_a_naive_sum():
             assert torch.allclose(out[r][t], want, atol=1e-5)
 
 
+def _build(world: int = 1, **kw) -> AllToAll:
+    """A small all-to-all for rank 0 of `world`, handles exchanged in-process."""
+    args = dict(num_experts=8, topk=2, hidden=64, max_tokens=4, rank=0, world_size=world)
+    return AllToAll(**args, exchange=lambda h: [h] * world, **kw)
+
+
 def test_no_cuda_device_is_a_typed_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(CudaUnavailableError, match="no CUDA device"):
-        AllToAll(
-            num_experts=8,
-            topk=2,
-            hidden=64,
-            max_tokens=4,
-            rank=0,
-            world_size=1,
-            exchange=lambda h: [h],
-        )
+        _build()
 
 
 def test_building_without_cuda_fails_clearly():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the GPU tests cover construction")
     with pytest.raises((CudaUnavailableError, InvalidArgumentError)) as ei:
-        AllToAll(
-            num_experts=8,
-            topk=2,
-            hidden=64,
-            max_tokens=4,
-            rank=0,
-            world_size=1,
-            exchange=lambda h: [h],
-            device="cuda:0",
-        )
+        _build(device="cuda:0")
     assert isinstance(ei.value, StolonError)
 
 
 def test_other_nodes_need_an_engine():
     with pytest.raises(InvalidArgumentError, match="reached through a TransferEngine"):
-        AllToAll(
-            num_experts=8,
-            topk=2,
-            hidden=64,
-            max_tokens=4,
-            rank=0,
-            world_size=2,
-            ranks_per_node=1,
-            exchange=lambda h: [h, h],
-            device="cuda:0",
-        )
+        _build(2, ranks_per_node=1, device="cuda:0")
     with pytest.raises(InvalidArgumentError, match="must divide the world"):
-        AllToAll(
-            num_experts=8,
-            topk=2,
-            hidden=64,
-            max_tokens=4,
-            rank=0,
-            world_size=4,
-            ranks_per_node=3,
-            exchange=lambda h: [h] * 4,
-            device="cuda:0",
-        )
+        _build(4, ranks_per_node=3, device="cuda:0")
 
 
 def test_bad_config_is_rejected_before_cuda():
     with pytest.raises(InvalidArgumentError, match="dispatch_dtype"):
-        AllToAll(
-            num_experts=8,
-            topk=2,
-            hidden=64,
-            max_tokens=4,
-            dispatch_dtype=torch.int8,
-            rank=0,
-            world_size=1,
-            exchange=lambda h: [h],
-        )
+        _build(dispatch_dtype=torch.int8)
     with pytest.raises(InvalidArgumentError, match="combine_dtype"):
-        AllToAll(
-            num_experts=8,
-            topk=2,
-            hidden=64,
-            max_tokens=4,
-            combine_dtype=torch.float8_e4m3fn,
-            rank=0,
-            world_size=1,
-            exchange=lambda h: [h],
-        )
+        _build(combine_dtype=torch.float8_e4m3fn)
     with pytest.raises(InvalidArgumentError, match="rank= and world_size="):
         AllToAll(num_experts=8, topk=2, hidden=64, max_tokens=4, exchange=lambda h: [h])
     with pytest.raises(InvalidArgumentError, match="CUDA device"):
-        AllToAll(
-            num_experts=8,
-            topk=2,
-            hidden=64,
-            max_tokens=4,
-            rank=0,
-            world_size=1,
-            exchange=lambda h: [h],
-            device="cpu",
-        )
+        _build(device="cpu")
 
 
 class _RecordingNative:
