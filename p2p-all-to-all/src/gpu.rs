@@ -264,7 +264,6 @@ pub struct AllToAll {
     ctx: Arc<Context>,
     kernels: Kernels,
     rx: Option<DeviceBuffer>,
-    device: usize,
     nonce: u64,
     local: DeviceBuffer,
     err: PinnedHostBuffer,
@@ -387,7 +386,6 @@ impl AllToAll {
             ctx,
             kernels,
             rx: Some(rx),
-            device,
             nonce,
             local,
             err,
@@ -980,7 +978,7 @@ impl Drop for AllToAll {
             RX_POOL
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push((self.device, rx));
+                .push((self.ctx.device().ordinal(), rx));
         }
     }
 }
