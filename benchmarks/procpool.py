@@ -11,6 +11,7 @@ from __future__ import annotations
 import faulthandler
 import importlib
 import multiprocessing as mp
+import time
 import traceback
 from typing import Any, List, Optional
 
@@ -26,13 +27,13 @@ def serve(conn: Any, module: str, watchdog: Optional[float] = None) -> None:
         msg = conn.recv()
         if msg is None:
             break
-        cmd, kw = msg
+        seq, cmd, kw = msg
         if watchdog:
             faulthandler.dump_traceback_later(watchdog, exit=False)
         try:
-            conn.send(("ok", commands[cmd](state, **kw)))
+            conn.send((seq, "ok", commands[cmd](state, **kw)))
         except BaseException as e:  # reported to the parent, which fails the test
-            conn.send(("err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+            conn.send((seq, "err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
         finally:
             if watchdog:
                 faulthandler.cancel_dump_traceback_later()
@@ -43,7 +44,11 @@ class WorkerError(RuntimeError):
 
 
 class Pool:
-    """`n` workers serving the `_cmd_*` functions of `module`."""
+    """`n` workers serving the `_cmd_*` functions of `module`.
+
+    Every command carries a sequence number that its answer echoes: an answer that arrives
+    after its caller gave up (a timeout, or a failure of another worker in `all`) is discarded
+    rather than taken for the answer to a later command."""
 
     def __init__(
         self, n: int, module: str, timeout: float, watchdog: Optional[float] = None
@@ -52,6 +57,7 @@ class Pool:
         self.timeout = timeout
         self.conns: List[Any] = []
         self.procs: List[Any] = []
+        self.sent: List[int] = [0] * n  # sequence number of the last command sent to worker i
         for _ in range(n):
             a, b = ctx.Pipe()
             p = ctx.Process(target=serve, args=(b, module, watchdog), daemon=True)
@@ -60,13 +66,19 @@ class Pool:
             self.procs.append(p)
 
     def send(self, i: int, cmd: str, **kw: Any) -> None:
-        self.conns[i].send((cmd, kw))
+        self.sent[i] += 1
+        self.conns[i].send((self.sent[i], cmd, kw))
 
     def recv(self, i: int, timeout: Optional[float] = None) -> Any:
+        """The answer to the last command sent to worker `i` (older answers are dropped)."""
         timeout = self.timeout if timeout is None else timeout
-        if not self.conns[i].poll(timeout):
-            raise WorkerError(f"worker {i} gave no answer in {timeout}s")
-        status, res = self.conns[i].recv()
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.conns[i].poll(max(0.0, deadline - time.monotonic())):
+                raise WorkerError(f"worker {i} gave no answer in {timeout}s")
+            seq, status, res = self.conns[i].recv()
+            if seq == self.sent[i]:
+                break
         if status != "ok":
             raise WorkerError(f"worker {i}: {res}")
         return res
@@ -76,10 +88,20 @@ class Pool:
         return self.recv(i)
 
     def all(self, idx: List[int], cmd: str, per: Optional[List[dict]] = None, **kw: Any) -> list:
-        """Sends `cmd` to every worker in `idx` (with per-worker extra kwargs), then collects."""
+        """Sends `cmd` to every worker in `idx` (with per-worker extra kwargs), then collects
+        every answer; the first failure is raised after all workers answered (or timed out)."""
         for k, i in enumerate(idx):
             self.send(i, cmd, **(per[k] if per else {}), **kw)
-        return [self.recv(i) for i in idx]
+        out: List[Any] = []
+        failure: Optional[WorkerError] = None
+        for i in idx:
+            try:
+                out.append(self.recv(i))
+            except WorkerError as e:
+                failure = failure or e
+        if failure is not None:
+            raise failure
+        return out
 
     def close(self) -> None:
         for c in self.conns:

@@ -394,9 +394,10 @@ def _cmd_capacity(
     a2a = _a2a(case, rank, exchange_dir, capacity=case["capacity"])
     try:
         for step in range(2):
-            mine = make_inputs(dict(case, seed=case["seed"] + step))[rank]
+            c = dict(case, seed=case["seed"] + step)
+            mine = make_inputs(c)[rank]
             a2a.dispatch(mine["x"].to(dev), mine["idx"].to(dev), mine["w"].to(dev))
-            target = case["seed"] % case["world"]  # the "one_rank" routing's only destination
+            target = c["seed"] % c["world"]  # this step's "one_rank" routing's only destination
             try:
                 a2a.synchronize()
             except AllToAllError as e:
