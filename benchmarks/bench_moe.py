@@ -278,11 +278,10 @@ def worker(rank: int, world: int, args: argparse.Namespace, init: str, q) -> Non
             torch.bfloat16
         )
         out: Dict[str, Any] = {"config": cfg}
-        for label, fn in (
-            ("stolon", bench_stolon),
-            ("nccl_eager", bench_nccl_eager),
-            ("nccl_graph", bench_nccl_graph),
-        ):
+        forms = [("stolon", bench_stolon)]
+        if not args.no_nccl:
+            forms += [("nccl_eager", bench_nccl_eager), ("nccl_graph", bench_nccl_graph)]
+        for label, fn in forms:
             try:
                 out[label] = fn(cfg, rank, world, dev, routes, x, xs, y)
             except Exception as e:  # reported, the other forms still run
@@ -313,6 +312,8 @@ def summarize(all_res: List[Dict[str, Any]], configs: List[str], world: int) -> 
     for name in configs:
         cfg_out: Dict[str, Any] = {"config": all_res[0][name]["config"]}
         for label in ("stolon", "nccl_eager", "nccl_graph"):
+            if label not in all_res[0][name]:
+                continue
             per = [r[name][label] for r in all_res]
             errs = [p["error"] for p in per if "error" in p]
             if errs:
@@ -370,6 +371,8 @@ def main() -> None:
     ap.add_argument("--configs", default="decode,prefill")
     ap.add_argument("--quick", action="store_true", help="a tenth of the iterations")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--no-nccl", action="store_true",
+                    help="stolon and the floor only (for sweeps; published tables keep NCCL)")
     args = ap.parse_args()
     world = args.gpus or min(torch.cuda.device_count(), 8)
     if world < 2:

@@ -1,8 +1,8 @@
 """MoE dispatch/combine on GPUs against the plain torch reference (issue 5).
 
 One worker process per GPU (tests/moe_worker.py). Random cases (hypothesis) over world sizes,
-experts, top-k, hidden sizes, dtypes, token counts and routing modes, including the degenerate
-ones (every token to one expert, every token to one rank, most experts empty, ranks with zero
+experts, top-k, hidden sizes, dtypes, token counts, routing modes and rank groupings (emulated
+nodes joined by the proxy and an engine), including the degenerate ones (every token to one expert, every token to one rank, most experts empty, ranks with zero
 tokens); the decode and prefill shapes of the benchmark; CUDA-graph capture and replay; a
 silent peer; an out-of-range expert id. Needs torch with CUDA and NVIDIA GPUs; skipped
 elsewhere with the reason. Run on a GPU machine: ``pytest -m gpu tests/test_moe_gpu.py``.
@@ -78,7 +78,13 @@ def cases(draw) -> Dict[str, Any]:
     topk_max = min(16, experts) if route == "random" else 16
     max_tokens = draw(st.sampled_from([1, 7, 64, 200, 300]))
     tokens = [draw(st.integers(0, max_tokens)) for _ in range(world)]
+    # Rank groupings: all ranks on one node (NVLink only), or emulated nodes whose traffic
+    # between them goes through the proxy and an engine (its NVLink domain or staged tcp).
+    groupings = [d for d in range(1, world + 1) if world % d == 0]
+    rpn = draw(st.sampled_from([world, world] + groupings[:-1]))
+    grouping = {"ranks_per_node": rpn, "via": draw(st.sampled_from(["nvlink", "staged"]))}
     return case(
+        **(grouping if rpn < world else {}),
         world=world,
         experts=experts,
         topk=draw(st.integers(1, topk_max)),

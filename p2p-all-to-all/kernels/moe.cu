@@ -30,6 +30,10 @@
 namespace {
 
 constexpr int kThreads = 256;
+// Blocks per SM the registers must allow (the host launches up to this many per SM, see
+// `DEFAULT_BLOCKS_PER_SM` in src/gpu.rs): at prefill sizes the phases are bandwidth-bound and
+// need many loads and NVLink stores in flight.
+constexpr int kMinBlocks = 4;
 constexpr int kMaxWorld = 64;
 constexpr int kMaxTopk = 16;
 
@@ -263,7 +267,7 @@ __device__ __forceinline__ int source_of(const int* s_start, int world, int i) {
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(kThreads) moe_dispatch_send(Params P) {
+extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_send(Params P) {
     __shared__ int s_e[kMaxTopk];
     __shared__ float s_w[kMaxTopk];
     __shared__ int s_pos[kMaxTopk];
@@ -351,7 +355,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) moe_dispatch_send(Params 
     finish_phase(P, 0, n);
 }
 
-extern "C" __global__ void __launch_bounds__(kThreads) moe_dispatch_recv(Params P) {
+extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_recv(Params P) {
     extern __shared__ int s_dyn[];  // off[world * experts_per_rank], cnt[experts_per_rank]
     __shared__ int s_start[kMaxWorld + 1];
     __shared__ int s_rows_total;
@@ -684,11 +688,11 @@ __device__ void combine_recv(const Params& P) {
 }  // namespace
 
 #define STOLON_COMBINE(SUFFIX, TYPE)                                                     \
-    extern "C" __global__ void __launch_bounds__(kThreads) moe_combine_send_##SUFFIX(   \
+    extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_combine_send_##SUFFIX(   \
         Params P) {                                                                      \
         combine_send<TYPE>(P);                                                           \
     }                                                                                    \
-    extern "C" __global__ void __launch_bounds__(kThreads) moe_combine_recv_##SUFFIX(   \
+    extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_combine_recv_##SUFFIX(   \
         Params P) {                                                                      \
         combine_recv<TYPE>(P);                                                           \
     }
