@@ -137,9 +137,12 @@ impl DomainStats {
 pub(crate) struct MessageQueue {
     q: Mutex<(VecDeque<Vec<u8>>, bool)>,
     cv: Condvar,
-    callback: Mutex<Option<Arc<dyn Fn(Vec<u8>) + Send + Sync>>>,
+    callback: Mutex<Option<MessageCallback>>,
     sink: CallbackSink,
 }
+
+/// What `on_message` installs: called with each received message.
+type MessageCallback = Arc<dyn Fn(Vec<u8>) + Send + Sync>;
 
 impl MessageQueue {
     pub(crate) fn push(&self, msg: Vec<u8>) {
@@ -641,7 +644,7 @@ impl TransferEngine {
         }
         if ptr
             .checked_add(len)
-            .is_none_or(|end| end > info.range_start + info.range_size as u64)
+            .map_or(true, |end| end > info.range_start + info.range_size as u64)
         {
             return Err(Error::OutOfBounds(format!(
                 "{len} bytes at {ptr:#x} run past the allocation [{:#x}, +{})",
@@ -1457,7 +1460,7 @@ impl TransferEngine {
     }
 
     /// Delivers received messages to `cb` (on the callback thread) instead of `recv`.
-    pub fn on_message(&self, cb: Option<Arc<dyn Fn(Vec<u8>) + Send + Sync>>) {
+    pub fn on_message(&self, cb: Option<MessageCallback>) {
         *self.shared.messages.callback.lock().unwrap() = cb;
     }
 

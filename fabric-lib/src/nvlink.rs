@@ -471,7 +471,7 @@ mod tests {
                 })
             })
             .collect();
-        let mut seen = vec![0u32; 4];
+        let mut seen = [0u32; 4];
         let mut n = 0;
         while n < 4000 {
             if let Some(v) = owner.pop() {

@@ -934,7 +934,7 @@ impl Worker {
                 if let Some(why) = &rg.gone {
                     return Err(Error::TransferFailed(why.clone()));
                 }
-                if offset.checked_add(len as u64).is_none_or(|e| e > rg.len) {
+                if offset.checked_add(len as u64).map_or(true, |e| e > rg.len) {
                     return Err(Error::OutOfBounds(format!(
                         "NVLink write [{offset}, +{len}) past the {}-byte region",
                         rg.len

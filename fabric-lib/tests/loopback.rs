@@ -293,15 +293,15 @@ fn a_watched_counter_releases_prepared_transfers_step_by_step() {
     }
     .unwrap();
     assert_eq!(handles.len(), layers);
-    for l in 0..layers {
+    for (l, h) in handles.iter().enumerate() {
         // Nothing of layer l has been written before the counter says so.
         std::thread::sleep(Duration::from_millis(20));
-        assert!(!handles[l].is_done(), "step {l} ran early");
+        assert!(!h.is_done(), "step {l} ran early");
         assert_eq!(b.imm_counter().count(100 + l as u32), 0);
         counter.fetch_add(1, Ordering::Release);
-        handles[l].wait(T).unwrap();
+        h.wait(T).unwrap();
         b.imm_counter()
-            .wait(100 + l as u32, handles[l].imm_count() as u64, T)
+            .wait(100 + l as u32, h.imm_count() as u64, T)
             .unwrap();
         assert_same(
             &bytes(&dst)[l * page..(l + 1) * page],
@@ -343,11 +343,7 @@ fn staged_destinations_receive_every_kind_of_write() {
     assert!(n >= len / (64 << 10), "chunked into message-sized pieces");
     b.imm_counter().wait(11, n as u64, T).unwrap();
     assert_eq!(b.imm_counter().count(11), 0);
-    assert_same(
-        &bytes(&dst)[100..100 + len],
-        &bytes(&src)[..],
-        "staged single",
-    );
+    assert_same(&bytes(&dst)[100..100 + len], bytes(&src), "staged single");
     // Paged and scatter into the staged region.
     let spec = PagedSpec {
         page_bytes: 4096,

@@ -548,10 +548,8 @@ impl GpuExporter for PipeExporter {
         }
         let mut fds = [0; 2];
         // SAFETY: pipe2 writes two descriptors into the array.
-        assert_eq!(
-            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) },
-            0
-        );
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        assert_eq!(rc, 0);
         // SAFETY: both descriptors were just created and are owned here.
         let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         self.read_ends.lock().unwrap().push(r);
