@@ -54,6 +54,10 @@ def peer_copy(torch, size: int, iters: int) -> tuple:
 
 
 def engine_bw(eng, region, desc, rx, size: int, iters: int, window: int = 8) -> float:
+    # One untimed write first: the first write to a peer sets up its path (opening an IPC
+    # handle, or fetching and mapping VMM allocations over the owner's socket: milliseconds).
+    # Its immediate (4) is one the receiver does not count here.
+    eng.write(region, 0, desc, 0, size, imm=4).wait(60)
     per = eng.imm_count_for(region, desc, size)
     rx.expect(3, per * iters, timeout=120)
     t0 = time.perf_counter()
