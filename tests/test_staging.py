@@ -76,6 +76,54 @@ def test_staged_writes_land_exactly_across_processes() -> None:
             proc.kill()
 
 
+def _two_region_receiver(conn, size: int) -> None:  # child process
+    with stolon.TransferEngine("tcp", 2, nodes=loopback_nodes("tcp", 2)) as eng:
+        plain = np.zeros(size, dtype=np.uint8)
+        staged = np.zeros(size, dtype=np.uint8)
+        regions = [eng.register(plain), eng.register(staged, staged=True)]
+        conn.send([r.descriptor.to_bytes() for r in regions])
+        imm, count = conn.recv()
+        eng.wait_imm(imm, count, timeout=30)
+        conn.send((bytes(plain), bytes(staged), eng.imm_count(imm)))
+
+
+@pytest.mark.timeout(120)
+def test_a_scatter_cuts_each_item_by_its_destinations_path() -> None:
+    """One scatter into a plain host region (the fabric) and a staged one (staging chunks):
+    each item's immediates are what `imm_count_scatter_item_for` says for its destination,
+    the receiver counts exactly their sum, and every byte lands."""
+    size = 6 * MiB
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_two_region_receiver, args=(child, size), daemon=True)
+    proc.start()
+    try:
+        with stolon.TransferEngine("tcp", 2, nodes=loopback_nodes("tcp", 2)) as eng:
+            plain, staged = (stolon.MemoryDescriptor.from_bytes(b) for b in parent.recv())
+            assert staged.staged and not plain.staged
+            src = np.random.default_rng(2).integers(0, 256, size, dtype=np.uint8)
+            region = eng.register(src)
+            items = [(plain, 0, 0, 4 * MiB + 3), (staged, 5, 100, 4 * MiB + 3), (staged, 9, 0, 0)]
+            per = [eng.imm_count_scatter_item_for(region, d, n) for d, _, _, n in items]
+            # The staged path cuts the item into staging-sized messages; the fabric does not.
+            assert per[1] > 1 and per[1] != per[0], per
+            fut = eng.scatter(region, items, imm=3)
+            fut.wait(30)
+            assert fut.imm_count == sum(per)
+            parent.send((3, sum(per)))
+            got_plain, got_staged, left = parent.recv()
+            assert left == 0
+            n = 4 * MiB + 3
+            assert np.array_equal(np.frombuffer(got_plain, dtype=np.uint8)[:n], src[:n])
+            assert np.array_equal(
+                np.frombuffer(got_staged, dtype=np.uint8)[100 : 100 + n], src[5 : 5 + n]
+            )
+    finally:
+        proc.join(20)
+        if proc.is_alive():
+            proc.kill()
+
+
 def test_staged_region_bounds_and_gpu_without_cuda() -> None:
     with stolon.TransferEngine("tcp", 1, nodes=loopback_nodes("tcp", 1)) as eng:
         dst = eng.register(bytearray(1000), staged=True)

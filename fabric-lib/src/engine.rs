@@ -1003,6 +1003,19 @@ impl TransferEngine {
         }
     }
 
+    /// Immediates `dst`'s owner gets for one [`Self::scatter`] item of `len` bytes from `src`
+    /// (the item is cut by the path from `src` to `dst`).
+    pub fn imm_count_scatter_item_for(
+        &self,
+        src: &MemoryRegion,
+        dst: &MemDesc,
+        len: u64,
+        sharding: Option<Sharding>,
+    ) -> usize {
+        self.params_for(src, dst)
+            .imm_count_scatter_item(sharding.unwrap_or(self.config.sharding), len)
+    }
+
     /// Immediates the receiver gets from a write of `len` bytes from `src` to `dst`.
     pub fn imm_count_for(
         &self,
@@ -1409,16 +1422,16 @@ impl TransferEngine {
             dst.check_range(it.dst_off, it.len)?;
         }
         let sharding = sharding.unwrap_or(self.config.sharding);
-        let staged = matches!(src.inner.mem, RegionMem::Gpu(_))
-            || dsts
-                .iter()
-                .any(|d| d.gpu.as_ref().is_some_and(|g| !g.direct));
-        let p = if staged {
-            &self.staged_params
-        } else {
-            &self.params
-        };
-        let plans = p.plan_scatter(sharding, self.rotation(), items)?;
+        // Each item is cut as a single write to its destination would be, by that
+        // destination's path: one copy over NVLink, staging-buffer chunks when staged, the
+        // fabric's op size otherwise ([`Self::imm_count_scatter_item_for`] counts the same way).
+        let params: Vec<&ShardParams> = dsts.iter().map(|d| self.params_for(src, d)).collect();
+        let rotation = self.rotation();
+        let mut plans = Vec::with_capacity(items.len());
+        for (k, it) in items.iter().enumerate() {
+            // Item k starts on domain (rotation + k), as in ShardParams::plan_scatter.
+            plans.extend(params[it.dst].plan_scatter(sharding, rotation + k, &[*it])?);
+        }
         let mut counts = vec![0usize; dsts.len()];
         if imm.is_some() {
             for p in &plans {
