@@ -225,12 +225,18 @@ def _cmd_path(state: dict) -> str:
     return state["engine"].path(_probe_region(state, 4096), desc)
 
 
-def _cmd_probe_send(state: dict, size: int, n: int, imm: int) -> Tuple[float, int]:
-    """Training rank: ``n`` writes of ``size`` bytes into inference rank 0's second slot."""
+def _cmd_probe_send(
+    state: dict, size: int, n: int, imm: int, scatter: bool = False
+) -> Tuple[float, int]:
+    """Training rank: ``n`` writes of ``size`` bytes into inference rank 0's second slot; with
+    ``scatter``, as one scatter of ``n`` items (how the executor submits its ranges)."""
     desc, slot_bytes = state["obj"]._dst[0]
     eng, region = state["engine"], _probe_region(state, size)
     t0 = time.monotonic()
-    futs = [eng.write(region, 0, desc, slot_bytes, size, imm) for _ in range(n)]
+    if scatter:
+        futs = [eng.scatter(region, [(desc, 0, slot_bytes, size)] * n, imm, timeout=TIMEOUT)]
+    else:
+        futs = [eng.write(region, 0, desc, slot_bytes, size, imm) for _ in range(n)]
     for f in futs:
         f.wait(TIMEOUT)
     return t0, sum(f.imm_count for f in futs)
@@ -365,14 +371,15 @@ class Cluster:
         self.w.all(self.iw, "release", version=v)
         return max(ends) - min(s["t0"] for s in stats), stats
 
-    def probe(self, size: int, n: int, imm: int) -> float:
-        """Seconds for ``n`` writes of ``size`` bytes, training rank 0 -> inference rank 0,
-        until the receiver counted them all (written into its second slot)."""
+    def probe(self, size: int, n: int, imm: int, scatter: bool = False) -> float:
+        """Seconds for ``n`` writes of ``size`` bytes (or one scatter of ``n`` items), training
+        rank 0 -> inference rank 0, until the receiver counted them all (written into its
+        second slot)."""
         tx, rx = self.tw[0], self.iw[0]
         per = self.w.all([tx], "probe_count", size=size)[0]
         self.w.send(rx, "probe_wait", imm=imm, count=per * n)
         time.sleep(0.05)  # the receiver is waiting before the first byte moves
-        t0, sent = self.w.all([tx], "probe_send", size=size, n=n, imm=imm)[0]
+        t0, sent = self.w.all([tx], "probe_send", size=size, n=n, imm=imm, scatter=scatter)[0]
         t1 = self.w.recv(rx)
         if sent != per * n:
             raise RuntimeError(f"probe: {sent} immediates sent, {per * n} expected")
@@ -484,8 +491,8 @@ def run_path(args: argparse.Namespace, path: str, gb: float, cuda: bool, rates: 
         c.probe(4096, 1, 0x5A000020)
         rtt_s = statistics.median(c.probe(4096, 1, 0x5A000021 + k) for k in range(7))
         link_s = c.probe(probe_big, 4, 0x5A000000) / 4
-        small_n = 2000 if cuda else 500
-        ops_s = c.probe(4096, small_n, 0x5A000010)
+        small_n = 20000 if cuda else 2000
+        ops_s = c.probe(4096, small_n, 0x5A000010, scatter=True)
         times, stats = [], []
         c.update(0)  # warm-up: NVLink mappings, allocator, first staged buffers
         for v in range(1, args.repeats + 1):

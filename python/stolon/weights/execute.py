@@ -755,9 +755,6 @@ class WeightSender:
                 plan, rank, buffers, staging_bytes=staging_bytes, depth=depth,
                 host_copy=host_copy, device=device,
             )  # fmt: skip
-        # torch buffers (GPU): one write per destination range, so every write takes its own
-        # path (NVLink: one copy, not a scatter's chunks) and counts with imm_count_for
-        self._per_item = device is not None
         pr = self.prog
         self._regions: Dict[Tuple[Any, ...], Any] = {}
         keys: List[Tuple[Any, ...]] = [("staging",), ("scales",), ("stamp",)]
@@ -823,11 +820,9 @@ class WeightSender:
         for req in all_reqs + pr.scale_requests + pr.stamp_requests:
             src = self._regions[req[1]]
             if req[0] == "scatter":
+                # each item is cut by its destination's path (NVLink: one copy per item)
                 for d, _, _, nbytes in req[2]:
-                    if self._per_item:
-                        counts[d] += eng.imm_count_for(src, self._dst[d][0], nbytes)
-                    else:
-                        counts[d] += eng.imm_count_scatter_item(nbytes)
+                    counts[d] += eng.imm_count_scatter_item_for(src, self._dst[d][0], nbytes)
             else:  # one op per page on every path (more for pages over the path's op size)
                 per = eng.imm_count_for(src, self._dst[req[2]][0], req[3], pin_domain=0)
                 counts[req[2]] += req[4] * per
@@ -885,13 +880,6 @@ class WeightSender:
     ) -> List[Tuple[Any, List[int]]]:
         par = version % 2
         src = self._regions[req[1]]
-        if req[0] == "scatter" and self._per_item:
-            out = []
-            for d, so, do, n in req[2]:
-                desc, sb = self._dst[d]
-                f = self.engine.write(src, so, desc, par * sb + do, n, imm, timeout=t)
-                out.append((f, [d]))
-            return out
         if req[0] == "scatter":
             items = []
             order: List[int] = []
