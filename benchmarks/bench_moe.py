@@ -371,8 +371,11 @@ def main() -> None:
     ap.add_argument("--configs", default="decode,prefill")
     ap.add_argument("--quick", action="store_true", help="a tenth of the iterations")
     ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--no-nccl", action="store_true",
-                    help="stolon and the floor only (for sweeps; published tables keep NCCL)")
+    ap.add_argument(
+        "--no-nccl",
+        action="store_true",
+        help="stolon and the floor only (for sweeps; published tables keep NCCL)",
+    )
     args = ap.parse_args()
     world = args.gpus or min(torch.cuda.device_count(), 8)
     if world < 2:

@@ -2,10 +2,11 @@
 
 One worker process per GPU (tests/moe_worker.py). Random cases (hypothesis) over world sizes,
 experts, top-k, hidden sizes, dtypes, token counts, routing modes and rank groupings (emulated
-nodes joined by the proxy and an engine), including the degenerate ones (every token to one expert, every token to one rank, most experts empty, ranks with zero
-tokens); the decode and prefill shapes of the benchmark; CUDA-graph capture and replay; a
-silent peer; an out-of-range expert id. Needs torch with CUDA and NVIDIA GPUs; skipped
-elsewhere with the reason. Run on a GPU machine: ``pytest -m gpu tests/test_moe_gpu.py``.
+nodes joined by the proxy and an engine), including the degenerate ones (every token to one
+expert, every token to one rank, most experts empty, ranks with zero tokens); the decode and
+prefill shapes of the benchmark; CUDA-graph capture and replay; a silent peer; an out-of-range
+expert id. Needs torch with CUDA and NVIDIA GPUs; skipped elsewhere with the reason. Run on a
+GPU machine: ``pytest -m gpu tests/test_moe_gpu.py``.
 """
 
 from __future__ import annotations
