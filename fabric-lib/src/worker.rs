@@ -1101,7 +1101,8 @@ impl Worker {
                     continue;
                 }
             }
-            let (_, after) = self.copies.pop_front().unwrap();
+            let (ticket, after) = self.copies.pop_front().unwrap();
+            self.copier.recycle(ticket);
             progressed = true;
             match after {
                 AfterCopy::Post { op, slot, buf, len } => {
