@@ -82,6 +82,7 @@ struct Params {
     State* st;
     Error* err;  // host-mapped
     uint64_t* tok_mask;      // [max_tokens] ranks each token went to
+    uint64_t* host_mask;     // the same in host-mapped memory for the proxy (null: no proxy)
     int32_t* ecount_local;   // [num_experts] running counts during dispatch_send
     int32_t* route_rows;     // [world][max_tokens][topk] output row of each received entry
     const int32_t* num_tokens_ptr;  // used when num_tokens < 0
@@ -338,7 +339,12 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_
                 }
             }
         }
-        if (tid == 0) P.tok_mask[t] = mask;
+        if (tid == 0) {
+            P.tok_mask[t] = mask;
+            // Read by the host proxy after the dispatch flag (the last block's system fence
+            // orders this store before the flag).
+            if (P.host_mask) P.host_mask[t] = mask;
+        }
         __syncthreads();
     }
     if (!last_block(P, 0, true)) return;

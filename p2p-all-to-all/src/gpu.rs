@@ -74,7 +74,9 @@ impl Remote {
             rx_ecount: layout.rx_ecount,
         };
         let tx = DeviceBuffer::alloc_zeroed(ctx, playout.tx_total())?;
-        let mut mailbox = PinnedHostBuffer::alloc(ctx, cfg.world * MAILBOX_WORDS * 8)?;
+        // The mailbox words, then the token masks `dispatch_send` stores for the proxy.
+        let mut mailbox =
+            PinnedHostBuffer::alloc(ctx, (cfg.world * MAILBOX_WORDS + cfg.max_tokens) * 8)?;
         // SAFETY: no kernel or proxy uses the mailbox yet; we own it exclusively.
         unsafe { mailbox.as_mut_slice().fill(0) };
         // SAFETY: both buffers are device memory that outlives its region: the region is
@@ -157,6 +159,7 @@ struct KernelParams {
     st: u64,
     err: u64,
     tok_mask: u64,
+    host_mask: u64,
     ecount_local: u64,
     route_rows: u64,
     num_tokens_ptr: u64,
@@ -192,7 +195,7 @@ struct KernelParams {
     idx64: i32,
     accumulate: i32,
 }
-const _: () = assert!(std::mem::size_of::<KernelParams>() == 17 * 8 + 7 * 8 + 14 * 4);
+const _: () = assert!(std::mem::size_of::<KernelParams>() == 18 * 8 + 7 * 8 + 14 * 4);
 
 /// Inputs of `dispatch_send`. Pointers are device addresses on this rank's GPU; strides are in
 /// bytes for rows of data and in elements for the routing.
@@ -305,6 +308,11 @@ struct Remote {
 }
 
 impl Remote {
+    /// Byte offset of the token masks in the mailbox buffer.
+    fn masks_offset(&self) -> usize {
+        self.playout.world * MAILBOX_WORDS * 8
+    }
+
     fn mailbox_word(&self, peer: usize, which: usize) -> u64 {
         self.mailbox.device_ptr() + ((peer * MAILBOX_WORDS + which) * 8) as u64
     }
@@ -613,6 +621,8 @@ impl AllToAll {
                 headers_out: rm.headers_out.clone(),
                 headers_in: rm.headers_in.clone(),
                 mailbox: rm.mailbox.host_ptr().cast::<u64>(),
+                // SAFETY: the masks lie inside the mailbox buffer (allocated with them).
+                masks: unsafe { rm.mailbox.host_ptr().add(rm.masks_offset()) }.cast::<u64>(),
             };
             let stop = Arc::new(AtomicBool::new(false));
             let p = Proxy::new(rm.engine.clone(), rm.playout, instance, local, proxy_peers);
@@ -631,6 +641,10 @@ impl AllToAll {
             st: local + l.st as u64,
             err: self.err.device_ptr(),
             tok_mask: local + l.tok_mask as u64,
+            host_mask: self
+                .remote
+                .as_ref()
+                .map_or(0, |rm| rm.mailbox.device_ptr() + rm.masks_offset() as u64),
             ecount_local: local + l.ecount_local as u64,
             route_rows: local + l.route_rows as u64,
             timeout_ns: c.timeout.as_nanos().min(u64::MAX as u128) as u64,

@@ -28,6 +28,8 @@ struct Rank {
     headers_out: MemoryRegion,
     headers_in: MemoryRegion,
     mailbox: Box<[u64]>,
+    /// What `dispatch_send` stores for the proxy: each token's destination ranks.
+    masks: Box<[u64]>,
 }
 
 fn layout() -> ProxyLayout {
@@ -65,6 +67,7 @@ fn rank(rx_len: usize, l: &ProxyLayout, cfg: EngineConfig) -> Option<Rank> {
         headers_out: reg(l.headers_total()),
         headers_in: reg(l.headers_total()),
         mailbox: vec![0u64; 2 * MAILBOX_WORDS].into_boxed_slice(),
+        masks: vec![0u64; l.max_tokens].into_boxed_slice(),
         engine,
     })
 }
@@ -76,6 +79,7 @@ fn proxy(r: &mut Rank, me: usize, peer: &Rank, l: ProxyLayout) -> Proxy {
         headers_out: r.headers_out.clone(),
         headers_in: r.headers_in.clone(),
         mailbox: r.mailbox.as_mut_ptr(),
+        masks: r.masks.as_ptr(),
     };
     let peers = vec![ProxyPeer {
         rank: 1 - me,
@@ -152,10 +156,25 @@ fn cross_nodes(engine_cfg: impl Fn() -> EngineConfig) {
     let pa = proxy(&mut a, 0, &b, l).spawn(stop.clone());
     let pb = proxy(&mut b, 1, &a, l).spawn(stop.clone());
 
+    const UNTOUCHED: u8 = 0xEE;
     for step in 1..=3u64 {
-        // Rank 0's "dispatch_send" staged 5 tokens (slots 0..5), their entries and counts for
-        // rank 1, then stored its flag.
+        // Rank 0's "dispatch_send" staged its tokens for rank 1 (the slots of the tokens routed
+        // there: step 1 every third token is not, step 2 none is, step 3 all are), the entries
+        // and counts of all, stored each token's mask, then its flag. Only routed slots may
+        // travel, and the combine brings back exactly those.
         let ntok = 5 + step as usize;
+        let routed = |t: usize| match step {
+            1 => t % 3 != 0,
+            2 => false,
+            _ => true,
+        };
+        for t in 0..ntok {
+            // SAFETY: the masks the proxy reads after the flag below; no proxy reads them now.
+            let m = unsafe { &mut *(a.masks.as_ptr() as *mut u64).add(t) };
+            *m = 1 | (u64::from(routed(t)) << 1);
+        }
+        let (rxd, rxm, rxe) = l.rx_parts(0);
+        bytes_mut(&b.rx)[rxd..rxd + ntok * l.slot_bytes].fill(UNTOUCHED);
         let (txd, txm, txe) = l.tx_parts(1);
         let tx = bytes_mut(&a.tx);
         for (i, v) in tx[txd..txd + ntok * l.slot_bytes].iter_mut().enumerate() {
@@ -169,13 +188,23 @@ fn cross_nodes(engine_cfg: impl Fn() -> EngineConfig) {
         // SAFETY: the kernels' out-word, read by the proxy thread.
         unsafe { mailbox(&a, 1, OUT_DFLAG).write_volatile(flag) };
         wait_word(&b, 0, IN_DFLAG, flag);
-        let (rxd, rxm, rxe) = l.rx_parts(0);
         let rx = bytes_mut(&b.rx);
-        assert_eq!(
-            &rx[rxd..rxd + ntok * l.slot_bytes],
-            &tx[txd..txd + ntok * l.slot_bytes],
-            "step {step}: slots"
-        );
+        let sb = l.slot_bytes;
+        for t in 0..ntok {
+            let got = &rx[rxd + t * sb..rxd + (t + 1) * sb];
+            if routed(t) {
+                assert_eq!(
+                    got,
+                    &tx[txd + t * sb..txd + (t + 1) * sb],
+                    "step {step}: slot {t}"
+                );
+            } else {
+                assert!(
+                    got.iter().all(|&v| v == UNTOUCHED),
+                    "step {step}: slot {t} was sent"
+                );
+            }
+        }
         assert_eq!(
             &rx[rxm..rxm + ntok * l.meta_bytes],
             &tx[txm..txm + ntok * l.meta_bytes]
@@ -188,7 +217,9 @@ fn cross_nodes(engine_cfg: impl Fn() -> EngineConfig) {
         let (own, _, _) = l.rx_parts(1);
         assert!(rx[own..own + l.slot_bytes].iter().all(|&v| v == 0));
 
-        // Rank 1's "combine_send" staged results for rank 0's tokens (as many as rank 0 sent).
+        // Rank 1's "combine_send" staged results for rank 0's tokens that came to it.
+        let (rxd0, _, _) = l.rx_parts(1);
+        bytes_mut(&a.rx)[rxd0..rxd0 + ntok * sb].fill(UNTOUCHED);
         let (txd1, _, _) = l.tx_parts(0);
         let tx1 = bytes_mut(&b.tx);
         for (i, v) in tx1[txd1..txd1 + ntok * l.slot_bytes].iter_mut().enumerate() {
@@ -197,13 +228,22 @@ fn cross_nodes(engine_cfg: impl Fn() -> EngineConfig) {
         // SAFETY: as above.
         unsafe { mailbox(&b, 0, OUT_CFLAG).write_volatile(step) };
         wait_word(&a, 1, IN_CFLAG, step);
-        let (rxd0, _, _) = l.rx_parts(1);
         let rx0 = bytes_mut(&a.rx);
-        assert_eq!(
-            &rx0[rxd0..rxd0 + ntok * l.slot_bytes],
-            &tx1[txd1..txd1 + ntok * l.slot_bytes],
-            "step {step}: combined slots"
-        );
+        for t in 0..ntok {
+            let got = &rx0[rxd0 + t * sb..rxd0 + (t + 1) * sb];
+            if routed(t) {
+                assert_eq!(
+                    got,
+                    &tx1[txd1 + t * sb..txd1 + (t + 1) * sb],
+                    "step {step}: {t}"
+                );
+            } else {
+                assert!(
+                    got.iter().all(|&v| v == UNTOUCHED),
+                    "step {step}: {t} came back"
+                );
+            }
+        }
 
         // Release notices, odd then even; the peer's in-word ends at the larger.
         for r in [2 * step - 1, 2 * step] {
