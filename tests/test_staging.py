@@ -4,7 +4,9 @@ memory). Separate processes, tcp on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -30,14 +32,25 @@ def _receiver(conn, size: int) -> None:  # child process
             conn.send((bytes(buf), eng.imm_count(imm)))
 
 
+@contextlib.contextmanager
+def _child(target, size: int) -> Iterator[Any]:
+    """A spawned process running `target(conn, size)`; yields this side's connection."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(child, size), daemon=True)
+    proc.start()
+    try:
+        yield parent
+    finally:
+        proc.join(20)
+        if proc.is_alive():
+            proc.kill()
+
+
 @pytest.mark.timeout(120)
 def test_staged_writes_land_exactly_across_processes() -> None:
     size = 6 * MiB
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_receiver, args=(child, size), daemon=True)
-    proc.start()
-    try:
+    with _child(_receiver, size) as parent:
         with stolon.TransferEngine("tcp", 2, nodes=loopback_nodes("tcp", 2)) as eng:
             desc = stolon.MemoryDescriptor.from_bytes(parent.recv())
             assert desc.staged
@@ -70,10 +83,6 @@ def test_staged_writes_land_exactly_across_processes() -> None:
             bad = np.nonzero(got != want)[0]
             assert bad.size == 0, f"first wrong byte at {bad[:1]}"
         parent.send(None)
-    finally:
-        proc.join(20)
-        if proc.is_alive():
-            proc.kill()
 
 
 def _two_region_receiver(conn, size: int) -> None:  # child process
@@ -90,21 +99,17 @@ def _two_region_receiver(conn, size: int) -> None:  # child process
 @pytest.mark.timeout(120)
 def test_a_scatter_cuts_each_item_by_its_destinations_path() -> None:
     """One scatter into a plain host region (the fabric) and a staged one (staging chunks):
-    each item's immediates are what `imm_count_scatter_item_for` says for its destination,
+    each item's immediates are what `imm_count_for` says for its destination,
     the receiver counts exactly their sum, and every byte lands."""
     size = 6 * MiB
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_two_region_receiver, args=(child, size), daemon=True)
-    proc.start()
-    try:
+    with _child(_two_region_receiver, size) as parent:
         with stolon.TransferEngine("tcp", 2, nodes=loopback_nodes("tcp", 2)) as eng:
             plain, staged = (stolon.MemoryDescriptor.from_bytes(b) for b in parent.recv())
             assert staged.staged and not plain.staged
             src = np.random.default_rng(2).integers(0, 256, size, dtype=np.uint8)
             region = eng.register(src)
             items = [(plain, 0, 0, 4 * MiB + 3), (staged, 5, 100, 4 * MiB + 3), (staged, 9, 0, 0)]
-            per = [eng.imm_count_scatter_item_for(region, d, n) for d, _, _, n in items]
+            per = [eng.imm_count_for(region, d, n) for d, _, _, n in items]
             # The staged path cuts the item into staging-sized messages; the fabric does not.
             assert per[1] > 1 and per[1] != per[0], per
             fut = eng.scatter(region, items, imm=3)
@@ -118,10 +123,6 @@ def test_a_scatter_cuts_each_item_by_its_destinations_path() -> None:
             assert np.array_equal(
                 np.frombuffer(got_staged, dtype=np.uint8)[100 : 100 + n], src[5 : 5 + n]
             )
-    finally:
-        proc.join(20)
-        if proc.is_alive():
-            proc.kill()
 
 
 def test_staged_region_bounds_and_gpu_without_cuda() -> None:

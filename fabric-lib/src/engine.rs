@@ -1003,20 +1003,8 @@ impl TransferEngine {
         }
     }
 
-    /// Immediates `dst`'s owner gets for one [`Self::scatter`] item of `len` bytes from `src`
-    /// (the item is cut by the path from `src` to `dst`).
-    pub fn imm_count_scatter_item_for(
-        &self,
-        src: &MemoryRegion,
-        dst: &MemDesc,
-        len: u64,
-        sharding: Option<Sharding>,
-    ) -> usize {
-        self.params_for(src, dst)
-            .imm_count_scatter_item(sharding.unwrap_or(self.config.sharding), len)
-    }
-
-    /// Immediates the receiver gets from a write of `len` bytes from `src` to `dst`.
+    /// Immediates the receiver gets from a write of `len` bytes from `src` to `dst`, and from a
+    /// [`Self::scatter`] item of that size (an item is cut as the write would be).
     pub fn imm_count_for(
         &self,
         src: &MemoryRegion,
@@ -1424,7 +1412,7 @@ impl TransferEngine {
         let sharding = sharding.unwrap_or(self.config.sharding);
         // Each item is cut as a single write to its destination would be, by that
         // destination's path: one copy over NVLink, staging-buffer chunks when staged, the
-        // fabric's op size otherwise ([`Self::imm_count_scatter_item_for`] counts the same way).
+        // fabric's op size otherwise ([`Self::imm_count_for`] counts an item the same way).
         let params: Vec<&ShardParams> = dsts.iter().map(|d| self.params_for(src, d)).collect();
         let rotation = self.rotation();
         let mut plans = Vec::with_capacity(items.len());

@@ -138,6 +138,31 @@ fn dispatch_combine_and_release_cross_nodes_in_any_order() {
     );
 }
 
+/// Slot `t` of `rx` equals slot `t` of `tx` where `routed(t)`, and was never written (still
+/// `UNTOUCHED`) elsewhere.
+fn check_slots(
+    rx: &[u8],
+    tx: &[u8],
+    ntok: usize,
+    sb: usize,
+    routed: &dyn Fn(usize) -> bool,
+    what: &str,
+) {
+    for t in 0..ntok {
+        let got = &rx[t * sb..(t + 1) * sb];
+        if routed(t) {
+            assert_eq!(got, &tx[t * sb..(t + 1) * sb], "{what}: slot {t}");
+        } else {
+            assert!(
+                got.iter().all(|&v| v == UNTOUCHED),
+                "{what}: slot {t} was sent"
+            );
+        }
+    }
+}
+
+const UNTOUCHED: u8 = 0xEE;
+
 fn cross_nodes(engine_cfg: impl Fn() -> EngineConfig) {
     let l = layout();
     let cfg = {
@@ -156,7 +181,6 @@ fn cross_nodes(engine_cfg: impl Fn() -> EngineConfig) {
     let pa = proxy(&mut a, 0, &b, l).spawn(stop.clone());
     let pb = proxy(&mut b, 1, &a, l).spawn(stop.clone());
 
-    const UNTOUCHED: u8 = 0xEE;
     for step in 1..=3u64 {
         // Rank 0's "dispatch_send" staged its tokens for rank 1 (the slots of the tokens routed
         // there: step 1 every third token is not, step 2 none is, step 3 all are), the entries
@@ -190,21 +214,8 @@ fn cross_nodes(engine_cfg: impl Fn() -> EngineConfig) {
         wait_word(&b, 0, IN_DFLAG, flag);
         let rx = bytes_mut(&b.rx);
         let sb = l.slot_bytes;
-        for t in 0..ntok {
-            let got = &rx[rxd + t * sb..rxd + (t + 1) * sb];
-            if routed(t) {
-                assert_eq!(
-                    got,
-                    &tx[txd + t * sb..txd + (t + 1) * sb],
-                    "step {step}: slot {t}"
-                );
-            } else {
-                assert!(
-                    got.iter().all(|&v| v == UNTOUCHED),
-                    "step {step}: slot {t} was sent"
-                );
-            }
-        }
+        let what = format!("step {step} dispatch");
+        check_slots(&rx[rxd..], &tx[txd..], ntok, sb, &routed, &what);
         assert_eq!(
             &rx[rxm..rxm + ntok * l.meta_bytes],
             &tx[txm..txm + ntok * l.meta_bytes]
@@ -229,21 +240,8 @@ fn cross_nodes(engine_cfg: impl Fn() -> EngineConfig) {
         unsafe { mailbox(&b, 0, OUT_CFLAG).write_volatile(step) };
         wait_word(&a, 1, IN_CFLAG, step);
         let rx0 = bytes_mut(&a.rx);
-        for t in 0..ntok {
-            let got = &rx0[rxd0 + t * sb..rxd0 + (t + 1) * sb];
-            if routed(t) {
-                assert_eq!(
-                    got,
-                    &tx1[txd1 + t * sb..txd1 + (t + 1) * sb],
-                    "step {step}: {t}"
-                );
-            } else {
-                assert!(
-                    got.iter().all(|&v| v == UNTOUCHED),
-                    "step {step}: {t} came back"
-                );
-            }
-        }
+        let what = format!("step {step} combine");
+        check_slots(&rx0[rxd0..], &tx1[txd1..], ntok, sb, &routed, &what);
 
         // Release notices, odd then even; the peer's in-word ends at the larger.
         for r in [2 * step - 1, 2 * step] {

@@ -1094,7 +1094,8 @@ impl TransferEngine {
         }
     }
 
-    /// Immediates the receiver gets from `write(src, _, dst, _, length, imm)`.
+    /// Immediates the receiver gets from `write(src, _, dst, _, length, imm)`, and from one
+    /// `scatter` item of `length` bytes from `src` into `dst` (cut by the same path).
     #[pyo3(signature = (src, dst, length, *, sharding=None, pin_domain=None))]
     fn imm_count_for(
         &self,
@@ -1108,23 +1109,6 @@ impl TransferEngine {
         Ok(self
             .inner
             .imm_count_for(self.region(src), &dst.inner, length, s))
-    }
-
-    /// Immediates `dst`'s owner gets for one `scatter` item of `length` bytes from `src` (the
-    /// item is cut as a write from `src` to `dst` would be, by its path).
-    #[pyo3(signature = (src, dst, length, *, sharding=None, pin_domain=None))]
-    fn imm_count_scatter_item_for(
-        &self,
-        src: &Bound<'_, MemoryRegion>,
-        dst: &MemoryDescriptor,
-        length: u64,
-        sharding: Option<&str>,
-        pin_domain: Option<usize>,
-    ) -> PyResult<usize> {
-        let s = self::sharding(sharding, pin_domain)?;
-        Ok(self
-            .inner
-            .imm_count_scatter_item_for(self.region(src), &dst.inner, length, s))
     }
 
     /// Stops the worker; in-flight transfers fail with EngineStoppedError. Idempotent.

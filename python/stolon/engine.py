@@ -97,7 +97,6 @@ for _name in (
     "imm_count_write",
     "imm_count_paged",
     "imm_count_scatter_item",
-    "imm_count_scatter_item_for",
     "imm_count_for",
     "barrier",
     "register_ptr",

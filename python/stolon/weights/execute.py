@@ -822,7 +822,7 @@ class WeightSender:
             if req[0] == "scatter":
                 # each item is cut by its destination's path (NVLink: one copy per item)
                 for d, _, _, nbytes in req[2]:
-                    counts[d] += eng.imm_count_scatter_item_for(src, self._dst[d][0], nbytes)
+                    counts[d] += eng.imm_count_for(src, self._dst[d][0], nbytes)
             else:  # one op per page on every path (more for pages over the path's op size)
                 per = eng.imm_count_for(src, self._dst[req[2]][0], req[3], pin_domain=0)
                 counts[req[2]] += req[4] * per
