@@ -359,7 +359,9 @@ class _Program:
                     fill_off = 0
                 sbase = ring * staging_bytes + fill_off
                 cur.fills.append(piece + (sbase,))
-                if cnt == 1:
+                # Staging packs the runs back to back; where the destination does too (a
+                # column shard stored as its own row-major block), they go as one write.
+                if cnt == 1 or dst == ln:
                     cur.requests.append(
                         ("scatter", ("staging",), [(d, sbase, entry.offset + do * isz_d, nbytes)])
                     )

@@ -1034,6 +1034,12 @@ class CostModel:
         el = d.elements
         wire = el * isz_d[d.param]
         ts, ti = train.world, infer.world
+        # Writes per range, as the executor issues them: a range of `count` runs is `count`
+        # writes, except where it goes through staging (converted, or offloaded shards), which
+        # packs the runs back to back, and the destination holds them back to back too.
+        staged = fp8[d.param] | (isz_s[d.param] != isz_d[d.param]) | self.offload
+        packed = staged & (d.dst_stride == d.length)
+        ops = np.where(packed, 1, d.count)
         out: Dict[str, np.ndarray] = {
             "send_bytes": np.bincount(d.src_rank, wire, ts)
             + np.bincount(c.src_rank, 4 * c.elements, ts),
@@ -1041,8 +1047,8 @@ class CostModel:
             + np.bincount(c.dst_rank, 4 * c.elements, ti),
             "convert_bytes": 2
             * np.bincount(d.src_rank, np.where(fp8[d.param], el * isz_s[d.param], 0), ts),
-            "send_ops": np.bincount(d.src_rank, d.count, ts) + np.bincount(c.src_rank, c.count, ts),
-            "recv_ops": np.bincount(d.dst_rank, d.count, ti) + np.bincount(c.dst_rank, c.count, ti),
+            "send_ops": np.bincount(d.src_rank, ops, ts) + np.bincount(c.src_rank, c.count, ts),
+            "recv_ops": np.bincount(d.dst_rank, ops, ti) + np.bincount(c.dst_rank, c.count, ti),
         }
         h2d = np.zeros(ts)
         if self.offload:
