@@ -2,6 +2,7 @@
 
     python3 benchmarks/bench_moe.py --json moe.json            # every visible GPU (2 or 4)
     python3 benchmarks/bench_moe.py --gpus 2 --configs decode --quick
+    python3 benchmarks/bench_moe.py --gpus 2 --ranks-per-node 1 --via staged --no-nccl
 
 One process per GPU, torch.distributed with NCCL. For each configuration (decode: 128 tokens
 per rank; prefill: 4096; both hidden 7168, 256 experts, top-8, fp8 dispatch with 56 float32
@@ -84,6 +85,14 @@ def start_together(event, tiny: torch.Tensor) -> None:
 def bench_stolon(cfg, rank, world, dev, routes, x, xs, y) -> Dict[str, Any]:
     from stolon.moe import AllToAll
 
+    kw: Dict[str, Any] = {}
+    if cfg.get("ranks_per_node"):  # emulated nodes: the proxy and an engine between them
+        import gpu_roles
+
+        kw = {
+            "ranks_per_node": cfg["ranks_per_node"],
+            "engine": gpu_roles.engine(rank, nvlink=cfg["via"] == "nvlink"),
+        }
     a2a = AllToAll(
         num_experts=cfg["experts"],
         topk=cfg["topk"],
@@ -92,6 +101,7 @@ def bench_stolon(cfg, rank, world, dev, routes, x, xs, y) -> Dict[str, Any]:
         dispatch_dtype=torch.float8_e4m3fn,
         combine_dtype=torch.bfloat16,
         device=dev,
+        **kw,
     )
     from stolon.moe import DispatchOutput
 
@@ -267,6 +277,8 @@ def worker(rank: int, world: int, args: argparse.Namespace, init: str, q) -> Non
     dist.barrier()
     for name in args.configs.split(","):
         cfg = dict(CONFIGS[name])
+        if args.ranks_per_node:
+            cfg.update(ranks_per_node=args.ranks_per_node, via=args.via)
         if args.quick:
             cfg["iters"], cfg["warmup"] = max(10, cfg["iters"] // 10), 3
         T, H, E, K = cfg["tokens"], cfg["hidden"], cfg["experts"], cfg["topk"]
@@ -371,6 +383,15 @@ def main() -> None:
     ap.add_argument("--configs", default="decode,prefill")
     ap.add_argument("--quick", action="store_true", help="a tenth of the iterations")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument(
+        "--ranks-per-node",
+        type=int,
+        default=0,
+        help="group the ranks into emulated nodes of this many: traffic between them goes "
+        "through the host proxy and an engine (see --via)",
+    )
+    ap.add_argument("--via", choices=["nvlink", "staged"], default="nvlink",
+                    help="the engine path between emulated nodes")  # fmt: skip
     ap.add_argument(
         "--no-nccl",
         action="store_true",
