@@ -356,10 +356,11 @@ def test_2_to_3_staged_host_copy_two_domains(pool):
 
 def test_large_bf16_direct_writes_two_domains(pool):
     """Multi-MiB bf16 tensors written straight from the registered training buffers (no staging):
-    writes above the engine's shard threshold are split over both domains; 4 -> 2 ranks."""
+    writes above the engine's shard threshold are split over both domains; 4 -> 2 ranks. The
+    column shard's rows are 64 KiB, long enough to go out one by one rather than packed."""
     params = (
         ParamSpec("big", (1536, 1024)),  # 3 MiB
-        ParamSpec("col", (512, 2048)),
+        ParamSpec("col", (16, 65536)),
         ParamSpec("vec", (4096,)),
     )
     train = TrainingLayout(
@@ -378,7 +379,26 @@ def test_large_bf16_direct_writes_two_domains(pool):
         for v in range(2):
             stats = c.push(v)
             assert sum(s["fill_s"] for s in stats) == 0.0  # nothing went through staging
-            assert c.check(v, c.wait(v)) == 2 * (1536 * 1024 + 512 * 2048) + 2 * 2 * 4096
+            assert c.check(v, c.wait(v)) == 2 * (1536 * 1024 + 16 * 65536) + 2 * 2 * 4096
+            c.release(v)
+    finally:
+        c.close()
+
+
+def test_short_bf16_rows_of_column_shards_are_packed(pool):
+    """bf16 column shards with short rows (resident, no conversion): the sender packs each
+    range's rows through its staging buffer and writes it once; every byte lands; 2 -> 3."""
+    params = (ParamSpec("col", (96, 384)), ParamSpec("row", (64, 64)))
+    train = TrainingLayout(params, 2, {"col": (row_shard((1, 0)),), "row": (row_shard((0, 1)),)})
+    infer = InferenceLayout(
+        params, 3, {"col": (col_shard((0, 1, 2)),), "row": (row_shard((2, 1, 0)),)}
+    )
+    c = Cluster(pool, train, infer, seed=8, sender={"depth": 2, "staging_bytes": 8192})
+    try:
+        for v in range(2):
+            stats = c.push(v)
+            assert sum(s["fill_s"] for s in stats) > 0.0  # the column rows went through staging
+            assert c.check(v, c.wait(v)) == 2 * (96 * 384 + 64 * 64)
             c.release(v)
     finally:
         c.close()

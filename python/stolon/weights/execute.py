@@ -39,7 +39,7 @@ import numpy as np
 from ..errors import StolonError
 from .convert import amax_by_block, grid_shape, quantize, scale_from_amax
 from .layout import ITEMSIZE, numpy_dtype
-from .plan import WeightPlan
+from .plan import PACK_ROWS_BELOW, WeightPlan
 
 __all__ = [
     "IMM_DATA",
@@ -323,8 +323,10 @@ class _Program:
             )
             if p in self.fp8:
                 self.rows_by_param.setdefault(p, []).append(row)
-            if not host_copy and s_dt == d_dt:
-                _, lb, so, ln, cnt, sst, _, do, dst = row
+            _, lb, so, ln, cnt, sst, _, do, dst = row
+            # short runs that land back to back go through staging to be packed (one write)
+            pack = cnt > 1 and dst == ln and ln * isz_d < PACK_ROWS_BELOW
+            if not host_copy and s_dt == d_dt and not pack:
                 if cnt == 1:
                     direct.append(
                         (

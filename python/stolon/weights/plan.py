@@ -51,6 +51,13 @@ class PlanError(AssertionError):
     """A plan does not cover its destinations exactly once (raised by the verifiers)."""
 
 
+#: A range whose runs are shorter than this (bytes, at the destination) and land back to back
+#: there goes through the sender's staging buffer even without a conversion: packing its runs
+#: costs a local copy, and saves one network write per run (a column shard of a row-major
+#: tensor arrives row by row).
+PACK_ROWS_BELOW = 64 << 10
+
+
 _COLUMNS = (
     ("param", np.int32),
     ("src_rank", np.int32),
@@ -1035,9 +1042,11 @@ class CostModel:
         wire = el * isz_d[d.param]
         ts, ti = train.world, infer.world
         # Writes per range, as the executor issues them: a range of `count` runs is `count`
-        # writes, except where it goes through staging (converted, or offloaded shards), which
-        # packs the runs back to back, and the destination holds them back to back too.
-        staged = fp8[d.param] | (isz_s[d.param] != isz_d[d.param]) | self.offload
+        # writes, except where it goes through staging (converted, offloaded shards, or short
+        # runs: PACK_ROWS_BELOW), which packs the runs back to back, and the destination holds
+        # them back to back too.
+        small = (d.count > 1) & (d.length * isz_d[d.param] < PACK_ROWS_BELOW)
+        staged = fp8[d.param] | (isz_s[d.param] != isz_d[d.param]) | self.offload | small
         packed = staged & (d.dst_stride == d.length)
         ops = np.where(packed, 1, d.count)
         out: Dict[str, np.ndarray] = {
