@@ -95,8 +95,12 @@ def receiver(cfg: Dict[str, Any], conn) -> None:
                 # GPU work gated on a completion flag, queued before any data arrives: a
                 # stream waits (cuStreamWaitValue64) until the engine sets the flag when `count`
                 # immediates have landed, then copies the buffer. No CPU launch after arrival.
-                _, imm, count, n = cmd
-                flag = stolon.HostCounter(device=cfg["device"])
+                _, imm, count, n, *kind = cmd
+                # a host-mapped counter, or a flag in GPU memory set through GDRCopy
+                if kind and kind[0] == "gdr":
+                    flag = stolon.GpuFlag(cfg["device"])
+                else:
+                    flag = stolon.HostCounter(device=cfg["device"])
                 eng.expect_imm_flag(imm, count, flag, value=1, timeout=60)
                 stream = torch.cuda.Stream()
                 flag_out = torch.zeros(n, dtype=torch.uint8, device=dst.device)

@@ -183,7 +183,12 @@ def test_expandable_segments_memory_moves_over_nvlink(seed: int) -> None:
 
 @needs_two
 @pytest.mark.timeout(300)
-def test_completion_flag_gates_gpu_work_without_a_cpu_launch() -> None:
+@pytest.mark.parametrize("kind", ["host", "gdr"])
+def test_completion_flag_gates_gpu_work_without_a_cpu_launch(kind: str) -> None:
+    """A stream waits on a completion flag the engine sets when the data landed: a host-mapped
+    HostCounter, or a GpuFlag in GPU memory written through GDRCopy (where it is installed)."""
+    if kind == "gdr" and not stolon.GpuFlag.available():
+        pytest.skip("GDRCopy is not installed here (libgdrapi and the gdrdrv module)")
     roles = _roles()
     size = 8 * MiB
     rx = roles.Remote({"device": 1, "size": size, "nvlink": True})
@@ -193,7 +198,7 @@ def test_completion_flag_gates_gpu_work_without_a_cpu_launch() -> None:
             src = torch.randint(0, 256, (size,), dtype=torch.uint8, device="cuda:0")
             region = eng.register(src)
             n = eng.imm_count_for(region, rx.gpu_desc, size)
-            rx.conn.send(("gated_copy", 9, n, size))
+            rx.conn.send(("gated_copy", 9, n, size, kind))
             assert rx.result() is None  # the gated copy is queued; nothing has been written
             time.sleep(0.2)
             eng.write(region, 0, rx.gpu_desc, 0, size, imm=9).wait(30)

@@ -136,3 +136,15 @@ def test_watch_callbacks_run_off_the_worker_thread() -> None:
         c.add()
         assert done.wait(10)
         assert seen[0][1:] == (0, 1)
+
+
+def test_gpu_flags_need_gdrcopy_and_say_so() -> None:
+    """Without GDRCopy (and here without CUDA) a GpuFlag cannot be made: a typed error saying
+    why; `available()` answers without raising. expect_imm_flag takes only counters or flags."""
+    if stolon.GpuFlag.available():
+        pytest.skip("GDRCopy is installed here; tests/test_gpu.py uses it")
+    with pytest.raises(stolon.CudaUnavailableError):
+        stolon.GpuFlag(0)
+    with stolon.TransferEngine("tcp", 1, nodes=loopback_nodes("tcp", 1)) as eng:
+        with pytest.raises(stolon.InvalidArgumentError, match="HostCounter or a GpuFlag"):
+            eng.expect_imm_flag(1, 1, object())

@@ -42,7 +42,8 @@
 //! - the safe types re-exported here: [`Device`], [`Context`], [`DeviceBuffer`],
 //!   [`PinnedHostBuffer`], [`HostRegistration`], [`HostCounter`], [`Stream`], [`Event`],
 //!   [`IpcMemHandle`]/[`IpcMapping`], [`VmmAllocation`]/[`MappedVmm`], [`Module`]/[`Function`],
-//!   [`DmaBuf`] ([`export_dmabuf`]: device memory as a dma-buf for RDMA registration).
+//!   [`DmaBuf`] ([`export_dmabuf`]: device memory as a dma-buf for RDMA registration),
+//!   [`GpuFlag`] (a word of device memory the CPU writes through GDRCopy, [`gdr`]).
 //!   Raw-address operations on memory the crate does not own (copies, stream memory operations,
 //!   registration, kernel launches) stay `unsafe fn`, each saying what it needs.
 //!
@@ -112,6 +113,7 @@
 pub mod device;
 pub mod dmabuf;
 pub mod error;
+pub mod gdr;
 pub mod ipc;
 pub mod memory;
 pub mod module;
@@ -123,6 +125,7 @@ pub mod vmm;
 pub use device::{device_count, Context, ContextGuard, Device};
 pub use dmabuf::{export_dmabuf, DmaBuf};
 pub use error::{Error, Result};
+pub use gdr::{Gdr, GpuFlag};
 pub use ipc::{IpcExport, IpcMapping, IpcMemHandle};
 pub use memory::{
     pointer_info, DeviceBuffer, HostCounter, HostRegistration, MemoryType, PinnedHostBuffer,

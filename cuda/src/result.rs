@@ -670,6 +670,28 @@ pub unsafe fn pointer_get_attribute<T: Default>(
     Ok(v)
 }
 
+/// Sets `CU_POINTER_ATTRIBUTE_SYNC_MEMOPS` on the allocation holding `ptr`: memory operations
+/// on it complete synchronously, as GDRCopy needs for CPU stores through a BAR mapping. A
+/// driver without `cuPointerSetAttribute` (never seen) is left as it is.
+///
+/// # Errors
+/// A driver error (e.g. `ptr` is not device memory of the current context).
+pub fn pointer_set_sync_memops(ptr: CUdeviceptr) -> Result<()> {
+    let d = driver()?;
+    let Some(f) = d.cuPointerSetAttribute else {
+        return Ok(());
+    };
+    let on: c_uint = 1;
+    // SAFETY: for SYNC_MEMOPS the driver reads one unsigned int through the value pointer.
+    check(d, "cuPointerSetAttribute", unsafe {
+        f(
+            (&on as *const c_uint).cast(),
+            sys::CU_POINTER_ATTRIBUTE_SYNC_MEMOPS,
+            ptr,
+        )
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // CUDA IPC.
 
@@ -799,7 +821,7 @@ pub unsafe fn mem_export_to_fd(h: sys::CUmemGenericAllocationHandle) -> Result<O
 
 /// `cuMemGetHandleForAddressRange` with `CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD`: a dma-buf file
 /// descriptor for `len` bytes of device memory at `ptr` (both must be multiples of the host page
-/// size; [`crate::memory::dmabuf_range`] computes such a range). Needs a current context.
+/// size; [`crate::dmabuf::dmabuf_range`] computes such a range). Needs a current context.
 ///
 /// # Errors
 /// [`Error::Unsupported`] when the driver does not export the entry point (older than CUDA

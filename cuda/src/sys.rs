@@ -89,6 +89,7 @@ pub const CU_POINTER_ATTRIBUTE_CONTEXT: CUpointer_attribute = 1;
 pub const CU_POINTER_ATTRIBUTE_MEMORY_TYPE: CUpointer_attribute = 2;
 pub const CU_POINTER_ATTRIBUTE_DEVICE_POINTER: CUpointer_attribute = 3;
 pub const CU_POINTER_ATTRIBUTE_HOST_POINTER: CUpointer_attribute = 4;
+pub const CU_POINTER_ATTRIBUTE_SYNC_MEMOPS: CUpointer_attribute = 6;
 pub const CU_POINTER_ATTRIBUTE_BUFFER_ID: CUpointer_attribute = 7;
 pub const CU_POINTER_ATTRIBUTE_IS_MANAGED: CUpointer_attribute = 8;
 pub const CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL: CUpointer_attribute = 9;
@@ -403,6 +404,9 @@ driver_api! {
         /// argument points to an `int`). Older drivers lack it.
         cuMemGetHandleForAddressRange ["cuMemGetHandleForAddressRange"]
             (*mut c_void, CUdeviceptr, usize, CUmemRangeHandleType, c_ulonglong);
+        /// Sets a pointer attribute (GDRCopy wants SYNC_MEMOPS on memory it maps).
+        cuPointerSetAttribute ["cuPointerSetAttribute"]
+            (*const c_void, CUpointer_attribute, CUdeviceptr);
     }
 }
 

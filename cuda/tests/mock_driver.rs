@@ -878,3 +878,88 @@ fn a_driver_without_the_entry_point_still_loads_and_says_dmabuf_is_unsupported()
     let Some((_g, _m)) = mock() else { return };
     run_child("old_driver", &[(OLD_DRIVER, "1")], None);
 }
+
+/// Builds the GDRCopy stand-in (`tests/mock_libgdrapi.c`) once; its path.
+fn gdr_mock() -> Option<&'static PathBuf> {
+    static GDR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    GDR.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("stolon-gdr-mock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let so = dir.join("libgdrapi.so.2");
+        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mock_libgdrapi.c");
+        let out = Command::new("cc")
+            .args(["-shared", "-fPIC", "-O1", "-o"])
+            .arg(&so)
+            .arg(src)
+            .output()
+            .ok()?;
+        assert!(
+            out.status.success(),
+            "building the GDRCopy mock failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(so)
+    })
+    .as_ref()
+}
+
+fn gdr_live(so: &PathBuf) -> c_int {
+    // SAFETY: the mock is already loaded by stolon-cuda; this is a second handle to it, and
+    // mock_gdr_live is `int mock_gdr_live(void)`.
+    unsafe {
+        let lib = libloading::Library::new(so).unwrap();
+        let f = lib
+            .get::<unsafe extern "C" fn() -> c_int>(b"mock_gdr_live")
+            .unwrap();
+        f()
+    }
+}
+
+#[test]
+fn gpu_flags_pin_and_map_one_gpu_page_and_undo_both() {
+    let Some((_g, _m)) = mock() else { return };
+    let Some(so) = gdr_mock() else { return };
+    std::env::set_var(stolon_cuda::gdr::ENV_LIBGDRAPI, so);
+    let c = ctx(0);
+    let flag = stolon_cuda::GpuFlag::new(&c).unwrap();
+    let gdr = stolon_cuda::Gdr::get().unwrap();
+    assert_eq!(gdr.path, so.to_string_lossy());
+    // Pinned and mapped exactly once, at a GPU-page boundary.
+    assert_eq!(gdr_live(so), 1000 + 10 + 1);
+    assert_eq!(flag.device_ptr() % stolon_cuda::gdr::GPU_PAGE as u64, 0);
+    assert_eq!(flag.load(), 0);
+    flag.store(0xABCD_0001);
+    assert_eq!(flag.load(), 0xABCD_0001);
+    // The mock's device memory is host memory, and its mapping is the memory itself: the
+    // store is at the device address the GPU would poll.
+    // SAFETY: a live mock allocation (see above), 8 bytes at a page boundary.
+    assert_eq!(unsafe { *(flag.device_ptr() as *const u64) }, 0xABCD_0001);
+    let second = stolon_cuda::GpuFlag::new(&c).unwrap();
+    assert_ne!(second.device_ptr(), flag.device_ptr());
+    assert_eq!(gdr_live(so), 2 * 1010 + 1);
+    drop((flag, second));
+    // Unmapped and unpinned; the gdr_t stays open for the next flag.
+    assert_eq!(gdr_live(so), 1);
+}
+
+#[test]
+fn without_the_gdrdrv_module_gdrcopy_is_unsupported() {
+    let Some((_g, _m)) = mock() else { return };
+    let Some(so) = gdr_mock() else { return };
+    std::env::set_var("MOCK_GDR_NO_DRIVER", "1");
+    let r = stolon_cuda::Gdr::load(&[so.to_string_lossy().into_owned()]);
+    std::env::remove_var("MOCK_GDR_NO_DRIVER");
+    let e = r.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Unsupported {
+                what: "GDRCopy",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("gdrdrv"), "{e}");
+}

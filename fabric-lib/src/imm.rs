@@ -189,6 +189,9 @@ impl ImmCounter {
                 (*(ptr as *const std::sync::atomic::AtomicU64))
                     .store(v, std::sync::atomic::Ordering::Release)
             };
+            // A full fence: where the flag is a write-combining mapping of GPU memory
+            // (GDRCopy), it drains the combining buffer, so the GPU sees the store now.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             drop(owner);
         };
         let mut st = self.state.lock().unwrap();

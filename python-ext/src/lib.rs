@@ -464,6 +464,82 @@ impl HostCounter {
     }
 }
 
+/// A 64-bit flag in GPU memory that the CPU sets through GDRCopy (a BAR mapping), for GPU work
+/// that waits on it: a kernel polling `device_ptr` reads its own memory instead of host memory
+/// across PCIe. Needs `libgdrapi` and the `gdrdrv` module; without them the constructor raises
+/// `CudaUnavailableError` saying why, and a `HostCounter(device=N)` does the same job. Starts at 0.
+#[pyclass(module = "stolon._native", frozen)]
+struct GpuFlag {
+    flag: Arc<stolon_cuda::GpuFlag>,
+    ctx: Arc<stolon_cuda::Context>,
+    device: usize,
+}
+
+#[pymethods]
+impl GpuFlag {
+    #[new]
+    fn new(device: usize) -> PyResult<Self> {
+        let dev = stolon_cuda::Device::get(device).map_err(cuda_err)?;
+        let ctx = dev.primary_context().map_err(cuda_err)?;
+        let flag = stolon_cuda::GpuFlag::new(&ctx).map_err(|e| match e {
+            stolon_cuda::Error::Unsupported { .. } => {
+                stolon_err("CudaUnavailableError", e.to_string())
+            }
+            e => cuda_err(e),
+        })?;
+        Ok(GpuFlag {
+            flag: Arc::new(flag),
+            ctx,
+            device,
+        })
+    }
+    /// Whether GDRCopy can be used here (the library loads and `gdr_open` succeeds).
+    #[staticmethod]
+    fn available() -> bool {
+        stolon_cuda::Gdr::get().is_ok()
+    }
+    /// The current value (an uncached read through the mapping; not for tight polling).
+    #[getter]
+    fn value(&self) -> u64 {
+        self.flag.load()
+    }
+    /// Sets the value from the CPU (store, then a fence that drains write combining).
+    fn set(&self, value: u64) {
+        self.flag.store(value)
+    }
+    /// Device address of the flag, for kernels.
+    #[getter]
+    fn device_ptr(&self) -> u64 {
+        self.flag.device_ptr()
+    }
+    /// The CUDA device ordinal.
+    #[getter]
+    fn device(&self) -> usize {
+        self.device
+    }
+    /// Makes later work on `stream` wait until the flag is >= `value` (`cuStreamWaitValue64`).
+    #[pyo3(signature = (value, stream=0))]
+    fn wait_on_stream(&self, value: u64, stream: usize) -> PyResult<()> {
+        // SAFETY: the caller passes a live CUstream of this device's primary context or 0.
+        let s = unsafe {
+            stolon_cuda::Stream::from_raw(&self.ctx, stream as stolon_cuda::sys::CUstream)
+        };
+        // SAFETY: the device address belongs to this flag, alive as long as self.
+        unsafe {
+            stolon_cuda::stream_wait_value64(
+                &s,
+                self.flag.device_ptr(),
+                value,
+                stolon_cuda::WaitCondition::GreaterOrEqual,
+            )
+        }
+        .map_err(cuda_err)
+    }
+    fn __repr__(&self) -> String {
+        format!("GpuFlag(value={}, device={})", self.value(), self.device)
+    }
+}
+
 /// A validated, planned transfer not submitted yet: `engine.submit(p)` or a watch step.
 #[pyclass(module = "stolon._native", frozen)]
 struct PreparedTransfer {
@@ -816,26 +892,39 @@ impl TransferEngine {
     }
 
     /// Once `imm` has arrived `count` times (consuming them), the worker stores `value` into
-    /// `counter` immediately (a GPU-visible completion flag when the counter has a device);
-    /// u64::MAX is stored if `timeout` passes first.
+    /// `counter` immediately: a `HostCounter` (GPU-visible when it has a device) or a `GpuFlag`
+    /// (in GPU memory, through GDRCopy); u64::MAX is stored if `timeout` passes first.
     #[pyo3(signature = (imm, count, counter, value=1, timeout=None))]
     fn expect_imm_flag(
         &self,
         imm: u32,
         count: u64,
-        counter: &HostCounter,
+        counter: &Bound<'_, PyAny>,
         value: u64,
         timeout: Option<f64>,
     ) -> PyResult<()> {
-        // SAFETY: as in `watch`.
+        let (ptr, owner): (usize, Box<dyn std::any::Any + Send + Sync>) =
+            if let Ok(c) = counter.downcast::<HostCounter>() {
+                let c = c.get();
+                (c.ptr(), c.owner())
+            } else if let Ok(f) = counter.downcast::<GpuFlag>() {
+                let f = f.get();
+                (f.flag.host_ptr() as usize, Box::new(f.flag.clone()))
+            } else {
+                return Err(to_py(fl::Error::InvalidArgument(
+                    "counter must be a HostCounter or a GpuFlag".into(),
+                )));
+            };
+        // SAFETY: as in `watch`: the owner keeps the flag's memory (and mapping) alive until
+        // the store ran.
         unsafe {
             self.inner.imm_counter().expect_store(
                 imm,
                 count,
                 dur(timeout)?,
-                counter.ptr(),
+                ptr,
                 value,
-                Some(counter.owner()),
+                Some(owner),
             )
         }
         .map_err(to_py)
@@ -1237,6 +1326,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<MemoryDescriptor>()?;
     m.add_class::<Address>()?;
     m.add_class::<HostCounter>()?;
+    m.add_class::<GpuFlag>()?;
     m.add_class::<PreparedTransfer>()?;
     m.add_class::<moe::MoeAllToAll>()?;
     m.add_function(wrap_pyfunction!(cuda_info, m)?)?;

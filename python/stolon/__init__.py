@@ -8,7 +8,14 @@ tcp, shm, udp), sharded across several NICs. Receivers count immediates; nothing
 from __future__ import annotations
 
 from . import errors
-from ._native import HostCounter, PreparedTransfer, cuda_info, libfabric_info, list_providers
+from ._native import (
+    GpuFlag,
+    HostCounter,
+    PreparedTransfer,
+    cuda_info,
+    libfabric_info,
+    list_providers,
+)
 from .engine import Address, MemoryDescriptor, MemoryRegion, TransferEngine, TransferFuture
 from .errors import *  # noqa: F403
 
@@ -17,6 +24,7 @@ __all__ = [
     "TransferFuture",
     "PreparedTransfer",
     "HostCounter",
+    "GpuFlag",
     "cuda_info",
     "MemoryRegion",
     "MemoryDescriptor",

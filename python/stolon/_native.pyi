@@ -1,11 +1,12 @@
 """Type stubs for the native module (checked against the built module by mypy.stubtest)."""
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, final
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, final
 
 from typing_extensions import disjoint_base
 
 __all__ = [
     "Address",
+    "GpuFlag",
     "HostCounter",
     "PreparedTransfer",
     "cuda_info",
@@ -80,6 +81,20 @@ class TransferFuture:
     def imm_counts(self) -> List[int]: ...
     @property
     def imm_count(self) -> int: ...
+
+@final
+class GpuFlag:
+    def __new__(cls, device: int) -> GpuFlag: ...
+    @staticmethod
+    def available() -> bool: ...
+    @property
+    def value(self) -> int: ...
+    def set(self, value: int) -> None: ...
+    @property
+    def device_ptr(self) -> int: ...
+    @property
+    def device(self) -> int: ...
+    def wait_on_stream(self, value: int, stream: int = 0) -> None: ...
 
 @final
 class HostCounter:
@@ -251,7 +266,7 @@ class TransferEngine:
         self,
         imm: int,
         count: int,
-        counter: HostCounter,
+        counter: Union[HostCounter, GpuFlag],
         value: int = 1,
         timeout: Optional[float] = None,
     ) -> None: ...
