@@ -11,14 +11,14 @@ after that waits for the release.
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pytest
 from conftest import require_provider
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from procpool import Pool
+from procpool import Pool, WorkerError
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -78,7 +78,10 @@ def _cmd_setup(state: dict, role: str, rank: int, spec: dict) -> dict:
             eng, plan, rank, bufs, timeout=TIMEOUT, **spec.get("sender", {})
         )
     else:
-        state["obj"] = WeightReceiver(eng, plan, rank, timeout=TIMEOUT)
+        rx_kw = spec.get("receiver", {})
+        if isinstance(rx_kw, list):  # per inference rank
+            rx_kw = rx_kw[rank]
+        state["obj"] = WeightReceiver(eng, plan, rank, timeout=TIMEOUT, **rx_kw)
     return {"info": state["obj"].info(), "fingerprint": plan.fingerprint()}
 
 
@@ -160,6 +163,8 @@ class Cluster:
         seed: int,
         domains: int = 1,
         sender: Optional[dict] = None,
+        receiver: Any = None,
+        connect: bool = True,
     ) -> None:
         assert train.world + infer.world <= WORKERS
         self.pool = pool
@@ -172,12 +177,18 @@ class Cluster:
             "seed": seed,
             "domains": domains,
             "sender": sender or {},
+            "receiver": receiver or {},
         }
         per = [{"role": "train", "rank": r} for r in range(train.world)]
         per += [{"role": "infer", "rank": d} for d in range(infer.world)]
         out = pool.all(self.tw + self.iw, "setup", per=per, spec=spec)
         assert len({o["fingerprint"] for o in out}) == 1  # every process built the same plan
-        infos = [o["info"] for o in out]
+        self.infos = [o["info"] for o in out]
+        if connect:
+            self.connect()
+
+    def connect(self) -> None:
+        pool, train, infer, infos = self.pool, self.train, self.infer, self.infos
         hellos: Dict[Tuple[str, int], List[bytes]] = {}
         for h in pool.all(self.tw, "connect", infos=infos):
             for k, b in h.items():
@@ -350,6 +361,45 @@ def test_2_to_3_staged_host_copy_two_domains(pool):
             c.push(v)
             c.check(v, c.wait(v))
             c.release(v)
+    finally:
+        c.close()
+
+
+def test_one_slot_updates_land_where_the_released_version_was(pool):
+    """slots=1: half the inference memory. Update v + 1 waits until every receiver released v
+    (whose bytes stay intact until then), then lands in the same slot, exact; 2 -> 2, fp8."""
+    model = small_moe()
+    train = fsdp_pp_ep_training(model, pp=2, ep=1, fsdp=1, align=5)
+    infer = ep_tp_inference(model, world=2, ep=2, tp=2)
+    infer.block = (16, 16)
+    c = Cluster(pool, train, infer, seed=13, receiver={"slots": 1})
+    try:
+        c.push(0)
+        c.check(0, c.wait(0))
+        c.start_push(1)
+        time.sleep(1.0)
+        assert not any(pool.conns[i].poll(0) for i in c.tw), "update 1 did not wait for release"
+        c.check(0, c.read(0))  # still whole: nothing of update 1 was written
+        c.release(0)
+        c.finish_push()
+        c.check(1, c.wait(1))
+        c.release(1)
+        c.push(2)
+        assert c.check(2, c.wait(2)) > 0
+    finally:
+        c.close()
+
+
+def test_receivers_must_agree_on_the_number_of_slots(pool):
+    """A sender refuses receivers with different slot counts (it could not tell which release
+    frees which slot), naming them; nothing is written."""
+    params = (ParamSpec("w", (64, 32)),)
+    train = TrainingLayout(params, 1, {"w": (whole(0),)})
+    infer = InferenceLayout(params, 2, {"w": (row_shard((0, 1)),)})
+    c = Cluster(pool, train, infer, seed=1, receiver=[{"slots": 1}, {"slots": 2}], connect=False)
+    try:
+        with pytest.raises(WorkerError, match="must use the same number"):
+            c.connect()
     finally:
         c.close()
 

@@ -2,21 +2,22 @@
 
 Roles
 -----
-- :class:`WeightReceiver` (one per inference rank) registers one region holding **two slots**;
-  update ``v`` lands in slot ``v % 2``. It learns that ``v`` has fully landed by waiting for an
-  exact count of immediate ``DATA(v)`` (the sum of what each training rank promised at connect
-  time), checks a per-sender version stamp, and hands out read-only views. When it stops reading
-  a version it calls :meth:`WeightReceiver.release`, a zero-byte write with immediate
-  ``RELEASE(v)`` to each of its senders. It runs no collective and never writes weights.
+- :class:`WeightReceiver` (one per inference rank) registers one region holding **two slots**
+  (or one, ``slots=1``); update ``v`` lands in slot ``v % slots``. It learns that ``v`` has
+  fully landed by waiting for an exact count of immediate ``DATA(v)`` (the sum of what each
+  training rank promised at connect time), checks a per-sender version stamp, and hands out
+  read-only views. When it stops reading a version it calls :meth:`WeightReceiver.release`, a
+  zero-byte write with immediate ``RELEASE(v)`` to each of its senders. It runs no collective
+  and never writes weights.
 - :class:`WeightSender` (one per training rank) executes its share of the plan: for fp8
   parameters it first agrees on tile scales with the training peers that share tiles (partial
-  ``max |x|`` written one-sidedly into their ``amax`` inbox, counted with ``AMAX(v)``), then waits
-  until every receiver released ``v - 2`` (so slot ``v % 2`` is free), then streams the plan's
-  ranges: directly from its registered parameter buffers when no conversion is needed, otherwise
-  through a ring of ``depth`` staging buffers of ``staging_bytes`` each (gather, optionally
-  convert, write; a buffer is refilled only after its writes completed, which bounds memory),
-  writes its tile scales and finally its version stamps. Every write of update ``v`` carries
-  ``DATA(v)``.
+  ``max |x|`` written one-sidedly into their ``amax`` inbox, counted with ``AMAX(v)``), then
+  waits until every receiver released ``v - slots`` (so the slot of ``v`` is free), then
+  streams the plan's ranges: directly from its registered parameter buffers when no conversion
+  is needed, otherwise through a ring of ``depth`` staging buffers of ``staging_bytes`` each
+  (gather, optionally convert, write; a buffer is refilled only after its writes completed,
+  which bounds memory), writes its tile scales and finally its version stamps. Every write of
+  update ``v`` carries ``DATA(v)``.
 
 Nothing depends on the order in which writes land: the receiver counts immediates. Descriptors,
 addresses and counts are exchanged as bytes (:meth:`info`, :meth:`connect`, :meth:`accept`)
@@ -597,12 +598,17 @@ def _loads(b: bytes) -> Dict[str, Any]:
 
 
 class WeightReceiver:
-    """An inference rank: registers two slots of parameter memory and waits for updates.
+    """An inference rank: registers slots of parameter memory and waits for updates.
 
     ``info()`` goes to every training rank; the hellos the senders return go to
     :meth:`accept`. Then :meth:`wait` for each version, read, :meth:`release`.
     ``device="cuda:N"`` keeps the slots in GPU memory (snapshots are then torch tensors); once
     :meth:`wait` returns, every byte of the version is in that memory.
+
+    ``slots=2`` (default): update ``v`` lands in slot ``v % 2`` while ``v - 1`` can still be
+    read. ``slots=1`` halves the memory: update ``v`` lands where ``v - 1`` was, so the senders
+    wait until ``v - 1`` was released, and a snapshot must not be read after its release (pause
+    serving between releasing ``v - 1`` and waiting for ``v``).
     """
 
     def __init__(
@@ -613,20 +619,25 @@ class WeightReceiver:
         *,
         timeout: float = 60.0,
         device: Optional[str] = None,
+        slots: int = 2,
     ) -> None:
+        if slots not in (1, 2):
+            raise WeightTransferError(f"slots must be 1 or 2, got {slots}")
         self.engine = engine
         self.plan = plan
         self.rank = rank
         self.timeout = timeout
         self.layout = slot_layout(plan, rank)
         self.device = device
+        self.slots = slots
         self.memory: Any
+        total = slots * self.layout.slot_bytes
         if device is None:
-            self.memory = np.zeros(2 * self.layout.slot_bytes, dtype=np.uint8)
+            self.memory = np.zeros(total, dtype=np.uint8)
         else:  # torch memory on `device` ("cuda:N": GPU slots; the engine needs cuda_device)
             import torch
 
-            self.memory = torch.zeros(2 * self.layout.slot_bytes, dtype=torch.uint8, device=device)
+            self.memory = torch.zeros(total, dtype=torch.uint8, device=device)
         self.region = engine.register(self.memory)
         self._expected: Optional[int] = None
         self._senders: Dict[int, Any] = {}
@@ -642,6 +653,7 @@ class WeightReceiver:
                 "address": _b64(self.engine.address.to_bytes()),
                 "slots": _b64(self.region.descriptor.to_bytes()),
                 "slot_bytes": self.layout.slot_bytes,
+                "num_slots": self.slots,
             }
         )
 
@@ -675,7 +687,8 @@ class WeightReceiver:
     def slot(self, version: int) -> Any:
         """The bytes of the slot ``version`` lands in."""
         n = self.layout.slot_bytes
-        return self.memory[(version % 2) * n : (version % 2 + 1) * n]
+        k = version % self.slots
+        return self.memory[k * n : (k + 1) * n]
 
     def ready(self, version: int) -> bool:
         """Whether all of ``version`` has landed (non-blocking)."""
@@ -692,7 +705,7 @@ class WeightReceiver:
             t = self.timeout if timeout is None else timeout
             self.engine.wait_imm(imm_for(IMM_DATA, version), self.expected_imms, t)
             self._landed.add(version)
-            self._landed.discard(version - 2)
+            self._landed.discard(version - self.slots)
         slot = self.slot(version)
         raw = slot[: 8 * len(self.layout.senders)]
         if not isinstance(raw, np.ndarray):
@@ -706,7 +719,8 @@ class WeightReceiver:
         return unpack_slot(self.layout, slot, version)
 
     def release(self, version: int, timeout: Optional[float] = None) -> None:
-        """Tells every sender that slot ``version % 2`` may be overwritten (by ``version + 2``)."""
+        """Tells every sender that the slot of ``version`` may be overwritten (by ``version +
+        slots``); with one slot, views of ``version`` must not be read after this."""
         t = self.timeout if timeout is None else timeout
         futs = [
             self.engine.write_imm(a, imm_for(IMM_RELEASE, version), timeout=t)
@@ -774,6 +788,7 @@ class WeightSender:
         self._counts: Dict[int, int] = {}
         self._amax_expected: Optional[int] = None
         self._pushed: set = set()
+        self._slots: Optional[int] = None  # slots of every receiver (they must agree)
 
     def info(self) -> bytes:
         """Bytes for peers: address, amax inbox and where each peer writes in it."""
@@ -804,6 +819,13 @@ class WeightSender:
                 if m["slot_bytes"] != pr.layouts[r].slot_bytes:
                     raise WeightTransferError(f"inference rank {r}: slot size differs")
                 self._dst[r] = (MemoryDescriptor.from_bytes(_unb64(m["slots"])), m["slot_bytes"])
+                k = int(m.get("num_slots", 2))
+                if self._slots is not None and k != self._slots:
+                    raise WeightTransferError(
+                        f"inference rank {r} has {k} slots, another receiver {self._slots}: "
+                        "every receiver of a plan must use the same number"
+                    )
+                self._slots = k
             elif m["kind"] == "train" and r in pr.peer_tiles:
                 off = m["inbox_off"].get(str(self.rank))
                 if off is None:
@@ -882,7 +904,7 @@ class WeightSender:
     def _submit(
         self, req: _Request, version: int, imm: int, t: float
     ) -> List[Tuple[Any, List[int]]]:
-        par = version % 2
+        par = version % (self._slots or 2)  # the slot this version lands in
         src = self._regions[req[1]]
         if req[0] == "scatter":
             items = []
@@ -915,7 +937,7 @@ class WeightSender:
         """Writes update ``version`` (versions go up by one per update). Returns phase timings.
 
         Blocks until every write completed locally; waits (up to ``timeout``) for the receivers'
-        release of ``version - 2`` before touching slot ``version % 2``.
+        release of ``version - slots`` before touching the slot of ``version``.
         """
         if self._amax_expected is None:
             raise WeightTransferError("connect() and accept() first")
@@ -958,9 +980,10 @@ class WeightSender:
             pr.sync()
         t1 = time.perf_counter()
         stats["amax_s"] = t1 - t0
-        # 2. the slot is free once every receiver released version - 2
-        if version - 2 in self._pushed and pr.receivers:
-            eng.wait_imm(imm_for(IMM_RELEASE, version - 2), len(pr.receivers), t)
+        # 2. the slot is free once every receiver released the version that was in it
+        prev = version - (self._slots or 2)
+        if prev in self._pushed and pr.receivers:
+            eng.wait_imm(imm_for(IMM_RELEASE, prev), len(pr.receivers), t)
         t2 = time.perf_counter()
         stats["release_wait_s"] = t2 - t1
         imm = imm_for(IMM_DATA, version)
@@ -1005,7 +1028,7 @@ class WeightSender:
                 f"rank {self.rank}: sent immediates {got}, promised {self._counts}"
             )
         self._pushed.add(version)
-        self._pushed.discard(version - 2)
+        self._pushed.discard(version - 2)  # (only version - slots is ever looked up)
         stats.update(
             fill_s=fill_s,
             submit_s=t3 - t2 - fill_s,
