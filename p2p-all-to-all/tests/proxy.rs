@@ -32,12 +32,16 @@ struct Rank {
     masks: Box<[u64]>,
 }
 
-fn layout() -> ProxyLayout {
-    let mut c = Config::new(0, 2, 8, 2, 16, 64);
-    c.ranks_per_node = 1;
-    let l = c.layout().unwrap();
+fn config(world: usize) -> Config {
+    let mut c = Config::new(0, world, 8, 2, 16, 64);
+    c.ranks_per_node = world / 2;
+    c
+}
+
+fn layout(world: usize) -> ProxyLayout {
+    let l = config(world).layout().unwrap();
     ProxyLayout {
-        world: 2,
+        world,
         max_tokens: 16,
         slot_bytes: l.slot_bytes,
         meta_bytes: l.meta_bytes,
@@ -66,13 +70,13 @@ fn rank(rx_len: usize, l: &ProxyLayout, cfg: EngineConfig) -> Option<Rank> {
         tx: reg(l.tx_total()),
         headers_out: reg(l.headers_total()),
         headers_in: reg(l.headers_total()),
-        mailbox: vec![0u64; 2 * MAILBOX_WORDS].into_boxed_slice(),
+        mailbox: vec![0u64; l.world * MAILBOX_WORDS].into_boxed_slice(),
         masks: vec![0u64; l.max_tokens].into_boxed_slice(),
         engine,
     })
 }
 
-fn proxy(r: &mut Rank, me: usize, peer: &Rank, l: ProxyLayout) -> Proxy {
+fn proxy(r: &mut Rank, me: usize, peers: &[(usize, &Rank)], l: ProxyLayout) -> Proxy {
     let local = ProxyLocal {
         rank: me,
         tx: r.tx.clone(),
@@ -81,11 +85,14 @@ fn proxy(r: &mut Rank, me: usize, peer: &Rank, l: ProxyLayout) -> Proxy {
         mailbox: r.mailbox.as_mut_ptr(),
         masks: r.masks.as_ptr(),
     };
-    let peers = vec![ProxyPeer {
-        rank: 1 - me,
-        rx: peer.rx.descriptor().clone(),
-        headers: peer.headers_in.descriptor().clone(),
-    }];
+    let peers = peers
+        .iter()
+        .map(|&(rank, peer)| ProxyPeer {
+            rank,
+            rx: peer.rx.descriptor().clone(),
+            headers: peer.headers_in.descriptor().clone(),
+        })
+        .collect();
     Proxy::new(r.engine.clone(), l, 7, local, peers)
 }
 
@@ -164,13 +171,8 @@ fn check_slots(
 const UNTOUCHED: u8 = 0xEE;
 
 fn cross_nodes(engine_cfg: impl Fn() -> EngineConfig) {
-    let l = layout();
-    let cfg = {
-        let mut c = Config::new(0, 2, 8, 2, 16, 64);
-        c.ranks_per_node = 1;
-        c
-    };
-    let rx_len = cfg.layout().unwrap().rx_total;
+    let l = layout(2);
+    let rx_len = config(2).layout().unwrap().rx_total;
     let (Some(mut a), Some(mut b)) = (
         rank(rx_len, &l, engine_cfg()),
         rank(rx_len, &l, engine_cfg()),
@@ -178,8 +180,8 @@ fn cross_nodes(engine_cfg: impl Fn() -> EngineConfig) {
         return;
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let pa = proxy(&mut a, 0, &b, l).spawn(stop.clone());
-    let pb = proxy(&mut b, 1, &a, l).spawn(stop.clone());
+    let pa = proxy(&mut a, 0, &[(1, &b)], l).spawn(stop.clone());
+    let pb = proxy(&mut b, 1, &[(0, &a)], l).spawn(stop.clone());
 
     for step in 1..=3u64 {
         // Rank 0's "dispatch_send" staged its tokens for rank 1 (the slots of the tokens routed
@@ -261,5 +263,105 @@ fn cross_nodes(engine_cfg: impl Fn() -> EngineConfig) {
                 assert_eq!(eng.imm_counter().count(imm_for(7, kind, header, src)), 0);
             }
         }
+    }
+}
+
+fn set_masks(r: &Rank, ntok: usize, mask: impl Fn(usize) -> u64) {
+    for t in 0..ntok {
+        // SAFETY: the masks the proxy reads only after the flag that follows.
+        unsafe {
+            (r.masks.as_ptr() as *mut u64)
+                .add(t)
+                .write_volatile(mask(t))
+        };
+    }
+}
+
+fn stage(r: &Rank, l: &ProxyLayout, peer: usize, ntok: usize, seed: u8) {
+    let (txd, txm, txe) = l.tx_parts(peer);
+    let tx = bytes_mut(&r.tx);
+    for (i, v) in tx[txd..txd + ntok * l.slot_bytes].iter_mut().enumerate() {
+        *v = (i as u8).wrapping_mul(13).wrapping_add(seed);
+    }
+    tx[txm..txm + ntok * l.meta_bytes].fill(seed);
+    tx[txe..txe + l.ecount_bytes].fill(seed);
+}
+
+/// Four ranks on two nodes (0, 1 | 2, 3): rank 0's proxy serves two remote peers at once. Each
+/// gets exactly the slots of the tokens routed to it (from one set of masks), and each sends
+/// back, in the combine, only those.
+#[test]
+fn each_remote_peer_gets_and_returns_only_its_own_tokens() {
+    let l = layout(4);
+    let rx_len = config(4).layout().unwrap().rx_total;
+    let cfg = || EngineConfig::loopback("tcp", 1);
+    let (Some(mut a), Some(mut c), Some(mut d)) = (
+        rank(rx_len, &l, cfg()),
+        rank(rx_len, &l, cfg()),
+        rank(rx_len, &l, cfg()),
+    ) else {
+        return;
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let pa = proxy(&mut a, 0, &[(2, &c), (3, &d)], l).spawn(stop.clone());
+    let pc = proxy(&mut c, 2, &[(0, &a)], l).spawn(stop.clone());
+    let pd = proxy(&mut d, 3, &[(0, &a)], l).spawn(stop.clone());
+    let ntok = 12;
+    let to = |rank: usize, t: usize| match rank {
+        2 => t % 2 == 0,
+        _ => t % 3 == 0,
+    };
+    set_masks(&a, ntok, |t| {
+        1 | (u64::from(to(2, t)) << 2) | (u64::from(to(3, t)) << 3)
+    });
+    let sb = l.slot_bytes;
+    let (rxd0, _, _) = l.rx_parts(0);
+    for (peer, r) in [(2, &c), (3, &d)] {
+        bytes_mut(&r.rx)[rxd0..rxd0 + ntok * sb].fill(UNTOUCHED);
+        stage(&a, &l, peer, ntok, 40 + peer as u8);
+    }
+    let flag = (1u64 << 32) | ntok as u64;
+    for peer in [2, 3] {
+        // SAFETY: the kernels' out-word, read by the proxy thread.
+        unsafe { mailbox(&a, peer, OUT_DFLAG).write_volatile(flag) };
+    }
+    for (peer, r) in [(2usize, &c), (3, &d)] {
+        wait_word(r, 0, IN_DFLAG, flag);
+        let (txd, _, _) = l.tx_parts(peer);
+        let what = format!("dispatch to rank {peer}");
+        check_slots(
+            &bytes_mut(&r.rx)[rxd0..],
+            &bytes_mut(&a.tx)[txd..],
+            ntok,
+            sb,
+            &|t| to(peer, t),
+            &what,
+        );
+    }
+    // Combine: ranks 2 and 3 send back results for rank 0's tokens that came to them.
+    for (peer, r) in [(2usize, &c), (3, &d)] {
+        let (rxd, _, _) = l.rx_parts(peer);
+        bytes_mut(&a.rx)[rxd..rxd + ntok * sb].fill(UNTOUCHED);
+        stage(r, &l, 0, ntok, 90 + peer as u8);
+        // SAFETY: as above.
+        unsafe { mailbox(r, 0, OUT_CFLAG).write_volatile(1) };
+    }
+    for (peer, r) in [(2usize, &c), (3, &d)] {
+        wait_word(&a, peer, IN_CFLAG, 1);
+        let (rxd, _, _) = l.rx_parts(peer);
+        let (txd, _, _) = l.tx_parts(0);
+        let what = format!("combine from rank {peer}");
+        check_slots(
+            &bytes_mut(&a.rx)[rxd..],
+            &bytes_mut(&r.tx)[txd..],
+            ntok,
+            sb,
+            &|t| to(peer, t),
+            &what,
+        );
+    }
+    stop.store(true, Ordering::Release);
+    for p in [pa, pc, pd] {
+        assert_eq!(p.join().unwrap().error(), None);
     }
 }
