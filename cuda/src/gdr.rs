@@ -100,7 +100,10 @@ impl Gdr {
         GDR.get_or_init(|| {
             Gdr::load(&candidate_paths())
                 .map(Arc::new)
-                .map_err(|e| e.to_string())
+                .map_err(|e| match e {
+                    Error::Unsupported { why, .. } => why,
+                    e => e.to_string(),
+                })
         })
         .clone()
         .map_err(unsupported)
@@ -118,7 +121,7 @@ impl Gdr {
             let lib = match unsafe { libloading::Library::new(path) } {
                 Ok(l) => l,
                 Err(e) => {
-                    tried.push(format!("{path}: {e}"));
+                    tried.push(e.to_string());
                     continue;
                 }
             };

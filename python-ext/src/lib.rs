@@ -1280,6 +1280,10 @@ fn cuda_info<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         }
     }
     d.set_item("devices", devs)?;
+    match stolon_cuda::Gdr::get() {
+        Ok(g) => d.set_item("gdrcopy", format!("available ({})", g.path))?,
+        Err(e) => d.set_item("gdrcopy", format!("not available: {e}"))?,
+    }
     Ok(d)
 }
 

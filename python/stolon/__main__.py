@@ -58,6 +58,7 @@ def _info(args: argparse.Namespace) -> int:
         print(f"\nCUDA driver {cu.get('driver_version')}: {len(cu['devices'])} GPU(s)")
         for i, d in enumerate(cu["devices"]):
             print(f"  GPU {i}: {d['name']} at {d['pci_bus_id']}")
+        print(f"  GDRCopy (GpuFlag): {cu.get('gdrcopy')}")
     else:
         print(f"\nCUDA: not usable here ({cu.get('error', 'no GPU')})")
     print("\nTopology:")
