@@ -921,6 +921,8 @@ impl TransferEngine {
         imm: Option<u32>,
     ) -> Vec<Op> {
         use crate::staging::Mem;
+        // The path depends only on the destination: chosen once per destination, not per op.
+        let paths: Vec<Path> = dsts.iter().map(|d| self.path(src, d)).collect();
         plans
             .iter()
             .map(|p| {
@@ -931,7 +933,7 @@ impl TransferEngine {
                     RegionMem::Gpu(_) | RegionMem::GpuDirect(_) => Mem::Gpu(at as u64),
                     RegionMem::Host | RegionMem::StagedHost => Mem::Host(at),
                 };
-                let path = self.path(src, dst);
+                let path = paths[p.dst];
                 let kind = if path == Path::Nvlink {
                     OpKind::NvlinkCopy {
                         src: at as u64,

@@ -32,7 +32,7 @@ pub enum NvlinkMap {
 pub struct Route {
     pub path: Path,
     pub map: Option<NvlinkMap>,
-    pub why_not_nvlink: Option<String>,
+    pub why_not_nvlink: Option<&'static str>,
 }
 
 /// Picks the path from a local source of kind `src` to a destination described by `dst` (its
@@ -46,7 +46,7 @@ pub fn select_path(
     mine: Option<&NvlinkAddr>,
     theirs: Option<&NvlinkAddr>,
 ) -> Route {
-    let fallback = |why: &str| {
+    let fallback = |why: &'static str| {
         let dst_staged = dst.is_some_and(|g| !g.direct);
         let path = if dst_staged || matches!(src, RegionMem::Gpu(_)) {
             Path::Staged
@@ -56,7 +56,7 @@ pub fn select_path(
         Route {
             path,
             map: None,
-            why_not_nvlink: Some(why.to_string()),
+            why_not_nvlink: Some(why),
         }
     };
     if !matches!(src, RegionMem::Gpu(_) | RegionMem::GpuDirect(_)) {
