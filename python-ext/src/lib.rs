@@ -443,17 +443,8 @@ impl HostCounter {
     /// (`cuStreamWaitValue64`).
     #[pyo3(signature = (value, stream=0))]
     fn wait_on_stream(&self, value: u64, stream: usize) -> PyResult<()> {
-        let s = self.stream(stream)?;
-        // SAFETY: as in write_from_stream.
-        unsafe {
-            stolon_cuda::stream_wait_value64(
-                &s,
-                self.cuda()?.device_ptr(),
-                value,
-                stolon_cuda::WaitCondition::GreaterOrEqual,
-            )
-        }
-        .map_err(cuda_err)
+        let c = self.cuda()?;
+        wait_value_on_stream(c.context(), stream, c.device_ptr(), value)
     }
     fn __repr__(&self) -> String {
         format!(
@@ -462,6 +453,29 @@ impl HostCounter {
             self.device
         )
     }
+}
+
+/// Makes later work on the raw CUstream `stream` (of `ctx`; 0 for the legacy stream) wait until
+/// the 64-bit value at `dptr` is >= `value` (`cuStreamWaitValue64`).
+fn wait_value_on_stream(
+    ctx: &Arc<stolon_cuda::Context>,
+    stream: usize,
+    dptr: u64,
+    value: u64,
+) -> PyResult<()> {
+    // SAFETY: the caller passes a live CUstream of this context (e.g.
+    // torch.cuda.current_stream().cuda_stream) or 0; it outlives this call.
+    let s = unsafe { stolon_cuda::Stream::from_raw(ctx, stream as stolon_cuda::sys::CUstream) };
+    // SAFETY: dptr is a counter or flag its owner keeps alive; the wait is only queued.
+    unsafe {
+        stolon_cuda::stream_wait_value64(
+            &s,
+            dptr,
+            value,
+            stolon_cuda::WaitCondition::GreaterOrEqual,
+        )
+    }
+    .map_err(cuda_err)
 }
 
 /// A 64-bit flag in GPU memory that the CPU sets through GDRCopy (a BAR mapping), for GPU work
@@ -520,20 +534,7 @@ impl GpuFlag {
     /// Makes later work on `stream` wait until the flag is >= `value` (`cuStreamWaitValue64`).
     #[pyo3(signature = (value, stream=0))]
     fn wait_on_stream(&self, value: u64, stream: usize) -> PyResult<()> {
-        // SAFETY: the caller passes a live CUstream of this device's primary context or 0.
-        let s = unsafe {
-            stolon_cuda::Stream::from_raw(&self.ctx, stream as stolon_cuda::sys::CUstream)
-        };
-        // SAFETY: the device address belongs to this flag, alive as long as self.
-        unsafe {
-            stolon_cuda::stream_wait_value64(
-                &s,
-                self.flag.device_ptr(),
-                value,
-                stolon_cuda::WaitCondition::GreaterOrEqual,
-            )
-        }
-        .map_err(cuda_err)
+        wait_value_on_stream(&self.ctx, stream, self.flag.device_ptr(), value)
     }
     fn __repr__(&self) -> String {
         format!("GpuFlag(value={}, device={})", self.value(), self.device)
