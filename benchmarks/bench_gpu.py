@@ -72,6 +72,22 @@ def engine_bw(eng, region, desc, rx, size: int, iters: int, window: int = 8) -> 
     return size * iters / (t_end - t0) / 1e9
 
 
+def nvlink_row(torch, op: str, eng, region, rx, size: int) -> dict:
+    """One bandwidth row: the engine's NVLink writes of `size` bytes next to a peer copy of the
+    same size measured right after."""
+    iters = max(20, min(2000, (4 << 30) // size))
+    bw = engine_bw(eng, region, rx.gpu_desc, rx, size, iters)
+    pbw, plat = peer_copy(torch, size, min(iters, 200))
+    return {
+        "op": op,
+        "size_bytes": size,
+        "gb_per_s": bw,
+        "peer_copy_gb_per_s": pbw,
+        "fraction_of_peer_copy": bw / pbw,
+        "peer_copy_latency_us": plat,
+    }
+
+
 def engine_latency(eng, region, desc, own_desc, rx, size: int, samples: int) -> list:
     per_sample = 10
     out = []
@@ -140,17 +156,7 @@ def main() -> int:
         own = eng.register(torch.zeros(big, dtype=torch.uint8, device="cuda:0"))
         assert eng.path(region, rx.gpu_desc) == "nvlink"
         for size in sizes:
-            iters = max(20, min(2000, (4 << 30) // size))
-            bw = engine_bw(eng, region, rx.gpu_desc, rx, size, iters)
-            pbw, plat = peer_copy(torch, size, min(iters, 200))
-            row = {
-                "op": "nvlink_write",
-                "size_bytes": size,
-                "gb_per_s": bw,
-                "peer_copy_gb_per_s": pbw,
-                "fraction_of_peer_copy": bw / pbw,
-                "peer_copy_latency_us": plat,
-            }
+            row = nvlink_row(torch, "nvlink_write", eng, region, rx, size)
             if size <= 64 << 10:
                 lat = engine_latency(eng, region, rx.gpu_desc, own.descriptor, rx, size, 100)
                 row["latency_p50_us"] = pct(lat, 0.5)
@@ -171,16 +177,7 @@ def main() -> int:
         src = torch.randint(0, 256, (big,), dtype=torch.uint8, device="cuda:0")
         region = eng.register(src)
         assert eng.path(region, rx.gpu_desc) == "nvlink", rx.info
-        iters = max(20, min(2000, (4 << 30) // big))
-        bw = engine_bw(eng, region, rx.gpu_desc, rx, big, iters)
-        pbw, _ = peer_copy(torch, big, min(iters, 200))
-        row = {
-            "op": "nvlink_write_vmm",
-            "size_bytes": big,
-            "gb_per_s": bw,
-            "peer_copy_gb_per_s": pbw,
-            "fraction_of_peer_copy": bw / pbw,
-        }
+        row = nvlink_row(torch, "nvlink_write_vmm", eng, region, rx, big)
         rows.append(row)
         print(json.dumps(row), flush=True)
         eng.stop()
