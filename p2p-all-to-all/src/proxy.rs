@@ -321,19 +321,15 @@ impl Proxy {
         bits
     }
 
-    /// Writes the slots of `runs` (tokens `first..first + count`) from the staging area at
-    /// `from` into the peer's receive area at `to`, as one scatter; its immediates.
-    fn write_runs(
-        &mut self,
-        i: usize,
-        runs: &[(usize, usize)],
-        from: usize,
-        to: usize,
-        imm: u32,
-    ) -> Result<usize> {
+    /// Writes the slots of `runs` (tokens `first..first + count`) from this rank's staging
+    /// part for peer `i` into this rank's slots of the peer's receive area, as one scatter; its
+    /// immediates.
+    fn write_runs(&mut self, i: usize, runs: &[(usize, usize)], imm: u32) -> Result<usize> {
         if runs.is_empty() {
             return Ok(0);
         }
+        let (from, _, _) = self.layout.tx_parts(self.peers[i].rank);
+        let (to, _, _) = self.layout.rx_parts(self.local.rank);
         let sb = self.layout.slot_bytes as u64;
         let items: Vec<fabric_lib::ScatterItem> = runs
             .iter()
@@ -362,7 +358,7 @@ impl Proxy {
         i: usize,
         kind: usize,
         value: u64,
-        runs: (&[(usize, usize)], usize, usize),
+        runs: &[(usize, usize)],
         parts: &[(usize, usize, usize)],
         routes: bool,
     ) -> Result<()> {
@@ -370,7 +366,7 @@ impl Proxy {
         let peer = self.peers[i].clone();
         let data_imm = imm_for(self.instance, kind.min(KIND_R), false, me);
         let tx = self.local.tx.clone();
-        let mut count = self.write_runs(i, runs.0, runs.1, runs.2, data_imm)?;
+        let mut count = self.write_runs(i, runs, data_imm)?;
         for &(from, to, len) in parts {
             if len > 0 {
                 count += self.write(&tx, from, &peer.rx, to, len, data_imm)?;
@@ -420,8 +416,8 @@ impl Proxy {
         let me = self.local.rank;
         for i in 0..self.peers.len() {
             let p = self.peers[i].rank;
-            let (tx_data, tx_meta, tx_ecount) = l.tx_parts(p);
-            let (rx_data, rx_meta, rx_ecount) = l.rx_parts(me);
+            let (_, tx_meta, tx_ecount) = l.tx_parts(p);
+            let (_, rx_meta, rx_ecount) = l.rx_parts(me);
             // Outbound: dispatch, combine, release.
             let d = self.load(p, OUT_DFLAG);
             if d != self.state[i].last_out[0] {
@@ -436,7 +432,7 @@ impl Proxy {
                     (tx_ecount, rx_ecount, l.ecount_bytes),
                 ];
                 let r = runs(&bits, ntok);
-                self.send(i, KIND_D, d, (&r, tx_data, rx_data), &parts, true)?;
+                self.send(i, KIND_D, d, &r, &parts, true)?;
             }
             let c = self.load(p, OUT_CFLAG);
             if c != self.state[i].last_out[1] {
@@ -444,12 +440,12 @@ impl Proxy {
                 // The slots of the peer's tokens that came here (as its dispatch said).
                 let ntok = (self.load(p, IN_DFLAG) & 0xffff_ffff) as usize;
                 let r = runs(&self.routed_in[i], ntok);
-                self.send(i, KIND_C, c, (&r, tx_data, rx_data), &[], false)?;
+                self.send(i, KIND_C, c, &r, &[], false)?;
             }
             let r = self.load(p, OUT_REL);
             if r != self.state[i].last_out[2] {
                 self.state[i].last_out[2] = r;
-                self.send(i, KIND_R + (r as usize + 1) % 2, r, (&[], 0, 0), &[], false)?;
+                self.send(i, KIND_R + (r as usize + 1) % 2, r, &[], &[], false)?;
             }
             // Inbound: a header, then the immediates it announced.
             let engine = self.engine.clone();
