@@ -10,9 +10,10 @@ scales per token, bf16 combine), every iteration draws a fresh routing and measu
 events, per rank:
 
 - stolon: dispatch_send, dispatch_recv, combine_send, combine_recv (the halves), and
-  dispatch = send + recv, combine = send + recv. Each iteration is queued behind a GPU sleep
-  and a one-element all_reduce, so the GPUs start together and the events time the GPU, not
-  Python (the same for the NCCL graph form).
+  dispatch = send + recv, combine = send + recv; dispatch_overlapped = the whole overlapped
+  dispatch (`dispatch(overlap=True)`, timed in the same iterations, all ranks on one node).
+  Each iteration is queued behind a GPU sleep and a one-element all_reduce, so the GPUs
+  start together and the events time the GPU, not Python (the same for the NCCL graph form).
 - NCCL eager: pack each token once per destination rank (with its routing), exchange counts
   with all_to_all_single, read them on the host, exchange tokens with all_to_all_single; the
   combine sends the partial sums back and adds them per token. It omits the receiver's grouping
@@ -117,6 +118,10 @@ def bench_stolon(cfg, rank, world, dev, routes, x, xs, y) -> Dict[str, Any]:
     tiny = torch.zeros(1, device=dev)
     names = ["dispatch_send", "dispatch_recv", "combine_send", "combine_recv"]
     samples: Dict[str, List[float]] = {k: [] for k in names + ["dispatch", "combine"]}
+    # The overlapped whole dispatch (every rank on one node only), timed in the same iterations.
+    overlap = not cfg.get("ranks_per_node")
+    if overlap:
+        samples["dispatch_overlapped"] = []
     for it in range(cfg["warmup"] + cfg["iters"]):
         idx, w = routes[it % len(routes)]
         torch.cuda.synchronize()
@@ -137,6 +142,17 @@ def bench_stolon(cfg, rank, world, dev, routes, x, xs, y) -> Dict[str, Any]:
                 samples[k].append(v)
             samples["dispatch"].append(t[0] + t[1])
             samples["combine"].append(t[2] + t[3])
+        if not overlap:
+            continue
+        torch.cuda.synchronize()
+        dist.barrier()
+        start_together(ev[0], tiny)
+        a2a.dispatch(x, idx, w, xs, out=out, overlap=True)
+        ev[1].record()
+        a2a.combine(yy, out=res)
+        a2a.synchronize()
+        if it >= cfg["warmup"]:
+            samples["dispatch_overlapped"].append(ev[0].elapsed_time(ev[1]) * 1000)
     fp = a2a.footprint()
     torch.cuda.synchronize()
     dist.barrier()

@@ -12,7 +12,7 @@ import collections
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -191,6 +191,29 @@ def check_combine(case, rank, inputs, result: torch.Tensor) -> float:
 
 
 def _a2a(case, rank, exchange_dir, **kw) -> AllToAll:
+    # Launch settings the all-to-all reads when it is built (blocks per SM, overlap lag).
+    saved = {k: os.environ.get(k) for k in case.get("env", {})}
+    os.environ.update({k: str(v) for k, v in case.get("env", {}).items()})
+    try:
+        return _build(case, rank, exchange_dir, **kw)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def overlap_of(case: Dict[str, Any], rank: int, step: int) -> Optional[bool]:
+    """The `overlap` argument of `rank`'s dispatch in `step`: the case's `overlap` (None, True,
+    False), or "mixed": the ranks alternate between the two forms, and so do the steps."""
+    o = case.get("overlap")
+    if o == "mixed":
+        return (rank + step) % 2 == 0
+    return o
+
+
+def _build(case, rank, exchange_dir, **kw) -> AllToAll:
     return AllToAll(
         num_experts=case["experts"],
         topk=case["topk"],
@@ -231,7 +254,12 @@ def _cmd_case(state: dict, case: Dict[str, Any], rank: int, exchange_dir: str) -
             inputs = make_inputs(c)
             mine = inputs[rank]
             sc = mine["scales"].to(dev) if mine["scales"] is not None else None
-            out = a2a.dispatch(mine["x"].to(dev), mine["idx"].to(dev), mine["w"].to(dev), sc)
+            overlap = overlap_of(case, rank, step)
+            out = a2a.dispatch(
+                mine["x"].to(dev), mine["idx"].to(dev), mine["w"].to(dev), sc, overlap=overlap
+            )
+            if overlap is not None:
+                assert a2a.last_dispatch_overlapped == overlap
             a2a.synchronize()
             checked += check_dispatch(c, rank, inputs, out)
             y = expert_outputs(a2a, out, consts)
@@ -286,7 +314,7 @@ def _cmd_graph(state: dict, case: Dict[str, Any], rank: int, exchange_dir: str) 
     consts = expert_consts(a2a, rank)
 
     def step() -> None:
-        a2a.dispatch(sx, sidx, sw, ss, num_tokens=sn, out=out)
+        a2a.dispatch(sx, sidx, sw, ss, num_tokens=sn, out=out, overlap=overlap_of(case, rank, 0))
         y = expert_outputs(a2a, out, consts)
         a2a.combine(y, out=result)
 
@@ -335,7 +363,9 @@ def _cmd_dead_peer(
         inputs = make_inputs(case)
         mine = inputs[0]
         t0 = time.monotonic()
-        a2a.dispatch(mine["x"].to(dev), mine["idx"].to(dev), mine["w"].to(dev))
+        a2a.dispatch(
+            mine["x"].to(dev), mine["idx"].to(dev), mine["w"].to(dev), overlap=case.get("overlap")
+        )
         try:
             a2a.synchronize()
         except AllToAllTimeoutError as e:
@@ -396,7 +426,12 @@ def _cmd_capacity(
         for step in range(2):
             c = dict(case, seed=case["seed"] + step)
             mine = make_inputs(c)[rank]
-            a2a.dispatch(mine["x"].to(dev), mine["idx"].to(dev), mine["w"].to(dev))
+            a2a.dispatch(
+                mine["x"].to(dev),
+                mine["idx"].to(dev),
+                mine["w"].to(dev),
+                overlap=overlap_of(case, rank, step),
+            )
             target = c["seed"] % c["world"]  # this step's "one_rank" routing's only destination
             try:
                 a2a.synchronize()

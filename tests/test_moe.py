@@ -251,3 +251,27 @@ def test_phases_must_run_in_order():
         "combine_send",
         "combine_recv",
     ]
+
+
+def test_whole_dispatch_is_one_native_call_and_both_phases():
+    """`dispatch` checks inputs and outputs like the halves, passes `overlap` through, and
+    counts as both dispatch phases."""
+    a = _a2a()
+    x, i, w = _inputs()
+    with pytest.raises(InvalidArgumentError, match="topk_idx must have 4 rows"):
+        a.dispatch(x, i[:3], w, overlap=True)
+    bad_out = a._outputs(None)
+    bad_out.counts = torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(InvalidArgumentError, match="out.counts"):
+        a.dispatch(x, i, w, out=bad_out)
+    assert a._native.calls == [] and a._next == 0
+    out = a.dispatch(x, i, w, num_tokens=2, overlap=True)
+    assert out.x.shape == (64, 64) and a._next == 2
+    ((name, args),) = a._native.calls
+    assert name == "dispatch" and args[10] == 2 and args[-1] is True
+    assert args[12:16] == (out.x.data_ptr(), 0, out.counts.data_ptr(), out.offsets.data_ptr())
+    with pytest.raises(AllToAllError, match="combine_send"):
+        a.dispatch(x, i, w)
+    a.combine(torch.zeros((64, 64), dtype=torch.bfloat16))
+    a.dispatch(x, i, w)
+    assert a._native.calls[-1][1][-1] is None

@@ -12,6 +12,7 @@ GPU machine: ``pytest -m gpu tests/test_moe_gpu.py``.
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -84,8 +85,12 @@ def cases(draw) -> Dict[str, Any]:
     groupings = [d for d in range(1, world + 1) if world % d == 0]
     rpn = draw(st.sampled_from([world, world] + groupings[:-1]))
     grouping = {"ranks_per_node": rpn, "via": draw(st.sampled_from(["nvlink", "staged"]))}
+    # The dispatch's form: split, overlapped, or the ranks and steps alternating between them
+    # (the overlapped form needs every rank on one node).
+    overlap = draw(st.sampled_from([None, True, False, "mixed"])) if rpn == world else None
     return case(
         **(grouping if rpn < world else {}),
+        overlap=overlap,
         world=world,
         experts=experts,
         topk=draw(st.integers(1, topk_max)),
@@ -104,7 +109,7 @@ def cases(draw) -> Dict[str, Any]:
 # No shrinking: every example costs GPU processes and a failing one waits out timeouts; the
 # first failure is reported as found.
 @settings(
-    max_examples=40,
+    max_examples=int(os.environ.get("STOLON_MOE_EXAMPLES", "40")),
     deadline=None,
     suppress_health_check=list(HealthCheck),
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
@@ -138,26 +143,80 @@ def test_degenerate_routes(pool, route, tokens):
 
 
 @needs_gpu
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("dispatch", ["fp8", "bf16"])
-def test_decode_shape(pool, dispatch):
+def test_decode_shape(pool, dispatch, overlap):
     """The benchmark's decode configuration: 128 tokens, hidden 7168, 256 experts, top-8."""
-    c = case(experts=256, topk=8, hidden=7168, max_tokens=128, dispatch=dispatch, steps=3, seed=11)
+    c = case(
+        experts=256,
+        topk=8,
+        hidden=7168,
+        max_tokens=128,
+        dispatch=dispatch,
+        steps=3,
+        seed=11,
+        overlap=overlap,
+    )
     res = run(pool, "case", c)
     assert sum(r["rows"] for r in res) == 3 * 8 * 128 * c["world"]
 
 
 @needs_gpu
-def test_prefill_shape(pool):
-    """The benchmark's prefill configuration: 4096 tokens per rank."""
-    c = case(experts=256, topk=8, hidden=7168, max_tokens=4096, dispatch="fp8", steps=1, seed=3)
+@pytest.mark.parametrize("overlap", [None, False, "mixed"])
+def test_prefill_shape(pool, overlap):
+    """The benchmark's prefill configuration: 4096 tokens per rank (None: overlapped by
+    default at this size)."""
+    c = case(
+        experts=256,
+        topk=8,
+        hidden=7168,
+        max_tokens=4096,
+        dispatch="fp8",
+        steps=1,
+        seed=3,
+        overlap=overlap,
+    )
     res = run(pool, "case", c)
     assert sum(r["rows"] for r in res) == 8 * 4096 * c["world"]
 
 
 @needs_gpu
-@pytest.mark.parametrize("dispatch", ["fp8", "bf16"])
-def test_cuda_graph_replay(pool, dispatch):
+@pytest.mark.parametrize(
+    "env",
+    [
+        # Twice the blocks that can be resident at once: the overlapped dispatch must finish
+        # with part of its grid waiting for SMs (no block waits for its own grid).
+        {"STOLON_MOE_BLOCKS_PER_SM": 8},
+        # Receive items right behind the send items (they wait on most chunks), and far
+        # behind them (all receives after all sends).
+        {"STOLON_MOE_OVERLAP_LAG": 0},
+        {"STOLON_MOE_OVERLAP_LAG": 100000},
+    ],
+    ids=["grid-not-resident", "lag-0", "lag-past-end"],
+)
+def test_overlapped_dispatch_schedules(pool, env):
     c = case(
+        experts=64 * max(WORKERS, 1),
+        topk=8,
+        hidden=2048,
+        max_tokens=1500,
+        tokens=[1500 - 301 * r for r in range(WORKERS)],
+        dispatch="fp8",
+        steps=3,
+        seed=41,
+        overlap=True,
+        env=env,
+    )
+    res = run(pool, "case", c)
+    assert sum(r["rows"] for r in res) == 3 * 8 * sum(c["tokens"])
+
+
+@needs_gpu
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("dispatch", ["fp8", "bf16"])
+def test_cuda_graph_replay(pool, dispatch, overlap):
+    c = case(
+        overlap=overlap,
         experts=32 * max(WORKERS, 1),
         topk=8,
         hidden=1024,
@@ -172,8 +231,9 @@ def test_cuda_graph_replay(pool, dispatch):
 
 
 @needs_two
-def test_silent_peer_times_out(pool):
-    c = case(world=2, timeout=1.0, seed=9)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_silent_peer_times_out(pool, overlap):
+    c = case(world=2, timeout=1.0, seed=9, overlap=overlap)
     res = run(pool, "dead_peer", c)
     assert res[0]["took"] < 10.0, res[0]
 
@@ -184,8 +244,9 @@ def test_out_of_range_expert_is_rejected_before_sending(pool):
 
 
 @needs_gpu
-def test_capacity_overflow_is_reported_per_step(pool):
-    c = case(topk=4, max_tokens=32, seed=4, route="one_rank")
+@pytest.mark.parametrize("overlap", [False, "mixed"])
+def test_capacity_overflow_is_reported_per_step(pool, overlap):
+    c = case(topk=4, max_tokens=32, seed=4, route="one_rank", overlap=overlap)
     c["capacity"] = 8  # far fewer rows than 32 tokens x 4 experts need on the target rank
     run(pool, "capacity", c)
 

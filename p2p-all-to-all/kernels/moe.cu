@@ -36,6 +36,9 @@ constexpr int kThreads = 256;
 constexpr int kMinBlocks = 4;
 constexpr int kMaxWorld = 64;
 constexpr int kMaxTopk = 16;
+// Most tokens per chunk flag of the overlapped dispatch (and chunk x topk <= kThreads); keep in
+// sync with `MAX_CHUNK_TOKENS` in src/lib.rs.
+constexpr int kMaxChunkTokens = 16;
 
 // Error codes; keep in sync with p2p-all-to-all/src/lib.rs (KernelError).
 constexpr uint32_t kErrTimeout = 1;
@@ -58,6 +61,11 @@ struct Peer {
     const uint64_t* rx_dflag;
     const uint64_t* rx_cflag;
     const uint64_t* rel_in;  // the peer's release notices to this rank
+    // Overlapped dispatch (moe_dispatch_count + moe_dispatch_fused):
+    uint64_t* cntflag;          // peer's "counts from this rank written" flag: step << 32 | tokens
+    uint64_t* chunk;            // peer's per-chunk "tokens of chunk c landed" flags: step
+    const uint64_t* rx_cntflag;
+    const uint64_t* rx_chunk;
 };
 
 struct State {
@@ -65,6 +73,8 @@ struct State {
     uint32_t done[4];  // blocks of the running launch that finished, per phase
     int32_t my_ntok;   // tokens this rank dispatched in the current step
     int32_t failed;    // a wait of this rank timed out (device-side copy of err->code == 1)
+    uint32_t ticket;   // next work item of the running moe_dispatch_fused
+    uint32_t sent;     // its send items finished
 };
 
 struct Error {
@@ -117,6 +127,8 @@ struct Params {
     int32_t hidden;
     int32_t idx64;
     int32_t accumulate;
+    int32_t chunk_tokens;    // tokens per chunk flag (overlapped dispatch)
+    int32_t lag;             // chunks a receive item trails the send items (overlapped dispatch)
 };
 
 __device__ __forceinline__ uint64_t ld_acquire(const uint64_t* p) {
@@ -247,13 +259,14 @@ __device__ __forceinline__ int chunk_count(int items, int vecs, int unroll) {
     return max(1, min(max_chunks, want));
 }
 
-// Tokens each source sent in this step (from the dispatch flags) and their running sum.
+// Tokens each source sends in this step (from its counts flag, which also says the routing
+// entries' count) and their running sum.
 __device__ void source_prefix(const Params& P, int* s_start) {
     if (threadIdx.x == 0) {
         int acc = 0;
         for (int s = 0; s < P.world; ++s) {
             s_start[s] = acc;
-            acc += static_cast<int>(ld_acquire(P.peers[s].rx_dflag) & 0xffffffffu);
+            acc += static_cast<int>(ld_acquire(P.peers[s].rx_cntflag) & 0xffffffffu);
         }
         s_start[P.world] = acc;
     }
@@ -266,6 +279,160 @@ __device__ __forceinline__ int source_of(const int* s_start, int world, int i) {
     return s;
 }
 
+// This step's token count, clamped to 0..max_tokens (an out-of-range count is recorded).
+__device__ int step_tokens(const Params& P, uint64_t n) {
+    int ntok = P.num_tokens >= 0 ? P.num_tokens : *P.num_tokens_ptr;
+    if (ntok < 0 || ntok > P.max_tokens) {
+        if (blockIdx.x == 0 && threadIdx.x == 0)
+            record_error(P, kErrTooManyTokens, 0, P.rank, static_cast<uint32_t>(ntok), n);
+        ntok = ntok < 0 ? 0 : P.max_tokens;
+    }
+    return ntok;
+}
+
+// Where each source's tokens for each local expert start in the packed output, from every
+// source's counts (which must have arrived): rows of local expert le hold the sources in rank
+// order, each source's tokens in the positions it assigned. Leaves off[s * epr + le] in
+// `s_off`; block 0 also writes the outputs' counts and offsets. `s_cnt` is scratch.
+__device__ void expert_offsets(const Params& P, int* s_off, int* s_cnt, uint64_t n) {
+    __shared__ int s_rows_total;
+    const int tid = threadIdx.x;
+    const int epr = P.experts_per_rank;
+    // Every count is loaded at once, then summed over sources and scanned over experts.
+    for (int i = tid; i < P.world * epr; i += blockDim.x)
+        s_off[i] = __ldcg(P.peers[i / epr].rx_ecount + i % epr);
+    __syncthreads();
+    for (int le = tid; le < epr; le += blockDim.x) {
+        int c = 0;
+        for (int s = 0; s < P.world; ++s) {
+            const int v = s_off[s * epr + le];
+            s_off[s * epr + le] = c;
+            c += v;
+        }
+        s_cnt[le] = c;
+    }
+    __syncthreads();
+    if (tid < 32) {
+        // Exclusive scan of s_cnt by one warp: each lane sums a run, the runs are scanned
+        // with shuffles, then each lane rewrites its run.
+        const int run = (epr + 31) / 32;
+        const int lo = tid * run, hi = min(epr, lo + run);
+        int sum = 0;
+        for (int le = lo; le < hi; ++le) sum += s_cnt[le];
+        int incl = sum;
+        for (int d = 1; d < 32; d <<= 1) {
+            const int v = __shfl_up_sync(0xffffffffu, incl, d);
+            if (tid >= d) incl += v;
+        }
+        int base = incl - sum;
+        for (int le = lo; le < hi; ++le) {
+            const int c = s_cnt[le];
+            s_cnt[le] = base;
+            base += c;
+        }
+        const int total = __shfl_sync(0xffffffffu, incl, 31);
+        if (tid == 0) {
+            s_rows_total = total;
+            if (blockIdx.x == 0) {
+                P.expert_offsets[epr] = total;
+                if (total > P.capacity)
+                    record_error(P, kErrCapacity, 1, P.rank, static_cast<uint32_t>(total), n);
+            }
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < P.world * epr; i += blockDim.x) s_off[i] += s_cnt[i % epr];
+    if (blockIdx.x == 0) {
+        for (int le = tid; le < epr; le += blockDim.x) {
+            P.expert_offsets[le] = s_cnt[le];
+            const int next = le + 1 < epr ? s_cnt[le + 1] : s_rows_total;
+            P.expert_counts[le] = next - s_cnt[le];
+        }
+    }
+    __syncthreads();
+}
+
+// One warp copies part c (of `chunks`) of source s's token t from its receive slot into the
+// token's rows of the packed output (part 0 also copies the scales and records the rows).
+__device__ void expand_received(const Params& P, const int* s_off, int s, int t, int c,
+                                int chunks) {
+    constexpr int U = 4;
+    const int lane = threadIdx.x & 31;
+    const int epr = P.experts_per_rank;
+    const int x_vecs = P.x_bytes / 16;
+    const int s_words = P.s_bytes / 4;
+    const uint8_t* m = P.peers[s].rx_meta + static_cast<size_t>(t) * P.meta_bytes;
+    int row = -1;
+    if (lane < P.topk) {
+        const int le = meta_le(m, lane);
+        if (le >= 0 && le < epr) {
+            row = s_off[s * epr + le] + meta_pos(m, P.topk, lane);
+            if (row >= P.capacity) row = -1;
+        }
+        if (c == 0)
+            P.route_rows[(static_cast<size_t>(s) * P.max_tokens + t) * P.topk + lane] = row;
+    }
+    const unsigned hit = __ballot_sync(0xffffffffu, row >= 0);
+    if (!hit) return;
+    const uint8_t* slot = P.peers[s].rx_data + static_cast<size_t>(t) * P.slot_bytes;
+    const uint4* src = reinterpret_cast<const uint4*>(slot);
+    const int per = (x_vecs + chunks - 1) / chunks;
+    // Trip counts are the same in every lane, so the shuffles see the whole warp.
+    const int hi = min(x_vecs, (c + 1) * per);
+    for (int base = c * per; base < hi; base += 32 * U) {
+        uint4 val[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int v = base + 32 * u + lane;
+            if (v < hi) val[u] = __ldcg(src + v);
+        }
+        for (unsigned h = hit; h; h &= h - 1) {
+            const int r = __shfl_sync(0xffffffffu, row, __ffs(h) - 1);
+            uint4* dst = reinterpret_cast<uint4*>(P.out_x + static_cast<size_t>(r) * P.x_bytes);
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int v = base + 32 * u + lane;
+                if (v < hi) dst[v] = val[u];
+            }
+        }
+    }
+    if (c != 0) return;
+    const uint32_t* ssrc = reinterpret_cast<const uint32_t*>(slot + P.x_bytes);
+    for (int base = 0; base < s_words; base += 32) {
+        const int v = base + lane;
+        const uint32_t val = v < s_words ? __ldcg(ssrc + v) : 0u;
+        for (unsigned h = hit; h; h &= h - 1) {
+            const int r = __shfl_sync(0xffffffffu, row, __ffs(h) - 1);
+            if (v < s_words)
+                reinterpret_cast<uint32_t*>(P.out_s + static_cast<size_t>(r) * P.s_bytes)[v] = val;
+        }
+    }
+}
+
+// The counts and dispatch flags of the last block of a send: `cntflag` (the counts are in
+// place), then `dflag` (every token too), both `step << 32 | tokens`. One system fence, then
+// plain stores: together a release of both, at the cost of one (a release store is a fence
+// plus the store, and each costs a round trip at decode sizes). The fence is cumulative, so the
+// barrier before it puts the whole block's stores (and what it saw of other blocks) first.
+__device__ void store_send_flags(const Params& P, uint64_t n, int ntok, bool counts, bool data) {
+    const int tid = threadIdx.x;
+    const uint64_t v = (n << 32) | static_cast<uint32_t>(ntok);
+    if (tid >= P.world || !(counts || data)) return;
+    asm volatile("fence.acq_rel.sys;" ::: "memory");
+    if (counts) st_relaxed(P.peers[tid].cntflag, v);
+    if (data) st_relaxed(P.peers[tid].dflag, v);
+}
+
+// Hands the per-expert counts of this step to every rank and clears the running counts (last
+// block only).
+__device__ void publish_counts(const Params& P) {
+    const int experts = P.world * P.experts_per_rank;
+    for (int i = threadIdx.x; i < experts; i += blockDim.x) {
+        const int d = i / P.experts_per_rank;
+        P.peers[d].ecount[i % P.experts_per_rank] = atomicExch(&P.ecount_local[i], 0);
+    }
+}
+
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_send(Params P) {
@@ -276,12 +443,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_
     __shared__ uint8_t* s_dst[kMaxWorld];
     const int tid = threadIdx.x;
     const uint64_t n = P.st->seq[0] + 1;
-    int ntok = P.num_tokens >= 0 ? P.num_tokens : *P.num_tokens_ptr;
-    if (ntok < 0 || ntok > P.max_tokens) {
-        if (blockIdx.x == 0 && tid == 0)
-            record_error(P, kErrTooManyTokens, 0, P.rank, static_cast<uint32_t>(ntok), n);
-        ntok = ntok < 0 ? 0 : P.max_tokens;
-    }
+    const int ntok = step_tokens(P, n);
     const int experts = P.world * P.experts_per_rank;
     // Each peer must have read what this rank wrote into its area in the previous step.
     const bool ok = wait_all_peers(P, &Peer::rel_in, 2 * n - 2, 0, 0, n);
@@ -348,150 +510,319 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_
         __syncthreads();
     }
     if (!last_block(P, 0, true)) return;
-    for (int i = tid; i < experts; i += blockDim.x) {
-        const int d = i / P.experts_per_rank;
-        P.peers[d].ecount[i % P.experts_per_rank] = atomicExch(&P.ecount_local[i], 0);
-    }
+    publish_counts(P);
     if (tid == 0) P.st->my_ntok = ok ? ntok : 0;
     // The barrier orders every thread's count stores before the flag stores; a release store
     // is cumulative (a fence plus the store), so no separate system fence is needed here.
     __syncthreads();
-    if (tid < P.world && ok)
-        st_release(P.peers[tid].dflag, (n << 32) | static_cast<uint32_t>(ntok));
+    store_send_flags(P, n, ntok, ok, ok);
     finish_phase(P, 0, n);
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_recv(Params P) {
     extern __shared__ int s_dyn[];  // off[world * experts_per_rank], cnt[experts_per_rank]
     __shared__ int s_start[kMaxWorld + 1];
-    __shared__ int s_rows_total;
     const int tid = threadIdx.x;
-    const int epr = P.experts_per_rank;
     int* s_off = s_dyn;
-    int* s_cnt = s_dyn + P.world * epr;
+    int* s_cnt = s_dyn + P.world * P.experts_per_rank;
     const uint64_t n = P.st->seq[1] + 1;
     const bool ok = wait_all_peers(P, &Peer::rx_dflag, n, 32, 1, n);
     if (ok) {
         source_prefix(P, s_start);
-        // Rows of local expert le: sources in rank order, each source's tokens in the
-        // positions it assigned. off[s][le] is where source s's first token for le goes.
-        // Every count is loaded at once, then summed over sources and scanned over experts.
-        for (int i = tid; i < P.world * epr; i += blockDim.x)
-            s_off[i] = __ldcg(P.peers[i / epr].rx_ecount + i % epr);
-        __syncthreads();
-        for (int le = tid; le < epr; le += blockDim.x) {
-            int c = 0;
-            for (int s = 0; s < P.world; ++s) {
-                const int v = s_off[s * epr + le];
-                s_off[s * epr + le] = c;
-                c += v;
-            }
-            s_cnt[le] = c;
-        }
-        __syncthreads();
-        if (tid < 32) {
-            // Exclusive scan of s_cnt by one warp: each lane sums a run, the runs are scanned
-            // with shuffles, then each lane rewrites its run.
-            const int run = (epr + 31) / 32;
-            const int lo = tid * run, hi = min(epr, lo + run);
-            int sum = 0;
-            for (int le = lo; le < hi; ++le) sum += s_cnt[le];
-            int incl = sum;
-            for (int d = 1; d < 32; d <<= 1) {
-                const int v = __shfl_up_sync(0xffffffffu, incl, d);
-                if (tid >= d) incl += v;
-            }
-            int base = incl - sum;
-            for (int le = lo; le < hi; ++le) {
-                const int c = s_cnt[le];
-                s_cnt[le] = base;
-                base += c;
-            }
-            const int total = __shfl_sync(0xffffffffu, incl, 31);
-            if (tid == 0) {
-                s_rows_total = total;
-                if (blockIdx.x == 0) {
-                    P.expert_offsets[epr] = total;
-                    if (total > P.capacity)
-                        record_error(P, kErrCapacity, 1, P.rank, static_cast<uint32_t>(total), n);
-                }
-            }
-        }
-        __syncthreads();
-        for (int i = tid; i < P.world * epr; i += blockDim.x) s_off[i] += s_cnt[i % epr];
-        if (blockIdx.x == 0) {
-            for (int le = tid; le < epr; le += blockDim.x) {
-                P.expert_offsets[le] = s_cnt[le];
-                const int next = le + 1 < epr ? s_cnt[le + 1] : s_rows_total;
-                P.expert_counts[le] = next - s_cnt[le];
-            }
-        }
-        __syncthreads();
-        // One warp per received token: many tokens in flight per SM hide the load latency.
+        expert_offsets(P, s_off, s_cnt, n);
+        // One warp per received token (or part of one): many tokens in flight per SM hide the
+        // load latency.
         const int items = s_start[P.world];
-        const int x_vecs = P.x_bytes / 16;
-        const int s_words = P.s_bytes / 4;
-        const int lane = tid & 31;
         const int warps = blockDim.x / 32;
-        constexpr int U = 4;
-        const int chunks = chunk_count(items, x_vecs, U);
-        const int per = (x_vecs + chunks - 1) / chunks;
+        const int chunks = chunk_count(items, P.x_bytes / 16, 4);
         for (int w = blockIdx.x * warps + tid / 32; w < items * chunks; w += gridDim.x * warps) {
-            const int i = w / chunks, c = w % chunks;
+            const int i = w / chunks;
             const int s = source_of(s_start, P.world, i);
-            const int t = i - s_start[s];
-            const uint8_t* m = P.peers[s].rx_meta + static_cast<size_t>(t) * P.meta_bytes;
-            int row = -1;
-            if (lane < P.topk) {
-                const int le = meta_le(m, lane);
-                if (le >= 0 && le < epr) {
-                    row = s_off[s * epr + le] + meta_pos(m, P.topk, lane);
-                    if (row >= P.capacity) row = -1;
-                }
-                if (c == 0)
-                    P.route_rows[(static_cast<size_t>(s) * P.max_tokens + t) * P.topk + lane] =
-                        row;
-            }
-            const unsigned hit = __ballot_sync(0xffffffffu, row >= 0);
-            if (!hit) continue;
-            const uint8_t* slot = P.peers[s].rx_data + static_cast<size_t>(t) * P.slot_bytes;
-            const uint4* src = reinterpret_cast<const uint4*>(slot);
-            // Trip counts are the same in every lane, so the shuffles see the whole warp.
-            const int hi = min(x_vecs, (c + 1) * per);
-            for (int base = c * per; base < hi; base += 32 * U) {
-                uint4 val[U];
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    const int v = base + 32 * u + lane;
-                    if (v < hi) val[u] = __ldcg(src + v);
-                }
-                for (unsigned h = hit; h; h &= h - 1) {
-                    const int r = __shfl_sync(0xffffffffu, row, __ffs(h) - 1);
-                    uint4* dst =
-                        reinterpret_cast<uint4*>(P.out_x + static_cast<size_t>(r) * P.x_bytes);
-#pragma unroll
-                    for (int u = 0; u < U; ++u) {
-                        const int v = base + 32 * u + lane;
-                        if (v < hi) dst[v] = val[u];
-                    }
-                }
-            }
-            if (c != 0) continue;
-            const uint32_t* ssrc = reinterpret_cast<const uint32_t*>(slot + P.x_bytes);
-            for (int base = 0; base < s_words; base += 32) {
-                const int v = base + lane;
-                const uint32_t val = v < s_words ? __ldcg(ssrc + v) : 0u;
-                for (unsigned h = hit; h; h &= h - 1) {
-                    const int r = __shfl_sync(0xffffffffu, row, __ffs(h) - 1);
-                    if (v < s_words)
-                        reinterpret_cast<uint32_t*>(P.out_s + static_cast<size_t>(r) * P.s_bytes)[v] =
-                            val;
-                }
-            }
+            expand_received(P, s_off, s, i - s_start[s], w % chunks, chunks);
         }
     }
     if (!last_block(P, 1, false)) return;
     if (tid < P.world && ok) st_relaxed(P.peers[tid].rel, 2 * n - 1);
+    finish_phase(P, 1, n);
+}
+
+// ---- Overlapped dispatch: moe_dispatch_count, then moe_dispatch_fused ----------------------
+//
+// The split phases above cannot overlap: dispatch_recv starts when the last token of every
+// source has landed, and then writes each token once per local expert (at prefill sizes,
+// several times the bytes that crossed NVLink). The overlapped form does the same work in two
+// launches that `dispatch()` queues back to back:
+//
+//   moe_dispatch_count  assigns every (token, k) its position in its expert (atomics, as
+//                       dispatch_send), hands the per-expert counts to every rank, then a
+//                       counts flag. Positions wait in this rank's own rows of route_rows.
+//   moe_dispatch_fused  once every rank's counts arrived, each block takes work items from a
+//                       ticket counter: a send item writes a chunk of this rank's tokens to
+//                       the peers (NVLink stores drain while the block goes on), expands the
+//                       same values straight into this rank's own output rows, and stores the
+//                       chunk's flag at each peer; a receive item waits for one peer chunk's
+//                       flag and expands those tokens. Receive items trail the send items by
+//                       `lag` chunks, so by the time one is taken its chunk has usually landed.
+//
+// No block waits for another block of its own grid: a receive item waits for a send item of
+// another rank that has an earlier ticket there (tickets are handed out in the same order on
+// every rank), so whatever blocks are resident keep making progress, and the grid does not
+// need all of its blocks resident at once.
+//
+// Mixing the forms across ranks in one step is safe: both store the counts flag and, once all
+// tokens are out, the dispatch flag; a receive item also accepts a source's dispatch flag in
+// place of its chunk flag (dispatch_send stores no chunk flags).
+
+namespace {
+
+// True once source s's chunk c (or all of its tokens) landed; records a timeout otherwise.
+__device__ bool wait_chunk(const Params& P, int s, int c, uint64_t n) {
+    const uint64_t* chunk = P.peers[s].rx_chunk + c;
+    const uint64_t* dflag = P.peers[s].rx_dflag;
+    const auto landed = [&] { return ld_acquire(chunk) >= n || (ld_acquire(dflag) >> 32) >= n; };
+    if (landed()) return true;
+    const uint64_t start = now_ns();
+    uint64_t next_check = start + 20000;
+    while (!landed()) {
+        const uint64_t t = now_ns();
+        if (t >= next_check) {
+            if (timed_out_elsewhere(P)) return false;
+            if (t - start > P.timeout_ns) {
+                record_error(P, kErrTimeout, 1, s, static_cast<uint32_t>(n), n);
+                return false;
+            }
+            next_check = t + 20000;
+        }
+    }
+    return true;
+}
+
+// Shared memory of one send item: the routing of up to kThreads (token, k) pairs.
+struct SendChunk {
+    int e[kThreads];      // expert, or -1
+    int pos[kThreads];    // position in the expert (from moe_dispatch_count)
+    float w[kThreads];
+    int rows[kThreads];   // per token, its own-rank output rows first (n_rows[i] of them)
+    int n_rows[kMaxChunkTokens];
+    unsigned long long mask[kMaxChunkTokens];  // per token: peers it goes to (not this rank)
+};
+
+// Sends tokens [t0, t0 + cnt) of this rank to their peers and expands them into this rank's
+// own output rows.
+__device__ void send_chunk(const Params& P, const int* s_off, SendChunk& sc, int t0, int cnt) {
+    constexpr int U = 4;
+    const int tid = threadIdx.x;
+    const int topk = P.topk;
+    const int epr = P.experts_per_rank;
+    const int experts = P.world * epr;
+    int32_t* own_rows = P.route_rows + static_cast<size_t>(P.rank) * P.max_tokens * topk;
+    if (tid < cnt * topk) {
+        const int t = t0 + tid / topk, k = tid % topk;
+        const int64_t e = expert_of(P, t, k);
+        const int pos = own_rows[static_cast<size_t>(t) * topk + k];
+        const bool valid = e >= 0 && e < experts && pos >= 0;
+        sc.e[tid] = valid ? static_cast<int>(e) : -1;
+        sc.pos[tid] = valid ? pos : 0;
+        sc.w[tid] = valid ? P.weights[t * P.w_stride + k] : 0.f;
+        int row = -1;
+        if (valid && e / epr == P.rank) {
+            row = s_off[P.rank * epr + e % epr] + pos;
+            if (row >= P.capacity) row = -1;
+        }
+        // The position is replaced by the row, as dispatch_recv records it for the combine.
+        own_rows[static_cast<size_t>(t) * topk + k] = row;
+        sc.rows[tid] = row;
+    }
+    if (tid < cnt) sc.mask[tid] = P.tok_mask[t0 + tid] & ~(1ull << P.rank);
+    __syncthreads();
+    if (tid < cnt) {
+        // Compact the token's own rows to the front of its run.
+        int nr = 0;
+        for (int k = 0; k < topk; ++k) {
+            const int r = sc.rows[tid * topk + k];
+            if (r >= 0) sc.rows[tid * topk + nr++] = r;
+        }
+        sc.n_rows[tid] = nr;
+    }
+    // Routing entries go to every rank, this one included (the combine reads the weights).
+    for (int i = tid; i < cnt * P.world * topk; i += blockDim.x) {
+        const int j = i / (P.world * topk), r = i % (P.world * topk);
+        const int d = r / topk, k = r % topk;
+        const int e = sc.e[j * topk + k];
+        const int le = (e >= 0 && e / epr == d) ? e % epr : -1;
+        uint8_t* m = P.peers[d].meta + static_cast<size_t>(t0 + j) * P.meta_bytes;
+        reinterpret_cast<int32_t*>(m)[k] = le;
+        reinterpret_cast<int32_t*>(m)[topk + k] = sc.pos[j * topk + k];
+        reinterpret_cast<float*>(m)[2 * topk + k] = sc.w[j * topk + k];
+    }
+    __syncthreads();
+    // The tokens: each 16-byte vector read once, stored at every peer and in every own row.
+    const int x_vecs = P.x_bytes / 16;
+    const int total = cnt * x_vecs;
+    for (int base = tid; base < total; base += blockDim.x * U) {
+        uint4 val[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int v = base + u * blockDim.x;
+            if (v < total) {
+                const int j = v / x_vecs;
+                val[u] = reinterpret_cast<const uint4*>(P.x + (t0 + j) * P.x_stride)[v - j * x_vecs];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int v = base + u * blockDim.x;
+            if (v >= total) continue;
+            const int j = v / x_vecs, vv = v - j * x_vecs;
+            const size_t slot = static_cast<size_t>(t0 + j) * P.slot_bytes;
+            for (uint64_t m = sc.mask[j]; m; m &= m - 1) {
+                const int d = __ffsll(static_cast<long long>(m)) - 1;
+                reinterpret_cast<uint4*>(P.peers[d].data + slot)[vv] = val[u];
+            }
+            for (int q = 0; q < sc.n_rows[j]; ++q) {
+                const int r = sc.rows[j * topk + q];
+                reinterpret_cast<uint4*>(P.out_x + static_cast<size_t>(r) * P.x_bytes)[vv] = val[u];
+            }
+        }
+    }
+    if (P.scales) {
+        const int s_words = P.s_bytes / 4;
+        for (int v = tid; v < cnt * s_words; v += blockDim.x) {
+            const int j = v / s_words, vv = v - j * s_words;
+            const uint32_t val =
+                reinterpret_cast<const uint32_t*>(P.scales + (t0 + j) * P.s_stride)[vv];
+            const size_t at = static_cast<size_t>(t0 + j) * P.slot_bytes + P.x_bytes;
+            for (uint64_t m = sc.mask[j]; m; m &= m - 1) {
+                const int d = __ffsll(static_cast<long long>(m)) - 1;
+                reinterpret_cast<uint32_t*>(P.peers[d].data + at)[vv] = val;
+            }
+            for (int q = 0; q < sc.n_rows[j]; ++q) {
+                const int r = sc.rows[j * topk + q];
+                reinterpret_cast<uint32_t*>(P.out_s + static_cast<size_t>(r) * P.s_bytes)[vv] = val;
+            }
+        }
+    }
+    __syncthreads();
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_count(Params P) {
+    const int tid = threadIdx.x;
+    const uint64_t n = P.st->seq[0] + 1;
+    const int ntok = step_tokens(P, n);
+    const int experts = P.world * P.experts_per_rank;
+    // The counts go into the peers' areas: each must have read the previous step's.
+    const bool ok = wait_all_peers(P, &Peer::rel_in, 2 * n - 2, 0, 0, n);
+    int32_t* pos = P.route_rows + static_cast<size_t>(P.rank) * P.max_tokens * P.topk;
+    const int stride = gridDim.x * blockDim.x;
+    for (int i = blockIdx.x * blockDim.x + tid; ok && i < ntok * P.topk; i += stride) {
+        const int t = i / P.topk, k = i % P.topk;
+        const int64_t e = expert_of(P, t, k);
+        if (e < 0 || e >= experts) {
+            record_error(P, kErrBadExpert, 0, P.rank, static_cast<uint32_t>(t), n);
+            pos[i] = -1;
+        } else {
+            pos[i] = atomicAdd(&P.ecount_local[e], 1);
+        }
+    }
+    for (int t = blockIdx.x * blockDim.x + tid; ok && t < ntok; t += stride) {
+        uint64_t mask = 0;
+        for (int k = 0; k < P.topk; ++k) {
+            const int64_t e = expert_of(P, t, k);
+            if (e >= 0 && e < experts) mask |= 1ull << (e / P.experts_per_rank);
+        }
+        P.tok_mask[t] = mask;
+    }
+    if (!last_block(P, 0, true)) return;
+    publish_counts(P);
+    if (tid == 0) {
+        P.st->my_ntok = ok ? ntok : 0;
+        P.st->done[0] = 0;  // the step advances when moe_dispatch_fused ends
+    }
+    __syncthreads();
+    // Without tokens there is nothing to send: the dispatch flag goes out with the counts.
+    store_send_flags(P, n, ntok, ok, ok && ntok == 0);
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_fused(Params P) {
+    extern __shared__ int s_dyn[];  // off[world * experts_per_rank], cnt[experts_per_rank]
+    __shared__ SendChunk sc;
+    __shared__ int s_ntok[kMaxWorld];
+    __shared__ int s_item;
+    __shared__ int s_ok;
+    const int tid = threadIdx.x;
+    int* s_off = s_dyn;
+    int* s_cnt = s_dyn + P.world * P.experts_per_rank;
+    const uint64_t n = P.st->seq[1] + 1;
+    bool ok = !timed_out_elsewhere(P) && wait_all_peers(P, &Peer::rx_cntflag, n, 32, 1, n);
+    if (ok) {
+        if (tid < P.world)
+            s_ntok[tid] = static_cast<int>(ld_acquire(P.peers[tid].rx_cntflag) & 0xffffffffu);
+        expert_offsets(P, s_off, s_cnt, n);
+    }
+    const int ntok = P.st->my_ntok;
+    const int ch = P.chunk_tokens;
+    const int warps = blockDim.x / 32;
+    const int send_chunks = (ntok + ch - 1) / ch;
+    int recv_chunks = 0;
+    for (int s = 0; ok && s < P.world; ++s)
+        if (s != P.rank) recv_chunks = max(recv_chunks, (s_ntok[s] + ch - 1) / ch);
+    // Ticket j: group g = j / world; its first item sends chunk g, the others receive chunk
+    // g - lag from each peer.
+    const int lag = P.world > 1 ? P.lag : 0;
+    const int groups = max(send_chunks, recv_chunks + lag);
+    const int total = ok ? groups * P.world : 0;
+    for (;;) {
+        if (tid == 0) s_item = static_cast<int>(atomicAdd(&P.st->ticket, 1u));
+        __syncthreads();
+        const int j = s_item;
+        __syncthreads();
+        if (j >= total) break;
+        const int g = j / P.world, r = j % P.world;
+        if (r == 0) {
+            if (g >= send_chunks) continue;
+            const int t0 = g * ch;
+            send_chunk(P, s_off, sc, t0, min(ch, ntok - t0));
+            if (tid == 0) {
+                // Fences are cumulative: the barrier in send_chunk put every thread's stores
+                // before this one, so the chunk flag (and, from the last chunk, the dispatch
+                // flag) covers them.
+                __threadfence_system();
+                for (int d = 0; d < P.world; ++d)
+                    if (d != P.rank) st_release(P.peers[d].chunk + g, n);
+                if (atomicAdd(&P.st->sent, 1u) == static_cast<uint32_t>(send_chunks - 1)) {
+                    __threadfence_system();
+                    s_ok = 1;
+                } else {
+                    s_ok = 0;
+                }
+            }
+            __syncthreads();
+            if (s_ok) store_send_flags(P, n, ntok, false, true);
+            continue;
+        }
+        const int s = r - 1 + (r - 1 >= P.rank ? 1 : 0);
+        const int c = g - lag;
+        if (c < 0 || c * ch >= s_ntok[s]) continue;
+        if (tid == 0) s_ok = wait_chunk(P, s, c, n);
+        __syncthreads();
+        if (!s_ok) {
+            ok = false;
+            break;
+        }
+        const int t0 = c * ch, cnt = min(ch, s_ntok[s] - t0);
+        const int parts = max(1, warps / cnt);
+        for (int w = tid / 32; w < cnt * parts; w += warps)
+            expand_received(P, s_off, s, t0 + w % cnt, w / cnt, parts);
+    }
+    if (!last_block(P, 1, false)) return;
+    if (tid < P.world && !timed_out_elsewhere(P)) st_relaxed(P.peers[tid].rel, 2 * n - 1);
+    if (tid == 0) {
+        P.st->ticket = 0;
+        P.st->sent = 0;
+    }
+    finish_phase(P, 0, n);
     finish_phase(P, 1, n);
 }
 
@@ -566,17 +897,22 @@ __device__ void combine_send(const Params& P) {
     if (ok) {
         source_prefix(P, s_start);
         const int items = s_start[P.world];
+        int most = 0;
+        for (int s = 0; s < P.world; ++s) most = max(most, s_start[s + 1] - s_start[s]);
         const int vecs = P.hidden / N;
         const int lane = tid & 31;
         const int warps = blockDim.x / 32;
         constexpr int U = 4;
         const int chunks = chunk_count(items, vecs, U);
         const int per = (vecs + chunks - 1) / chunks;
-        for (int wi = blockIdx.x * warps + tid / 32; wi < items * chunks;
+        // Sources interleaved (token t of every source, then t + 1): at any moment some warps
+        // write peers over NVLink while others write this rank's own slots, so the NVLink
+        // stores and the HBM traffic of the weighted sums overlap instead of taking turns.
+        for (int wi = blockIdx.x * warps + tid / 32; wi < P.world * most * chunks;
              wi += gridDim.x * warps) {
             const int i = wi / chunks, c = wi % chunks;
-            const int s = source_of(s_start, P.world, i);
-            const int t = i - s_start[s];
+            const int s = i % P.world, t = i / P.world;
+            if (t >= s_start[s + 1] - s_start[s]) continue;
             const uint8_t* m = P.peers[s].rx_meta + static_cast<size_t>(t) * P.meta_bytes;
             int row = -1;
             float w = 0.f;

@@ -148,6 +148,10 @@ struct PeerEntry {
     rx_dflag: u64,
     rx_cflag: u64,
     rel_in: u64,
+    cntflag: u64,
+    chunk: u64,
+    rx_cntflag: u64,
+    rx_chunk: u64,
 }
 const _: () = assert!(std::mem::size_of::<PeerEntry>() == PEER_BYTES);
 
@@ -194,8 +198,10 @@ struct KernelParams {
     hidden: i32,
     idx64: i32,
     accumulate: i32,
+    chunk_tokens: i32,
+    lag: i32,
 }
-const _: () = assert!(std::mem::size_of::<KernelParams>() == 18 * 8 + 7 * 8 + 14 * 4);
+const _: () = assert!(std::mem::size_of::<KernelParams>() == 18 * 8 + 7 * 8 + 16 * 4);
 
 /// Inputs of `dispatch_send`. Pointers are device addresses on this rank's GPU; strides are in
 /// bytes for rows of data and in elements for the routing.
@@ -256,6 +262,8 @@ pub struct CombineArgs {
 struct Kernels {
     dispatch_send: Function,
     dispatch_recv: Function,
+    dispatch_count: Function,
+    dispatch_fused: Function,
     combine_send: Function,
     combine_recv: Function,
 }
@@ -275,6 +283,8 @@ pub struct AllToAll {
     connected: bool,
     /// Most blocks a launch uses: the SM count times [`blocks_per_sm`].
     max_blocks: u32,
+    /// See [`overlap_lag`].
+    overlap_lag: i32,
 }
 
 /// Blocks per SM the phases launch (`STOLON_MOE_BLOCKS_PER_SM`, 1..=8; default
@@ -292,6 +302,21 @@ fn blocks_per_sm() -> u32 {
 
 /// See [`blocks_per_sm`].
 pub const DEFAULT_BLOCKS_PER_SM: u32 = 4;
+
+/// Smallest `max_tokens` for which [`AllToAll::dispatch`] overlaps by default.
+pub const OVERLAP_MIN_TOKENS: usize = 512;
+
+/// How many chunks a receive item of the overlapped dispatch trails the send items
+/// (`STOLON_MOE_OVERLAP_LAG`; default: about the items the grid holds at once, so a chunk has
+/// usually landed by the time a block takes it, without leaving the receive items all to the
+/// end).
+fn overlap_lag(max_blocks: u32, world: usize) -> i32 {
+    std::env::var("STOLON_MOE_OVERLAP_LAG")
+        .ok()
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .filter(|l| *l >= 0)
+        .unwrap_or((max_blocks as usize / world.max(1)) as i32)
+}
 
 /// What ranks on other nodes need: the engine, the staging area and the proxy's mailbox and
 /// header areas, all registered with the engine, and the proxy thread once connected.
@@ -385,6 +410,8 @@ impl AllToAll {
         let kernels = Kernels {
             dispatch_send: module.function("moe_dispatch_send")?,
             dispatch_recv: module.function("moe_dispatch_recv")?,
+            dispatch_count: module.function("moe_dispatch_count")?,
+            dispatch_fused: module.function("moe_dispatch_fused")?,
             combine_send: module.function(&format!("moe_combine_send_{suffix}"))?,
             combine_recv: module.function(&format!("moe_combine_recv_{suffix}"))?,
         };
@@ -405,6 +432,7 @@ impl AllToAll {
             }
             _ => None,
         };
+        let cfg_world = cfg.world;
         Ok(AllToAll {
             cfg,
             layout,
@@ -418,6 +446,7 @@ impl AllToAll {
             remote,
             connected: false,
             max_blocks: sms * blocks_per_sm(),
+            overlap_lag: overlap_lag(sms * blocks_per_sm(), cfg_world),
         })
     }
 
@@ -548,6 +577,7 @@ impl AllToAll {
         let slot_region = (c.max_tokens * l.slot_bytes) as u64;
         let meta_region = (c.max_tokens * l.meta_bytes) as u64;
         let ecount_region = (l.experts_per_rank * 4) as u64;
+        let chunk_region = (l.max_chunks * 8) as u64;
         let (me64, off) = (me as u64, |b: u64, o: usize| b + o as u64);
         let table: Vec<PeerEntry> = (0..world)
             .map(|p| {
@@ -566,6 +596,10 @@ impl AllToAll {
                     rx_dflag: off(mine, l.rx_dflag) + p64 * 8,
                     rx_cflag: off(mine, l.rx_cflag) + p64 * 8,
                     rel_in: off(mine, l.rx_rel) + p64 * 8,
+                    cntflag: off(b, l.rx_cntflag) + me64 * 8,
+                    chunk: off(b, l.rx_chunk) + me64 * chunk_region,
+                    rx_cntflag: off(mine, l.rx_cntflag) + p64 * 8,
+                    rx_chunk: off(mine, l.rx_chunk) + p64 * chunk_region,
                 }
             })
             .collect();
@@ -590,6 +624,13 @@ impl AllToAll {
                 entry.rx_dflag = rm.mailbox_word(p, proxy::IN_DFLAG);
                 entry.rx_cflag = rm.mailbox_word(p, proxy::IN_CFLAG);
                 entry.rel_in = rm.mailbox_word(p, proxy::IN_REL);
+                // dispatch_send stores the counts flag just before the dispatch flag, with the
+                // same value: both go to the one mailbox word the proxy watches. Chunk flags
+                // belong to the overlapped dispatch, which needs every peer on this node.
+                entry.cntflag = entry.dflag;
+                entry.rx_cntflag = entry.rx_dflag;
+                entry.chunk = 0;
+                entry.rx_chunk = 0;
                 let desc = |b: &[u8], what: &str| {
                     MemDesc::from_bytes(b).map_err(|e| {
                         Error::Handshake(format!(
@@ -660,6 +701,8 @@ impl AllToAll {
             meta_bytes: l.meta_bytes as i32,
             capacity: l.capacity as i32,
             hidden: c.hidden as i32,
+            chunk_tokens: l.chunk_tokens as i32,
+            lag: self.overlap_lag,
             ..KernelParams::default()
         }
     }
@@ -703,6 +746,14 @@ impl AllToAll {
     /// # Errors
     /// [`Error::InvalidArgument`] (too many tokens, misaligned rows), a recorded kernel error.
     pub unsafe fn dispatch_send(&self, stream: &Stream, a: &DispatchArgs) -> Result<()> {
+        let p = self.send_params(a)?;
+        let grid = self.grid(self.cfg.max_tokens);
+        // SAFETY: the caller promises the inputs; our own buffers live as long as self.
+        unsafe { self.launch(&self.kernels.dispatch_send, stream, grid, 0, p) }
+    }
+
+    /// The kernel parameters of a dispatch's inputs, checked.
+    fn send_params(&self, a: &DispatchArgs) -> Result<KernelParams> {
         let l = &self.layout;
         let num_tokens = match a.num_tokens {
             Some(n) if n > self.cfg.max_tokens => {
@@ -747,9 +798,7 @@ impl AllToAll {
             num_tokens_ptr: a.num_tokens_ptr,
             ..self.base_params()
         };
-        let grid = self.grid(self.cfg.max_tokens);
-        // SAFETY: the caller promises the inputs; our own buffers live as long as self.
-        unsafe { self.launch(&self.kernels.dispatch_send, stream, grid, 0, p) }
+        Ok(p)
     }
 
     /// Queues `dispatch_recv` on `stream`.
@@ -761,22 +810,95 @@ impl AllToAll {
     /// # Errors
     /// A recorded kernel error.
     pub unsafe fn dispatch_recv(&self, stream: &Stream, o: &DispatchOutputs) -> Result<()> {
+        let p = self.recv_params(o, self.base_params())?;
+        let grid = self.grid(self.cfg.world * self.cfg.max_tokens);
+        // SAFETY: as promised by the caller.
+        unsafe {
+            self.launch(
+                &self.kernels.dispatch_recv,
+                stream,
+                grid,
+                self.offsets_smem(),
+                p,
+            )
+        }
+    }
+
+    /// `p` with a dispatch's outputs, checked.
+    fn recv_params(&self, o: &DispatchOutputs, p: KernelParams) -> Result<KernelParams> {
         if o.out_x % 16 != 0 {
             return Err(Error::InvalidArgument(
                 "the dispatch output must be 16-byte aligned".to_string(),
             ));
         }
-        let p = KernelParams {
+        Ok(KernelParams {
             out_x: o.out_x,
             out_s: o.out_s,
             expert_counts: o.counts,
             expert_offsets: o.offsets,
-            ..self.base_params()
-        };
-        let smem = ((self.cfg.world + 1) * self.layout.experts_per_rank * 4) as u32;
-        let grid = self.grid(self.cfg.world * self.cfg.max_tokens);
-        // SAFETY: as promised by the caller.
-        unsafe { self.launch(&self.kernels.dispatch_recv, stream, grid, smem, p) }
+            ..p
+        })
+    }
+
+    /// Shared memory of the kernels that compute the expert offsets.
+    fn offsets_smem(&self) -> u32 {
+        ((self.cfg.world + 1) * self.layout.experts_per_rank * 4) as u32
+    }
+
+    /// Whether [`AllToAll::dispatch`] overlaps by default: every peer is on this node (the
+    /// overlapped form writes peer memory directly) and a step may carry
+    /// [`OVERLAP_MIN_TOKENS`] tokens or more.
+    pub fn overlaps_by_default(&self) -> bool {
+        self.remote.is_none() && self.cfg.max_tokens >= OVERLAP_MIN_TOKENS
+    }
+
+    /// Queues a whole dispatch on `stream`: `dispatch_send` then `dispatch_recv`, or, with
+    /// `overlap` (default: [`AllToAll::overlaps_by_default`]), the overlapped form, which
+    /// expands this rank's own tokens and each peer's chunks of tokens while the sends are
+    /// still draining (two launches, see kernels/moe.cu). Either way the outputs, the state
+    /// the combine reads and what peers see are the same, so ranks may choose differently in
+    /// one step. Returns whether it overlapped.
+    ///
+    /// # Safety
+    /// As [`AllToAll::dispatch_send`] for `a` and [`AllToAll::dispatch_recv`] for `o`.
+    ///
+    /// # Errors
+    /// As the two halves; [`Error::InvalidArgument`] for `overlap = Some(true)` with ranks on
+    /// other nodes.
+    pub unsafe fn dispatch(
+        &self,
+        stream: &Stream,
+        a: &DispatchArgs,
+        o: &DispatchOutputs,
+        overlap: Option<bool>,
+    ) -> Result<bool> {
+        let overlap = overlap.unwrap_or_else(|| self.overlaps_by_default());
+        if overlap && self.remote.is_some() {
+            return Err(Error::InvalidArgument(
+                "the overlapped dispatch writes every peer's memory directly; with ranks on \
+                 other nodes (ranks_per_node < world) use the split form"
+                    .to_string(),
+            ));
+        }
+        let p = self.recv_params(o, self.send_params(a)?)?;
+        if !overlap {
+            // SAFETY: as promised by the caller.
+            unsafe {
+                self.dispatch_send(stream, a)?;
+                self.dispatch_recv(stream, o)?;
+            }
+            return Ok(false);
+        }
+        let count_grid = self.grid(self.cfg.max_tokens * self.cfg.topk / THREADS as usize);
+        // SAFETY: as promised by the caller; both kernels read only the inputs and write only
+        // the outputs, this rank's own buffers and the peers' receive areas.
+        unsafe {
+            self.launch(&self.kernels.dispatch_count, stream, count_grid, 0, p)?;
+            let grid = self.max_blocks;
+            let smem = self.offsets_smem();
+            self.launch(&self.kernels.dispatch_fused, stream, grid, smem, p)?;
+        }
+        Ok(true)
     }
 
     /// Queues `combine_send` on `stream`.

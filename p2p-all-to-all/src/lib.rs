@@ -19,7 +19,7 @@ use std::time::Duration;
 mod gpu;
 pub mod proxy;
 
-pub use gpu::{AllToAll, CombineArgs, DispatchArgs, DispatchOutputs};
+pub use gpu::{AllToAll, CombineArgs, DispatchArgs, DispatchOutputs, OVERLAP_MIN_TOKENS};
 
 /// Dtype of the combine (expert output and result).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -68,6 +68,9 @@ pub const MAX_WORLD: usize = 64;
 pub const MAX_EXPERTS: usize = 1024;
 /// Largest top-k.
 pub const MAX_TOPK: usize = 16;
+/// Most tokens behind one chunk flag of the overlapped dispatch (`kMaxChunkTokens` in
+/// kernels/moe.cu).
+pub const MAX_CHUNK_TOKENS: usize = 16;
 
 /// What one rank's all-to-all is built for. Every rank of a group must use the same values
 /// (except `rank`); the handshake checks it.
@@ -290,6 +293,14 @@ pub struct Layout {
     pub rx_cflag: usize,
     /// `[world]` u64 release notices.
     pub rx_rel: usize,
+    /// `[world]` u64 counts flags (the per-expert counts of that source are in place).
+    pub rx_cntflag: usize,
+    /// `[world][max_chunks]` u64 chunk flags of the overlapped dispatch.
+    pub rx_chunk: usize,
+    /// Tokens behind one chunk flag.
+    pub chunk_tokens: usize,
+    /// Chunk flags per source (`max_tokens / chunk_tokens`, rounded up).
+    pub max_chunks: usize,
     /// Size of the receive area.
     pub rx_total: usize,
     /// Local state (step counters).
@@ -307,9 +318,9 @@ pub struct Layout {
 }
 
 /// Size of the kernels' `State` struct.
-pub const STATE_BYTES: usize = 56;
+pub const STATE_BYTES: usize = 64;
 /// Size of the kernels' `Peer` struct.
-pub const PEER_BYTES: usize = 12 * 8;
+pub const PEER_BYTES: usize = 16 * 8;
 
 impl Layout {
     fn of(c: &Config) -> Layout {
@@ -322,6 +333,13 @@ impl Layout {
         // A token may name one expert in several of its top-k slots: each is its own row.
         let capacity = c.capacity.unwrap_or(c.world * c.max_tokens * c.topk);
         let slots = c.world * c.max_tokens;
+        // About a thousand chunks at most per source: each costs a fence and a flag store per
+        // peer, and a chunk's (token, k) routing must fit one block's threads.
+        let chunk_tokens = c
+            .max_tokens
+            .div_ceil(1024)
+            .clamp(1, MAX_CHUNK_TOKENS.min(256 / c.topk));
+        let max_chunks = c.max_tokens.div_ceil(chunk_tokens);
         let mut at = 0usize;
         let mut take = |bytes: usize| {
             let here = at;
@@ -335,6 +353,8 @@ impl Layout {
         let rx_dflag = take(c.world * 8);
         let rx_cflag = take(c.world * 8);
         let rx_rel = take(c.world * 8);
+        let rx_cntflag = take(c.world * 8);
+        let rx_chunk = take(c.world * max_chunks * 8);
         let rx_total = at;
         let mut at = 0usize;
         let mut take = |bytes: usize| {
@@ -362,6 +382,10 @@ impl Layout {
             rx_dflag,
             rx_cflag,
             rx_rel,
+            rx_cntflag,
+            rx_chunk,
+            chunk_tokens,
+            max_chunks,
             rx_total,
             st,
             tok_mask,
@@ -715,7 +739,8 @@ mod tests {
             let rx = [
                 (l.rx_nonce, 8), (l.rx_data, slots * l.slot_bytes), (l.rx_meta, slots * l.meta_bytes),
                 (l.rx_ecount, world * l.experts_per_rank * 4), (l.rx_dflag, world * 8),
-                (l.rx_cflag, world * 8), (l.rx_rel, world * 8),
+                (l.rx_cflag, world * 8), (l.rx_rel, world * 8), (l.rx_cntflag, world * 8),
+                (l.rx_chunk, world * l.max_chunks * 8),
             ];
             let local = [
                 (l.st, STATE_BYTES), (l.tok_mask, max_tokens * 8), (l.ecount_local, c.num_experts * 4),
@@ -733,6 +758,9 @@ mod tests {
             prop_assert!(l.slot_bytes >= l.x_bytes + l.s_bytes && l.slot_bytes >= l.c_bytes);
             prop_assert_eq!(l.slot_bytes % 16, 0);
             prop_assert!(l.meta_bytes >= 12 * topk);
+            prop_assert!(l.chunk_tokens >= 1 && l.chunk_tokens <= MAX_CHUNK_TOKENS);
+            prop_assert!(l.chunk_tokens * topk <= 256);
+            prop_assert!(l.max_chunks * l.chunk_tokens >= max_tokens);
         }
     }
 }

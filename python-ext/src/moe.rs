@@ -169,6 +169,60 @@ impl MoeAllToAll {
         unsafe { self.get()?.dispatch_recv(&s, &o) }.map_err(to_py)
     }
 
+    /// A whole dispatch (both halves, or the overlapped form); returns whether it overlapped.
+    #[pyo3(signature = (stream, x, x_stride, scales, s_stride, idx, idx64, idx_stride, weights,
+                        w_stride, num_tokens, num_tokens_ptr, out_x, out_s, counts, offsets,
+                        overlap))]
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch(
+        &self,
+        stream: usize,
+        x: u64,
+        x_stride: i64,
+        scales: u64,
+        s_stride: i64,
+        idx: u64,
+        idx64: bool,
+        idx_stride: i64,
+        weights: u64,
+        w_stride: i64,
+        num_tokens: Option<usize>,
+        num_tokens_ptr: u64,
+        out_x: u64,
+        out_s: u64,
+        counts: u64,
+        offsets: u64,
+        overlap: Option<bool>,
+    ) -> PyResult<bool> {
+        let s = self.stream(stream)?;
+        let args = a2a::DispatchArgs {
+            x,
+            x_stride,
+            scales,
+            s_stride,
+            idx,
+            idx64,
+            idx_stride,
+            weights,
+            w_stride,
+            num_tokens,
+            num_tokens_ptr,
+        };
+        let o = a2a::DispatchOutputs {
+            out_x,
+            out_s,
+            counts,
+            offsets,
+        };
+        // SAFETY: as in dispatch_send and dispatch_recv.
+        unsafe { self.get()?.dispatch(&s, &args, &o, overlap) }.map_err(to_py)
+    }
+
+    /// Whether `dispatch` overlaps when not told.
+    fn overlaps_by_default(&self) -> PyResult<bool> {
+        Ok(self.get()?.overlaps_by_default())
+    }
+
     fn combine_send(&self, stream: usize, y: u64, y_stride: i64) -> PyResult<()> {
         let s = self.stream(stream)?;
         let a = a2a::CombineArgs {

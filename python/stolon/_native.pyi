@@ -152,6 +152,27 @@ class MoeAllToAll:
     def dispatch_recv(
         self, stream: int, out_x: int, out_s: int, counts: int, offsets: int
     ) -> None: ...
+    def dispatch(
+        self,
+        stream: int,
+        x: int,
+        x_stride: int,
+        scales: int,
+        s_stride: int,
+        idx: int,
+        idx64: bool,
+        idx_stride: int,
+        weights: int,
+        w_stride: int,
+        num_tokens: Optional[int],
+        num_tokens_ptr: int,
+        out_x: int,
+        out_s: int,
+        counts: int,
+        offsets: int,
+        overlap: Optional[bool],
+    ) -> bool: ...
+    def overlaps_by_default(self) -> bool: ...
     def combine_send(self, stream: int, y: int, y_stride: int) -> None: ...
     def combine_recv(self, stream: int, out: int, out_stride: int, accumulate: bool) -> None: ...
     def synchronize(self, stream: int, timeout: float) -> None: ...

@@ -198,6 +198,8 @@ class AllToAll:
         self._graph_tokens = False
         self._ntok = 0
         self._keep: tuple[Any, ...] = ()
+        #: Whether the last `dispatch` used the overlapped form.
+        self.last_dispatch_overlapped = False
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -277,8 +279,23 @@ class AllToAll:
                 anything is sent (synchronises the stream). Without it, the kernel skips an
                 out-of-range id and records the error, raised by ``synchronize``/``check``.
         """
-        torch = self._torch
         self._phase("dispatch_send")
+        args = self._send_args(x, topk_idx, topk_weights, x_scales, num_tokens, check_routing)
+        self._nat().dispatch_send(self._stream(), *args)
+        self._advance()
+
+    def _send_args(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        x_scales: Optional[torch.Tensor],
+        num_tokens: Any,
+        check_routing: bool,
+    ) -> tuple[Any, ...]:
+        """Checks a dispatch's inputs; the native arguments after the stream. Keeps the
+        tensors referenced until the next step."""
+        torch = self._torch
         x = self._tensor("x", x, [self.dispatch_dtype], self.hidden)
         n = x.shape[0]
         if n > self.max_tokens:
@@ -324,8 +341,7 @@ class AllToAll:
             count = int(num_tokens)
             if not 0 <= count <= n:
                 raise _fail(f"num_tokens {count} is outside 0..{n} (the rows of x)")
-        self._nat().dispatch_send(
-            self._stream(),
+        args = (
             x.data_ptr(),
             x.stride(0) * x.element_size(),
             s_ptr,
@@ -341,7 +357,7 @@ class AllToAll:
         self._keep = (x, idx, w, sc, num_tokens)
         self._graph_tokens = count is None
         self._ntok = self.max_tokens if count is None else count
-        self._advance()
+        return args
 
     def dispatch_recv(self, out: Optional[DispatchOutput] = None) -> DispatchOutput:
         """Waits (on the GPU) for every rank's tokens and packs them expert by expert.
@@ -349,8 +365,15 @@ class AllToAll:
         Args:
             out: preallocated outputs (shapes as :class:`DispatchOutput`), e.g. for graphs.
         """
-        torch = self._torch
         self._phase("dispatch_recv")
+        out = self._outputs(out)
+        self._nat().dispatch_recv(self._stream(), *self._output_ptrs(out))
+        self._advance()
+        return out
+
+    def _outputs(self, out: Optional[DispatchOutput]) -> DispatchOutput:
+        """The given dispatch outputs, checked, or new ones."""
+        torch = self._torch
         epr = self.experts_per_rank
         if out is None:
             out = DispatchOutput(
@@ -389,15 +412,12 @@ class AllToAll:
                     or not t.is_contiguous()
                 ):
                     raise _fail(f"out.{name} must be a contiguous int32 [{size}] tensor here")
-        self._nat().dispatch_recv(
-            self._stream(),
-            out.x.data_ptr(),
-            out.scales.data_ptr() if out.scales is not None else 0,
-            out.counts.data_ptr(),
-            out.offsets.data_ptr(),
-        )
-        self._advance()
         return out
+
+    @staticmethod
+    def _output_ptrs(out: DispatchOutput) -> tuple[int, int, int, int]:
+        scales = out.scales.data_ptr() if out.scales is not None else 0
+        return (out.x.data_ptr(), scales, out.counts.data_ptr(), out.offsets.data_ptr())
 
     def dispatch(
         self,
@@ -407,10 +427,32 @@ class AllToAll:
         x_scales: Optional[torch.Tensor] = None,
         num_tokens: Any = None,
         out: Optional[DispatchOutput] = None,
+        overlap: Optional[bool] = None,
+        check_routing: bool = False,
     ) -> DispatchOutput:
-        """``dispatch_send`` then ``dispatch_recv``."""
-        self.dispatch_send(x, topk_idx, topk_weights, x_scales, num_tokens)
-        return self.dispatch_recv(out)
+        """Both halves of the dispatch (arguments as ``dispatch_send`` and ``dispatch_recv``).
+
+        Args:
+            overlap: use the overlapped form, in which each rank expands its own tokens and
+                its peers' tokens into the output while its sends are still in flight instead
+                of after them (faster at prefill sizes; needs every rank on this node). The
+                default (None) overlaps when every rank is on this node and ``max_tokens`` is
+                at least 512. The result is the same either way, and ranks may differ.
+        """
+        self._phase("dispatch_send")
+        args = self._send_args(x, topk_idx, topk_weights, x_scales, num_tokens, check_routing)
+        out = self._outputs(out)
+        self.last_dispatch_overlapped = bool(
+            self._nat().dispatch(
+                self._stream(),
+                *args,
+                *self._output_ptrs(out),
+                None if overlap is None else bool(overlap),
+            )
+        )
+        self._advance()
+        self._advance()
+        return out
 
     # -- combine ---------------------------------------------------------------------------
 
