@@ -554,17 +554,21 @@ def _split(row: Tuple[int, ...], cap: int) -> List[Tuple[int, ...]]:
 
 
 def _merge_scatters(reqs: List[_Request]) -> List[_Request]:
-    """Joins scatter requests of one source into one request (order of other requests kept)."""
+    """Joins scatter requests of one source to one destination into one request, placed where
+    the first of them was (order of other requests kept). Destinations stay apart so the
+    rotated destination order survives: with several senders, each receiver then has about
+    one sender at a time (on 4 H100s, 2 training -> 2 inference ranks ran at 0.60 of the peer
+    copy with every scatter spanning both receivers)."""
     out: List[_Request] = []
     where: Dict[Tuple[Any, ...], int] = {}
     for r in reqs:
         if r[0] == "scatter":
-            k = r[1]
+            k = (r[1], r[2][0][0] if r[2] else -1)
             if k in where:
                 out[where[k]][2].extend(r[2])
                 continue
             where[k] = len(out)
-            out.append(("scatter", k, list(r[2])))
+            out.append(("scatter", r[1], list(r[2])))
         else:
             out.append(r)
     return out
