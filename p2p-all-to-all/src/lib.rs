@@ -430,7 +430,9 @@ pub struct Handle {
 }
 
 const HANDLE_MAGIC: &[u8; 4] = b"STA2";
-const HANDLE_VERSION: u32 = 1;
+// 2: the receive area gained the counts and chunk flags (overlapped dispatch); ranks of
+// different builds must not map each other.
+const HANDLE_VERSION: u32 = 2;
 /// Length of the fixed part of an encoded [`Handle`] (the two descriptors follow, each with a
 /// u32 length).
 pub const HANDLE_BYTES: usize = 4 + 4 + 4 + 4 + 8 + 4 + 8 + 64;

@@ -182,8 +182,11 @@ class TorchProgram(_Program):
         self.staging = torch.zeros(max(staging, 1), dtype=torch.uint8, device=dev)
 
     def sync(self) -> None:
+        # Only the stream this program's copies and conversions ran on. A device-wide
+        # synchronize would also wait for the engine's copy streams (same device, same
+        # context), so every staging refill would drain every write in flight.
         if self.device.type == "cuda":
-            self.torch.cuda.synchronize(self.device)
+            self.torch.cuda.current_stream(self.device).synchronize()
 
     def source(self, key: Tuple[Any, ...]) -> Any:
         torch = self.torch
