@@ -56,6 +56,12 @@ def file_exchange(directory: str, rank: int, world: int, timeout: float = 60.0) 
     return exchange
 
 
+def device_of(rank: int) -> int:
+    """The GPU of `rank`: rank r on cuda:r, and where a case has more ranks than GPUs (the
+    eight-rank cases on a smaller machine) ranks share GPUs round robin."""
+    return rank % torch.cuda.device_count()
+
+
 def expert_scale(e: int) -> float:
     """The test experts multiply their input by a per-expert constant."""
     return 1.0 + (e % 7) / 8.0
@@ -225,7 +231,7 @@ def _build(case, rank, exchange_dir, **kw) -> AllToAll:
         world_size=case["world"],
         exchange=file_exchange(exchange_dir, rank, case["world"], case.get("timeout", 20.0) + 10),
         timeout=case.get("timeout", 20.0),
-        device=torch.device("cuda", rank),
+        device=torch.device("cuda", device_of(rank)),
         **kw,
     )
 
@@ -237,15 +243,15 @@ def _engine_kw(case: Dict[str, Any], rank: int) -> Dict[str, Any]:
         return {}
     import gpu_roles
 
-    eng = gpu_roles.engine(rank, nvlink=case.get("via", "nvlink") == "nvlink")
+    eng = gpu_roles.engine(device_of(rank), nvlink=case.get("via", "nvlink") == "nvlink")
     return {"ranks_per_node": case["ranks_per_node"], "engine": eng}
 
 
 def _cmd_case(state: dict, case: Dict[str, Any], rank: int, exchange_dir: str) -> Dict[str, Any]:
     """Runs `case["steps"]` steps with fresh inputs each; checks dispatch and combine."""
-    torch.cuda.set_device(rank)
+    torch.cuda.set_device(device_of(rank))
     a2a = _a2a(case, rank, exchange_dir, **_engine_kw(case, rank))
-    dev = torch.device("cuda", rank)
+    dev = torch.device("cuda", device_of(rank))
     consts = expert_consts(a2a, rank)
     checked, worst = 0, 0.0
     try:
@@ -277,8 +283,8 @@ def _cmd_case(state: dict, case: Dict[str, Any], rank: int, exchange_dir: str) -
 def _cmd_graph(state: dict, case: Dict[str, Any], rank: int, exchange_dir: str) -> Dict[str, Any]:
     """Captures the four phases (and the test experts) in one CUDA graph; replays it with new
     routing and token counts copied into its static inputs, checking every replay."""
-    torch.cuda.set_device(rank)
-    dev = torch.device("cuda", rank)
+    torch.cuda.set_device(device_of(rank))
+    dev = torch.device("cuda", device_of(rank))
     a2a = _a2a(case, rank, exchange_dir, **_engine_kw(case, rank))
     T, H, K = case["max_tokens"], case["hidden"], case["topk"]
     dt = DTYPES[case["dispatch"]]
@@ -352,8 +358,8 @@ def _cmd_dead_peer(
     AllToAllTimeoutError naming a silent rank within its timeout, and stay failed."""
     from stolon.errors import AllToAllError, AllToAllTimeoutError
 
-    torch.cuda.set_device(rank)
-    dev = torch.device("cuda", rank)
+    torch.cuda.set_device(device_of(rank))
+    dev = torch.device("cuda", device_of(rank))
     a2a = _a2a(case, rank, exchange_dir)
     try:
         if rank != 0:
@@ -393,8 +399,8 @@ def _cmd_bad_expert(
     """An out-of-range expert id: check_routing raises before anything is sent."""
     from stolon.errors import InvalidArgumentError
 
-    torch.cuda.set_device(rank)
-    dev = torch.device("cuda", rank)
+    torch.cuda.set_device(device_of(rank))
+    dev = torch.device("cuda", device_of(rank))
     a2a = _a2a(case, rank, exchange_dir)
     try:
         mine = make_inputs(case)[rank]
@@ -419,8 +425,8 @@ def _cmd_capacity(
     typed error naming the rows needed, and the next step runs (the error is per step)."""
     from stolon.errors import AllToAllError
 
-    torch.cuda.set_device(rank)
-    dev = torch.device("cuda", rank)
+    torch.cuda.set_device(device_of(rank))
+    dev = torch.device("cuda", device_of(rank))
     a2a = _a2a(case, rank, exchange_dir, capacity=case["capacity"])
     try:
         for step in range(2):
