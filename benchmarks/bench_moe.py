@@ -45,6 +45,9 @@ import torch.multiprocessing as mp
 CONFIGS = {
     "decode": dict(tokens=128, hidden=7168, experts=256, topk=8, iters=300, warmup=30),
     "prefill": dict(tokens=4096, hidden=7168, experts=256, topk=8, iters=40, warmup=5),
+    # Not one of the configurations: between the two, to find where the overlapped
+    # dispatch starts to pay (`--configs mid`).
+    "mid": dict(tokens=1024, hidden=7168, experts=256, topk=8, iters=100, warmup=10),
 }
 
 
