@@ -605,6 +605,7 @@ struct SendChunk {
     int rows[kThreads];   // per token, its own-rank output rows first (n_rows[i] of them)
     int n_rows[kMaxChunkTokens];
     unsigned long long mask[kMaxChunkTokens];  // per token: peers it goes to (not this rank)
+    uint8_t* dst[kMaxWorld];  // each peer's receive slots for this rank (set once per block)
 };
 
 // Sends tokens [t0, t0 + cnt) of this rank to their peers and expands them into this rank's
@@ -677,7 +678,7 @@ __device__ void send_chunk(const Params& P, const int* s_off, SendChunk& sc, int
             const size_t slot = static_cast<size_t>(t0 + j) * P.slot_bytes;
             for (uint64_t m = sc.mask[j]; m; m &= m - 1) {
                 const int d = __ffsll(static_cast<long long>(m)) - 1;
-                reinterpret_cast<uint4*>(P.peers[d].data + slot)[vv] = val[u];
+                reinterpret_cast<uint4*>(sc.dst[d] + slot)[vv] = val[u];
             }
             for (int q = 0; q < sc.n_rows[j]; ++q) {
                 const int r = sc.rows[j * topk + q];
@@ -694,7 +695,7 @@ __device__ void send_chunk(const Params& P, const int* s_off, SendChunk& sc, int
             const size_t at = static_cast<size_t>(t0 + j) * P.slot_bytes + P.x_bytes;
             for (uint64_t m = sc.mask[j]; m; m &= m - 1) {
                 const int d = __ffsll(static_cast<long long>(m)) - 1;
-                reinterpret_cast<uint32_t*>(P.peers[d].data + at)[vv] = val;
+                reinterpret_cast<uint32_t*>(sc.dst[d] + at)[vv] = val;
             }
             for (int q = 0; q < sc.n_rows[j]; ++q) {
                 const int r = sc.rows[j * topk + q];
@@ -755,7 +756,12 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_
     int* s_off = s_dyn;
     int* s_cnt = s_dyn + P.world * P.experts_per_rank;
     const uint64_t n = P.st->seq[1] + 1;
-    bool ok = !timed_out_elsewhere(P) && wait_all_peers(P, &Peer::rx_cntflag, n, 32, 1, n);
+    // Read once: the send loop stores through these for every vector (the barrier in
+    // wait_all_peers publishes them).
+    if (tid < P.world) sc.dst[tid] = P.peers[tid].data;
+    // Every thread must reach the barrier inside (no short-circuit on a per-thread read); the
+    // wait itself gives up at once when another wait of this rank already timed out.
+    bool ok = wait_all_peers(P, &Peer::rx_cntflag, n, 32, 1, n);
     if (ok) {
         if (tid < P.world)
             s_ntok[tid] = static_cast<int>(ld_acquire(P.peers[tid].rx_cntflag) & 0xffffffffu);

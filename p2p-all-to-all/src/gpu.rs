@@ -747,8 +747,15 @@ impl AllToAll {
     /// [`Error::InvalidArgument`] (too many tokens, misaligned rows), a recorded kernel error.
     pub unsafe fn dispatch_send(&self, stream: &Stream, a: &DispatchArgs) -> Result<()> {
         let p = self.send_params(a)?;
-        let grid = self.grid(self.cfg.max_tokens);
         // SAFETY: the caller promises the inputs; our own buffers live as long as self.
+        unsafe { self.launch_send(stream, p) }
+    }
+
+    /// # Safety
+    /// As [`AllToAll::launch`]; `p` from [`AllToAll::send_params`].
+    unsafe fn launch_send(&self, stream: &Stream, p: KernelParams) -> Result<()> {
+        let grid = self.grid(self.cfg.max_tokens);
+        // SAFETY: as promised by the caller.
         unsafe { self.launch(&self.kernels.dispatch_send, stream, grid, 0, p) }
     }
 
@@ -811,6 +818,13 @@ impl AllToAll {
     /// A recorded kernel error.
     pub unsafe fn dispatch_recv(&self, stream: &Stream, o: &DispatchOutputs) -> Result<()> {
         let p = self.recv_params(o, self.base_params())?;
+        // SAFETY: as promised by the caller.
+        unsafe { self.launch_recv(stream, p) }
+    }
+
+    /// # Safety
+    /// As [`AllToAll::launch`]; `p` from [`AllToAll::recv_params`].
+    unsafe fn launch_recv(&self, stream: &Stream, p: KernelParams) -> Result<()> {
         let grid = self.grid(self.cfg.world * self.cfg.max_tokens);
         // SAFETY: as promised by the caller.
         unsafe {
@@ -884,8 +898,8 @@ impl AllToAll {
         if !overlap {
             // SAFETY: as promised by the caller.
             unsafe {
-                self.dispatch_send(stream, a)?;
-                self.dispatch_recv(stream, o)?;
+                self.launch_send(stream, p)?;
+                self.launch_recv(stream, p)?;
             }
             return Ok(false);
         }
