@@ -73,8 +73,13 @@ struct State {
     uint32_t done[4];  // blocks of the running launch that finished, per phase
     int32_t my_ntok;   // tokens this rank dispatched in the current step
     int32_t failed;    // a wait of this rank timed out (device-side copy of err->code == 1)
-    uint32_t ticket;   // next work item of the running moe_dispatch_fused
-    uint32_t sent;     // its send items finished
+    // The running moe_dispatch_fused:
+    uint32_t arrive;     // blocks that started (the first `senders` of them send)
+    uint32_t send_next;  // next chunk to send
+    uint32_t own_next;   // next chunk of own tokens to expand
+    uint32_t recv_next;  // next receive item
+    uint32_t sent;       // send items finished
+    uint32_t pad;
 };
 
 struct Error {
@@ -128,7 +133,7 @@ struct Params {
     int32_t idx64;
     int32_t accumulate;
     int32_t chunk_tokens;    // tokens per chunk flag (overlapped dispatch)
-    int32_t lag;             // chunks a receive item trails the send items (overlapped dispatch)
+    int32_t senders;         // blocks that send (overlapped dispatch)
 };
 
 __device__ __forceinline__ uint64_t ld_acquire(const uint64_t* p) {
@@ -554,36 +559,56 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_
 // launches that `dispatch()` queues back to back:
 //
 //   moe_dispatch_count  assigns every (token, k) its position in its expert (atomics, as
-//                       dispatch_send), hands the per-expert counts to every rank, then a
-//                       counts flag. Positions wait in this rank's own rows of route_rows.
-//   moe_dispatch_fused  once every rank's counts arrived, each block takes work items from a
-//                       ticket counter: a send item writes a chunk of this rank's tokens to
-//                       the peers (NVLink stores drain while the block goes on), expands the
-//                       same values straight into this rank's own output rows, and stores the
-//                       chunk's flag at each peer; a receive item waits for one peer chunk's
-//                       flag and expands those tokens. Receive items trail the send items by
-//                       `lag` chunks, so by the time one is taken its chunk has usually landed.
+//                       dispatch_send), writes every rank's routing entries for this rank's
+//                       tokens and the tokens' destination masks, hands the per-expert counts
+//                       to every rank, then a counts flag. Positions wait in this rank's own
+//                       rows of route_rows.
+//   moe_dispatch_fused  blocks take roles in the order they start. The first `senders` send
+//                       this rank's tokens to the peers, in items of a few chunks in token
+//                       order, each item followed by its chunk flags at every peer; they start
+//                       at once (they need nothing from the other ranks). Every other block,
+//                       and a sender once the items are gone, is a worker: once every rank's
+//                       counts arrived it expands the next peer chunk if that has landed (in
+//                       chunk order), else a chunk of this rank's own tokens straight from the
+//                       input; once those are gone, the peer chunks in order, waiting as
+//                       needed.
 //
-// No block waits for another block of its own grid: a receive item waits for a send item of
-// another rank that has an earlier ticket there (tickets are handed out in the same order on
-// every rank), so whatever blocks are resident keep making progress, and the grid does not
-// need all of its blocks resident at once.
+// A few blocks sending in token order make the peer's chunks land one after another from the
+// start, at the link's rate, so their expansion runs alongside the transfer; with every block
+// sending (all chunks in flight at once) every chunk would land at the end. The expansion of
+// this rank's own tokens never waits and fills the gaps. Each rank moves about 11 bytes of
+// HBM per byte it sends at prefill sizes (the expert-major output), so the workers, not the
+// link, set the pace once the two overlap.
 //
-// Mixing the forms across ranks in one step is safe: both store the counts flag and, once all
-// tokens are out, the dispatch flag; a receive item also accepts a source's dispatch flag in
-// place of its chunk flag (dispatch_send stores no chunk flags).
+// No block waits for another block of its own grid: senders wait for nothing, and a worker
+// waits for another rank's counts (an earlier launch there) and senders (running blocks
+// there: roles follow the start order). So whatever blocks are resident keep making progress,
+// and the grid need not be resident at once.
+//
+// Mixing the forms across ranks in one step is safe: both write the routing entries and the
+// counts before the counts flag and, once all tokens are out, the dispatch flag; a worker also
+// accepts a source's dispatch flag in place of its chunk flag (dispatch_send stores no chunk
+// flags).
 
 namespace {
 
+__device__ __forceinline__ bool chunk_landed(const Params& P, int s, int c, uint64_t n) {
+    return ld_acquire(P.peers[s].rx_chunk + c) >= n ||
+           (ld_acquire(P.peers[s].rx_dflag) >> 32) >= n;
+}
+
+// Whether source s's chunk c seems to have landed (no ordering: for choosing work only).
+__device__ __forceinline__ bool chunk_peek(const Params& P, int s, int c, uint64_t n) {
+    return *reinterpret_cast<const volatile uint64_t*>(P.peers[s].rx_chunk + c) >= n ||
+           (*reinterpret_cast<const volatile uint64_t*>(P.peers[s].rx_dflag) >> 32) >= n;
+}
+
 // True once source s's chunk c (or all of its tokens) landed; records a timeout otherwise.
 __device__ bool wait_chunk(const Params& P, int s, int c, uint64_t n) {
-    const uint64_t* chunk = P.peers[s].rx_chunk + c;
-    const uint64_t* dflag = P.peers[s].rx_dflag;
-    const auto landed = [&] { return ld_acquire(chunk) >= n || (ld_acquire(dflag) >> 32) >= n; };
-    if (landed()) return true;
+    if (chunk_landed(P, s, c, n)) return true;
     const uint64_t start = now_ns();
     uint64_t next_check = start + 20000;
-    while (!landed()) {
+    while (!chunk_landed(P, s, c, n)) {
         const uint64_t t = now_ns();
         if (t >= next_check) {
             if (timed_out_elsewhere(P)) return false;
@@ -597,67 +622,21 @@ __device__ bool wait_chunk(const Params& P, int s, int c, uint64_t n) {
     return true;
 }
 
-// Shared memory of one send item: the routing of up to kThreads (token, k) pairs.
-struct SendChunk {
-    int e[kThreads];      // expert, or -1
-    int pos[kThreads];    // position in the expert (from moe_dispatch_count)
-    float w[kThreads];
+// Shared memory of one chunk of this rank's tokens.
+struct ChunkShared {
     int rows[kThreads];   // per token, its own-rank output rows first (n_rows[i] of them)
     int n_rows[kMaxChunkTokens];
     unsigned long long mask[kMaxChunkTokens];  // per token: peers it goes to (not this rank)
     uint8_t* dst[kMaxWorld];  // each peer's receive slots for this rank (set once per block)
 };
 
-// Sends tokens [t0, t0 + cnt) of this rank to their peers and expands them into this rank's
-// own output rows.
-__device__ void send_chunk(const Params& P, const int* s_off, SendChunk& sc, int t0, int cnt) {
-    constexpr int U = 4;
+// Copies tokens [t0, t0 + cnt) of the input: every 16-byte vector (and scale word) is read
+// once and stored at each peer in the token's mask (`to_peers`) or in each of its own rows.
+// Each thread keeps U vectors in flight.
+template <int U>
+__device__ void copy_chunk(const Params& P, const ChunkShared& sc, int t0, int cnt,
+                           bool to_peers) {
     const int tid = threadIdx.x;
-    const int topk = P.topk;
-    const int epr = P.experts_per_rank;
-    const int experts = P.world * epr;
-    int32_t* own_rows = P.route_rows + static_cast<size_t>(P.rank) * P.max_tokens * topk;
-    if (tid < cnt * topk) {
-        const int t = t0 + tid / topk, k = tid % topk;
-        const int64_t e = expert_of(P, t, k);
-        const int pos = own_rows[static_cast<size_t>(t) * topk + k];
-        const bool valid = e >= 0 && e < experts && pos >= 0;
-        sc.e[tid] = valid ? static_cast<int>(e) : -1;
-        sc.pos[tid] = valid ? pos : 0;
-        sc.w[tid] = valid ? P.weights[t * P.w_stride + k] : 0.f;
-        int row = -1;
-        if (valid && e / epr == P.rank) {
-            row = s_off[P.rank * epr + e % epr] + pos;
-            if (row >= P.capacity) row = -1;
-        }
-        // The position is replaced by the row, as dispatch_recv records it for the combine.
-        own_rows[static_cast<size_t>(t) * topk + k] = row;
-        sc.rows[tid] = row;
-    }
-    if (tid < cnt) sc.mask[tid] = P.tok_mask[t0 + tid] & ~(1ull << P.rank);
-    __syncthreads();
-    if (tid < cnt) {
-        // Compact the token's own rows to the front of its run.
-        int nr = 0;
-        for (int k = 0; k < topk; ++k) {
-            const int r = sc.rows[tid * topk + k];
-            if (r >= 0) sc.rows[tid * topk + nr++] = r;
-        }
-        sc.n_rows[tid] = nr;
-    }
-    // Routing entries go to every rank, this one included (the combine reads the weights).
-    for (int i = tid; i < cnt * P.world * topk; i += blockDim.x) {
-        const int j = i / (P.world * topk), r = i % (P.world * topk);
-        const int d = r / topk, k = r % topk;
-        const int e = sc.e[j * topk + k];
-        const int le = (e >= 0 && e / epr == d) ? e % epr : -1;
-        uint8_t* m = P.peers[d].meta + static_cast<size_t>(t0 + j) * P.meta_bytes;
-        reinterpret_cast<int32_t*>(m)[k] = le;
-        reinterpret_cast<int32_t*>(m)[topk + k] = sc.pos[j * topk + k];
-        reinterpret_cast<float*>(m)[2 * topk + k] = sc.w[j * topk + k];
-    }
-    __syncthreads();
-    // The tokens: each 16-byte vector read once, stored at every peer and in every own row.
     const int x_vecs = P.x_bytes / 16;
     const int total = cnt * x_vecs;
     for (int base = tid; base < total; base += blockDim.x * U) {
@@ -675,34 +654,94 @@ __device__ void send_chunk(const Params& P, const int* s_off, SendChunk& sc, int
             const int v = base + u * blockDim.x;
             if (v >= total) continue;
             const int j = v / x_vecs, vv = v - j * x_vecs;
-            const size_t slot = static_cast<size_t>(t0 + j) * P.slot_bytes;
-            for (uint64_t m = sc.mask[j]; m; m &= m - 1) {
-                const int d = __ffsll(static_cast<long long>(m)) - 1;
-                reinterpret_cast<uint4*>(sc.dst[d] + slot)[vv] = val[u];
-            }
-            for (int q = 0; q < sc.n_rows[j]; ++q) {
-                const int r = sc.rows[j * topk + q];
-                reinterpret_cast<uint4*>(P.out_x + static_cast<size_t>(r) * P.x_bytes)[vv] = val[u];
+            if (to_peers) {
+                const size_t slot = static_cast<size_t>(t0 + j) * P.slot_bytes;
+                for (uint64_t m = sc.mask[j]; m; m &= m - 1) {
+                    const int d = __ffsll(static_cast<long long>(m)) - 1;
+                    reinterpret_cast<uint4*>(sc.dst[d] + slot)[vv] = val[u];
+                }
+            } else {
+                for (int q = 0; q < sc.n_rows[j]; ++q) {
+                    const int r = sc.rows[j * P.topk + q];
+                    reinterpret_cast<uint4*>(P.out_x + static_cast<size_t>(r) * P.x_bytes)[vv] =
+                        val[u];
+                }
             }
         }
     }
-    if (P.scales) {
-        const int s_words = P.s_bytes / 4;
-        for (int v = tid; v < cnt * s_words; v += blockDim.x) {
-            const int j = v / s_words, vv = v - j * s_words;
-            const uint32_t val =
-                reinterpret_cast<const uint32_t*>(P.scales + (t0 + j) * P.s_stride)[vv];
+    if (!P.scales) return;
+    const int s_words = P.s_bytes / 4;
+    for (int v = tid; v < cnt * s_words; v += blockDim.x) {
+        const int j = v / s_words, vv = v - j * s_words;
+        const uint32_t val = reinterpret_cast<const uint32_t*>(P.scales + (t0 + j) * P.s_stride)[vv];
+        if (to_peers) {
             const size_t at = static_cast<size_t>(t0 + j) * P.slot_bytes + P.x_bytes;
             for (uint64_t m = sc.mask[j]; m; m &= m - 1) {
                 const int d = __ffsll(static_cast<long long>(m)) - 1;
                 reinterpret_cast<uint32_t*>(sc.dst[d] + at)[vv] = val;
             }
+        } else {
             for (int q = 0; q < sc.n_rows[j]; ++q) {
-                const int r = sc.rows[j * topk + q];
+                const int r = sc.rows[j * P.topk + q];
                 reinterpret_cast<uint32_t*>(P.out_s + static_cast<size_t>(r) * P.s_bytes)[vv] = val;
             }
         }
     }
+}
+
+// The ranks token t goes to (bit r: rank r holds one of its experts).
+__device__ __forceinline__ uint64_t token_mask(const Params& P, int t) {
+    const int experts = P.world * P.experts_per_rank;
+    uint64_t mask = 0;
+    for (int k = 0; k < P.topk; ++k) {
+        const int64_t e = expert_of(P, t, k);
+        if (e >= 0 && e < experts) mask |= 1ull << (e / P.experts_per_rank);
+    }
+    return mask;
+}
+
+// Sends tokens [t0, t0 + cnt) of this rank to the peers they go to.
+__device__ void send_chunk(const Params& P, ChunkShared& sc, int t0, int cnt) {
+    if (static_cast<int>(threadIdx.x) < cnt)
+        sc.mask[threadIdx.x] = P.tok_mask[t0 + threadIdx.x] & ~(1ull << P.rank);
+    __syncthreads();
+    // More loads in flight per thread: only a few blocks send, at the rate their loads and
+    // NVLink stores keep in flight.
+    copy_chunk<5>(P, sc, t0, cnt, true);
+    __syncthreads();
+}
+
+// Expands tokens [t0, t0 + cnt) of this rank into its own output rows, and records the rows
+// (in place of the positions moe_dispatch_count left there), as dispatch_recv does.
+__device__ void expand_own(const Params& P, const int* s_off, ChunkShared& sc, int t0, int cnt) {
+    const int tid = threadIdx.x;
+    const int topk = P.topk;
+    const int epr = P.experts_per_rank;
+    int32_t* own_rows = P.route_rows + static_cast<size_t>(P.rank) * P.max_tokens * topk;
+    if (tid < cnt * topk) {
+        const int t = t0 + tid / topk, k = tid % topk;
+        const int64_t e = expert_of(P, t, k);
+        const int pos = own_rows[static_cast<size_t>(t) * topk + k];
+        int row = -1;
+        if (pos >= 0 && e >= 0 && e < P.world * epr && e / epr == P.rank) {
+            row = s_off[P.rank * epr + e % epr] + pos;
+            if (row >= P.capacity) row = -1;
+        }
+        own_rows[static_cast<size_t>(t) * topk + k] = row;
+        sc.rows[tid] = row;
+    }
+    __syncthreads();
+    if (tid < cnt) {
+        // Compact the token's own rows to the front of its run.
+        int nr = 0;
+        for (int k = 0; k < topk; ++k) {
+            const int r = sc.rows[tid * topk + k];
+            if (r >= 0) sc.rows[tid * topk + nr++] = r;
+        }
+        sc.n_rows[tid] = nr;
+    }
+    __syncthreads();
+    copy_chunk<4>(P, sc, t0, cnt, false);
     __syncthreads();
 }
 
@@ -712,28 +751,32 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_
     const int tid = threadIdx.x;
     const uint64_t n = P.st->seq[0] + 1;
     const int ntok = step_tokens(P, n);
-    const int experts = P.world * P.experts_per_rank;
-    // The counts go into the peers' areas: each must have read the previous step's.
+    const int epr = P.experts_per_rank;
+    const int experts = P.world * epr;
+    // The counts and routing entries go into the peers' areas: each must have read the
+    // previous step's.
     const bool ok = wait_all_peers(P, &Peer::rel_in, 2 * n - 2, 0, 0, n);
     int32_t* pos = P.route_rows + static_cast<size_t>(P.rank) * P.max_tokens * P.topk;
     const int stride = gridDim.x * blockDim.x;
     for (int i = blockIdx.x * blockDim.x + tid; ok && i < ntok * P.topk; i += stride) {
         const int t = i / P.topk, k = i % P.topk;
         const int64_t e = expert_of(P, t, k);
-        if (e < 0 || e >= experts) {
+        const bool valid = e >= 0 && e < experts;
+        int p = -1;
+        if (!valid)
             record_error(P, kErrBadExpert, 0, P.rank, static_cast<uint32_t>(t), n);
-            pos[i] = -1;
-        } else {
-            pos[i] = atomicAdd(&P.ecount_local[e], 1);
+        else
+            p = atomicAdd(&P.ecount_local[e], 1);
+        pos[i] = p;
+        // Routing entries go to every rank, this one included (the combine reads the weights).
+        const float w = valid ? P.weights[t * P.w_stride + k] : 0.f;
+        for (int d = 0; d < P.world; ++d) {
+            uint8_t* m = P.peers[d].meta + static_cast<size_t>(t) * P.meta_bytes;
+            reinterpret_cast<int32_t*>(m)[k] = valid && e / epr == d ? static_cast<int>(e % epr) : -1;
+            reinterpret_cast<int32_t*>(m)[P.topk + k] = valid ? p : 0;
+            reinterpret_cast<float*>(m)[2 * P.topk + k] = w;
         }
-    }
-    for (int t = blockIdx.x * blockDim.x + tid; ok && t < ntok; t += stride) {
-        uint64_t mask = 0;
-        for (int k = 0; k < P.topk; ++k) {
-            const int64_t e = expert_of(P, t, k);
-            if (e >= 0 && e < experts) mask |= 1ull << (e / P.experts_per_rank);
-        }
-        P.tok_mask[t] = mask;
+        if (k == 0) P.tok_mask[t] = token_mask(P, t);
     }
     if (!last_block(P, 0, true)) return;
     publish_counts(P);
@@ -748,72 +791,113 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_
 
 extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_fused(Params P) {
     extern __shared__ int s_dyn[];  // off[world * experts_per_rank], cnt[experts_per_rank]
-    __shared__ SendChunk sc;
+    __shared__ ChunkShared sc;
     __shared__ int s_ntok[kMaxWorld];
     __shared__ int s_item;
-    __shared__ int s_ok;
+    __shared__ int s_flag;
+    constexpr int kDone = -1;
+    constexpr int kOwn = 1 << 30;  // s_item >= kOwn: own chunk s_item - kOwn
     const int tid = threadIdx.x;
     int* s_off = s_dyn;
     int* s_cnt = s_dyn + P.world * P.experts_per_rank;
-    const uint64_t n = P.st->seq[1] + 1;
-    // Read once: the send loop stores through these for every vector (the barrier in
-    // wait_all_peers publishes them).
+    State* st = P.st;
+    const uint64_t n = st->seq[1] + 1;
+    // Read once: the send loop stores through these for every vector.
     if (tid < P.world) sc.dst[tid] = P.peers[tid].data;
-    // Every thread must reach the barrier inside (no short-circuit on a per-thread read); the
-    // wait itself gives up at once when another wait of this rank already timed out.
+    if (tid == 0) s_flag = atomicAdd(&st->arrive, 1u) < static_cast<uint32_t>(P.senders);
+    __syncthreads();
+    const bool sender = s_flag != 0;
+    const int ntok = st->my_ntok;
+    const int ch = P.chunk_tokens;
+    const int own_chunks = (ntok + ch - 1) / ch;
+
+    // Senders: items of `group` chunks in token order (about 128 KiB of tokens each, so the
+    // fence before the flags is paid once per item, not per chunk). They start at once:
+    // moe_dispatch_count already waited until every peer had read what this rank sent last
+    // step, and sending needs nothing from the other ranks.
+    const int group = max(1, min(64, (128 << 10) / max(1, ch * P.slot_bytes)));
+    const int send_items = (own_chunks + group - 1) / group;
+    while (sender) {
+        if (tid == 0) s_item = static_cast<int>(atomicAdd(&st->send_next, 1u));
+        __syncthreads();
+        const int g = s_item;
+        __syncthreads();
+        if (g >= send_items) break;
+        const int c_end = min(own_chunks, (g + 1) * group);
+        for (int c = g * group; c < c_end; ++c) send_chunk(P, sc, c * ch, min(ch, ntok - c * ch));
+        if (tid == 0) {
+            // Fences are cumulative: the barrier in send_chunk put every thread's stores
+            // before this one, so the chunk flags (and, from the last item, the dispatch
+            // flag) cover them.
+            __threadfence_system();
+            for (int d = 0; d < P.world; ++d)
+                if (d != P.rank)
+                    for (int c = g * group; c < c_end; ++c) st_relaxed(P.peers[d].chunk + c, n);
+            s_flag = atomicAdd(&st->sent, 1u) == static_cast<uint32_t>(send_items - 1);
+            if (s_flag) __threadfence_system();
+        }
+        __syncthreads();
+        if (s_flag) store_send_flags(P, n, ntok, false, true);
+    }
+
+    // Workers: once every rank's counts arrived, the next peer chunk if it has landed, else a
+    // chunk of own tokens; once those are gone, the peer chunks in order, waiting as needed.
+    // Items are claimed with one atomic add (a compare-and-swap on a peeked value would let a
+    // single block through per round of peeks); chunks land about in order, so the one
+    // claimed after a peek at a landed chunk has usually landed too. Every thread must reach
+    // the barrier inside the wait (no short-circuit on a per-thread read); the wait itself
+    // gives up at once when another wait of this rank already timed out.
     bool ok = wait_all_peers(P, &Peer::rx_cntflag, n, 32, 1, n);
     if (ok) {
         if (tid < P.world)
             s_ntok[tid] = static_cast<int>(ld_acquire(P.peers[tid].rx_cntflag) & 0xffffffffu);
         expert_offsets(P, s_off, s_cnt, n);
     }
-    const int ntok = P.st->my_ntok;
-    const int ch = P.chunk_tokens;
     const int warps = blockDim.x / 32;
-    const int send_chunks = (ntok + ch - 1) / ch;
+    const int peers = P.world - 1;
     int recv_chunks = 0;
     for (int s = 0; ok && s < P.world; ++s)
         if (s != P.rank) recv_chunks = max(recv_chunks, (s_ntok[s] + ch - 1) / ch);
-    // Ticket j: group g = j / world; its first item sends chunk g, the others receive chunk
-    // g - lag from each peer.
-    const int lag = P.world > 1 ? P.lag : 0;
-    const int groups = max(send_chunks, recv_chunks + lag);
-    const int total = ok ? groups * P.world : 0;
-    for (;;) {
-        if (tid == 0) s_item = static_cast<int>(atomicAdd(&P.st->ticket, 1u));
-        __syncthreads();
-        const int j = s_item;
-        __syncthreads();
-        if (j >= total) break;
-        const int g = j / P.world, r = j % P.world;
-        if (r == 0) {
-            if (g >= send_chunks) continue;
-            const int t0 = g * ch;
-            send_chunk(P, s_off, sc, t0, min(ch, ntok - t0));
-            if (tid == 0) {
-                // Fences are cumulative: the barrier in send_chunk put every thread's stores
-                // before this one, so the chunk flag (and, from the last chunk, the dispatch
-                // flag) covers them.
-                __threadfence_system();
-                for (int d = 0; d < P.world; ++d)
-                    if (d != P.rank) st_release(P.peers[d].chunk + g, n);
-                if (atomicAdd(&P.st->sent, 1u) == static_cast<uint32_t>(send_chunks - 1)) {
-                    __threadfence_system();
-                    s_ok = 1;
-                } else {
-                    s_ok = 0;
-                }
+    // Receive item q: chunk q / peers of the (q % peers)-th peer.
+    const int recv_total = recv_chunks * peers;
+    const auto source = [&](int q) {
+        const int r = q % peers;
+        return r + (r >= P.rank ? 1 : 0);
+    };
+    while (ok) {
+        if (tid == 0) {
+            int item = kDone;
+            const int q = static_cast<int>(*reinterpret_cast<volatile uint32_t*>(&st->recv_next));
+            bool take_recv = q < recv_total;
+            if (take_recv) {
+                const int s = source(q), c = q / peers;
+                // A chunk past the source's tokens is empty: take it to skip it.
+                take_recv = c * ch >= s_ntok[s] || chunk_peek(P, s, c, n);
             }
-            __syncthreads();
-            if (s_ok) store_send_flags(P, n, ntok, false, true);
+            if (!take_recv) {
+                const int o = static_cast<int>(atomicAdd(&st->own_next, 1u));
+                if (o < own_chunks) item = kOwn + o;
+            }
+            if (item == kDone) {
+                const int q2 = static_cast<int>(atomicAdd(&st->recv_next, 1u));
+                if (q2 < recv_total) item = q2;
+            }
+            s_item = item;
+        }
+        __syncthreads();
+        const int item = s_item;
+        __syncthreads();
+        if (item == kDone) break;
+        if (item >= kOwn) {
+            const int t0 = (item - kOwn) * ch;
+            expand_own(P, s_off, sc, t0, min(ch, ntok - t0));
             continue;
         }
-        const int s = r - 1 + (r - 1 >= P.rank ? 1 : 0);
-        const int c = g - lag;
-        if (c < 0 || c * ch >= s_ntok[s]) continue;
-        if (tid == 0) s_ok = wait_chunk(P, s, c, n);
+        const int s = source(item), c = item / peers;
+        if (c * ch >= s_ntok[s]) continue;
+        if (tid == 0) s_flag = wait_chunk(P, s, c, n);
         __syncthreads();
-        if (!s_ok) {
+        if (!s_flag) {
             ok = false;
             break;
         }
@@ -825,8 +909,11 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_
     if (!last_block(P, 1, false)) return;
     if (tid < P.world && !timed_out_elsewhere(P)) st_relaxed(P.peers[tid].rel, 2 * n - 1);
     if (tid == 0) {
-        P.st->ticket = 0;
-        P.st->sent = 0;
+        st->arrive = 0;
+        st->send_next = 0;
+        st->own_next = 0;
+        st->recv_next = 0;
+        st->sent = 0;
     }
     finish_phase(P, 0, n);
     finish_phase(P, 1, n);

@@ -199,7 +199,7 @@ struct KernelParams {
     idx64: i32,
     accumulate: i32,
     chunk_tokens: i32,
-    lag: i32,
+    senders: i32,
 }
 const _: () = assert!(std::mem::size_of::<KernelParams>() == 18 * 8 + 7 * 8 + 16 * 4);
 
@@ -283,8 +283,8 @@ pub struct AllToAll {
     connected: bool,
     /// Most blocks a launch uses: the SM count times [`blocks_per_sm`].
     max_blocks: u32,
-    /// See [`overlap_lag`].
-    overlap_lag: i32,
+    /// See [`overlap_senders`].
+    overlap_senders: i32,
 }
 
 /// Blocks per SM the phases launch (`STOLON_MOE_BLOCKS_PER_SM`, 1..=8; default
@@ -306,17 +306,21 @@ pub const DEFAULT_BLOCKS_PER_SM: u32 = 4;
 /// Smallest `max_tokens` for which [`AllToAll::dispatch`] overlaps by default.
 pub const OVERLAP_MIN_TOKENS: usize = 512;
 
-/// How many chunks a receive item of the overlapped dispatch trails the send items
-/// (`STOLON_MOE_OVERLAP_LAG`; default: about the items the grid holds at once, so a chunk has
-/// usually landed by the time a block takes it, without leaving the receive items all to the
-/// end).
-fn overlap_lag(max_blocks: u32, world: usize) -> i32 {
-    std::env::var("STOLON_MOE_OVERLAP_LAG")
+/// Blocks of the overlapped dispatch that send this rank's tokens to the peers
+/// (`STOLON_MOE_SENDERS`, at least 1; default [`DEFAULT_SENDERS`]); the other blocks expand
+/// what has landed and this rank's own tokens. A few senders working in token order make the
+/// peers' chunks land one after another from the start, so their expansion overlaps the
+/// transfer; with every block sending, every chunk would land at the end.
+fn overlap_senders() -> i32 {
+    std::env::var("STOLON_MOE_SENDERS")
         .ok()
         .and_then(|v| v.trim().parse::<i32>().ok())
-        .filter(|l| *l >= 0)
-        .unwrap_or((max_blocks as usize / world.max(1)) as i32)
+        .filter(|s| *s >= 1)
+        .unwrap_or(DEFAULT_SENDERS)
 }
+
+/// See [`overlap_senders`].
+pub const DEFAULT_SENDERS: i32 = 192;
 
 /// What ranks on other nodes need: the engine, the staging area and the proxy's mailbox and
 /// header areas, all registered with the engine, and the proxy thread once connected.
@@ -432,7 +436,6 @@ impl AllToAll {
             }
             _ => None,
         };
-        let cfg_world = cfg.world;
         Ok(AllToAll {
             cfg,
             layout,
@@ -446,7 +449,7 @@ impl AllToAll {
             remote,
             connected: false,
             max_blocks: sms * blocks_per_sm(),
-            overlap_lag: overlap_lag(sms * blocks_per_sm(), cfg_world),
+            overlap_senders: overlap_senders(),
         })
     }
 
@@ -702,7 +705,7 @@ impl AllToAll {
             capacity: l.capacity as i32,
             hidden: c.hidden as i32,
             chunk_tokens: l.chunk_tokens as i32,
-            lag: self.overlap_lag,
+            senders: self.overlap_senders,
             ..KernelParams::default()
         }
     }
@@ -908,8 +911,7 @@ impl AllToAll {
         // the outputs, this rank's own buffers and the peers' receive areas.
         unsafe {
             self.launch(&self.kernels.dispatch_count, stream, count_grid, 0, p)?;
-            let grid = self.max_blocks;
-            let smem = self.offsets_smem();
+            let (grid, smem) = (self.max_blocks, self.offsets_smem());
             self.launch(&self.kernels.dispatch_fused, stream, grid, smem, p)?;
         }
         Ok(true)

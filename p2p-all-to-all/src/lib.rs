@@ -318,7 +318,7 @@ pub struct Layout {
 }
 
 /// Size of the kernels' `State` struct.
-pub const STATE_BYTES: usize = 64;
+pub const STATE_BYTES: usize = 80;
 /// Size of the kernels' `Peer` struct.
 pub const PEER_BYTES: usize = 16 * 8;
 
@@ -430,9 +430,10 @@ pub struct Handle {
 }
 
 const HANDLE_MAGIC: &[u8; 4] = b"STA2";
-// 2: the receive area gained the counts and chunk flags (overlapped dispatch); ranks of
-// different builds must not map each other.
-const HANDLE_VERSION: u32 = 2;
+// 2: the receive area gained the counts and chunk flags (overlapped dispatch); 3: the counts
+// kernel of the overlapped dispatch writes the routing entries, senders and workers split the
+// fused kernel. Ranks of different builds must not map each other.
+const HANDLE_VERSION: u32 = 3;
 /// Length of the fixed part of an encoded [`Handle`] (the two descriptors follow, each with a
 /// u32 length).
 pub const HANDLE_BYTES: usize = 4 + 4 + 4 + 4 + 8 + 4 + 8 + 64;
