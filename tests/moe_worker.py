@@ -18,6 +18,11 @@ import torch
 
 from stolon.moe import AllToAll, dequantize_fp8, expected_rows, moe_reference, quantize_fp8
 
+# Every worker builds all ranks' inputs and the reference on the CPU, one process per GPU:
+# torch's default of one thread per core in each would oversubscribe the host (4 workers on a
+# 64-core machine would run 256 threads on small tensors).
+torch.set_num_threads(max(1, min(8, (os.cpu_count() or 2) // max(1, torch.cuda.device_count()))))
+
 DTYPES = {
     "bf16": torch.bfloat16,
     "f16": torch.float16,
@@ -57,8 +62,8 @@ def file_exchange(directory: str, rank: int, world: int, timeout: float = 60.0) 
 
 
 def device_of(rank: int) -> int:
-    """The GPU of `rank`: rank r on cuda:r, and where a case has more ranks than GPUs (the
-    eight-rank cases on a smaller machine) ranks share GPUs round robin."""
+    """The GPU of `rank`: rank r on cuda:r (one rank per GPU; the tests never run more ranks
+    than GPUs)."""
     return rank % torch.cuda.device_count()
 
 
@@ -197,7 +202,8 @@ def check_combine(case, rank, inputs, result: torch.Tensor) -> float:
 
 
 def _a2a(case, rank, exchange_dir, **kw) -> AllToAll:
-    # Launch settings the all-to-all reads when it is built (blocks per SM, overlap lag).
+    # Launch settings the all-to-all reads when it is built (blocks per SM, senders of the
+    # overlapped dispatch).
     saved = {k: os.environ.get(k) for k in case.get("env", {})}
     os.environ.update({k: str(v) for k, v in case.get("env", {}).items()})
     try:
