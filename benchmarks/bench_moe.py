@@ -10,8 +10,10 @@ scales per token, bf16 combine), every iteration draws a fresh routing and measu
 events, per rank:
 
 - stolon: dispatch_send, dispatch_recv, combine_send, combine_recv (the halves), and
-  dispatch = send + recv, combine = send + recv; dispatch_overlapped = the whole overlapped
-  dispatch (`dispatch(overlap=True)`, timed in the same iterations, all ranks on one node).
+  dispatch = send + recv, combine = send + recv (an event between the halves);
+  dispatch_whole and combine_whole = `dispatch(overlap=False)` and `combine()` each timed as one
+  span; dispatch_overlapped = the whole overlapped dispatch (`dispatch(overlap=True)`, all
+  ranks on one node). All three forms run in the same iterations.
   Each iteration is queued behind a GPU sleep and a one-element all_reduce, so the GPUs
   start together and the events time the GPU, not Python (the same for the NCCL graph form).
 - NCCL eager: pack each token once per destination rank (with its routing), exchange counts
@@ -120,12 +122,18 @@ def bench_stolon(cfg, rank, world, dev, routes, x, xs, y) -> Dict[str, Any]:
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
     tiny = torch.zeros(1, device=dev)
     names = ["dispatch_send", "dispatch_recv", "combine_send", "combine_recv"]
-    samples: Dict[str, List[float]] = {k: [] for k in names + ["dispatch", "combine"]}
+    samples: Dict[str, List[float]] = {
+        k: [] for k in names + ["dispatch", "combine", "dispatch_whole", "combine_whole"]
+    }
     # The overlapped whole dispatch (every rank on one node only), timed in the same iterations.
     overlap = not cfg.get("ranks_per_node")
     if overlap:
         samples["dispatch_overlapped"] = []
+    prof = None
     for it in range(cfg["warmup"] + cfg["iters"]):
+        if it == cfg["warmup"] and cfg.get("profile"):
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            prof.__enter__()
         idx, w = routes[it % len(routes)]
         torch.cuda.synchronize()
         dist.barrier()
@@ -145,22 +153,43 @@ def bench_stolon(cfg, rank, world, dev, routes, x, xs, y) -> Dict[str, Any]:
                 samples[k].append(v)
             samples["dispatch"].append(t[0] + t[1])
             samples["combine"].append(t[2] + t[3])
-        if not overlap:
-            continue
+        # The whole dispatch and combine, each timed as one span (no event between the
+        # halves): what a caller of dispatch() / combine() waits for.
+        forms = [("dispatch_whole", False)] + ([("dispatch_overlapped", True)] if overlap else [])
+        for key, ov in forms:
+            torch.cuda.synchronize()
+            dist.barrier()
+            start_together(ev[0], tiny)
+            a2a.dispatch(x, idx, w, xs, out=out, overlap=ov)
+            ev[1].record()
+            a2a.combine(yy, out=res)
+            ev[2].record()
+            a2a.synchronize()
+            if it >= cfg["warmup"]:
+                samples[key].append(ev[0].elapsed_time(ev[1]) * 1000)
+                if not ov:
+                    samples["combine_whole"].append(ev[1].elapsed_time(ev[2]) * 1000)
+    kernels = {}
+    if prof is not None:
         torch.cuda.synchronize()
-        dist.barrier()
-        start_together(ev[0], tiny)
-        a2a.dispatch(x, idx, w, xs, out=out, overlap=True)
-        ev[1].record()
-        a2a.combine(yy, out=res)
-        a2a.synchronize()
-        if it >= cfg["warmup"]:
-            samples["dispatch_overlapped"].append(ev[0].elapsed_time(ev[1]) * 1000)
+        prof.__exit__(None, None, None)
+        kernels = kernel_times(prof)
     fp = a2a.footprint()
     torch.cuda.synchronize()
     dist.barrier()
     a2a.close()
-    return {"samples": samples, "footprint": fp}
+    return {"samples": samples, "footprint": fp, "kernels": kernels}
+
+
+def kernel_times(prof) -> Dict[str, float]:
+    """Mean GPU time (us) of each stolon kernel the profiler saw (CUPTI activity records: the
+    kernel's own run time, without launch gaps or waits before it started)."""
+    out = {}
+    for e in prof.key_averages():
+        if e.key.startswith("moe_") and e.count:
+            total = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            out[e.key] = total / e.count
+    return out
 
 
 def _pack_rows(x, xs, idx, w) -> torch.Tensor:
@@ -300,6 +329,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, init: str, q) -> Non
             cfg.update(ranks_per_node=args.ranks_per_node, via=args.via)
         if args.quick:
             cfg["iters"], cfg["warmup"] = max(10, cfg["iters"] // 10), 3
+        cfg["profile"] = args.profile
         T, H, E, K = cfg["tokens"], cfg["hidden"], cfg["experts"], cfg["topk"]
         g = torch.Generator(device=dev).manual_seed(1234 + rank)
         x, xs = quantize_fp8(torch.randn((T, H), generator=g, device=dev))
@@ -357,6 +387,12 @@ def summarize(all_res: List[Dict[str, Any]], configs: List[str], world: int) -> 
             cfg_out[label] = stats
             if label == "stolon":
                 cfg_out["footprint"] = per[0]["footprint"]
+                names = sorted({k for p in per for k in p.get("kernels", {})})
+                if names:
+                    cfg_out["kernel_us"] = {
+                        k: statistics.mean(p["kernels"][k] for p in per if k in p["kernels"])
+                        for k in names
+                    }
         fb = [r[name]["floor_bytes"] for r in all_res]
         cfg_out["bytes_received_per_rank"] = {
             k: max(f[k] for f in fb) for k in ("dispatch", "combine")
@@ -388,6 +424,8 @@ def print_table(s: Dict[str, Any]) -> None:
         for k, v in c.get("floor_us", {}).items():
             mb = c["bytes_received_per_rank"][k] / 1e6
             print(f"{'NVLink floor ' + k:34s} {v:10.1f}   ({mb:.2f} MB received per rank)")
+        for k, v in c.get("kernel_us", {}).items():
+            print(f"{'kernel ' + k:34s} {v:10.1f}   (mean GPU time, profiler)")
         if "footprint" in c:
             f = c["footprint"]
             print(
@@ -411,6 +449,11 @@ def main() -> None:
     )
     ap.add_argument("--via", choices=["nvlink", "staged"], default="nvlink",
                     help="the engine path between emulated nodes")  # fmt: skip
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also report each stolon kernel's mean GPU time (torch profiler, CUPTI)",
+    )
     ap.add_argument(
         "--no-nccl",
         action="store_true",
