@@ -209,6 +209,14 @@ impl ImmCounter {
         Ok(())
     }
 
+    /// Whether a thread blocks in [`ImmCounter::wait`] or an expectation is pending: the worker
+    /// then polls on a short leash (an idle worker naps up to `max_sleep` between polls, which
+    /// would delay the arrival that ends the wait by as much).
+    pub(crate) fn has_waiters(&self) -> bool {
+        let st = self.state.lock().unwrap();
+        st.waiters > 0 || !st.expectations.is_empty()
+    }
+
     /// Fails expectations whose deadline has passed (called periodically by the worker).
     pub(crate) fn expire(&self, now: Instant) {
         let mut st = self.state.lock().unwrap();

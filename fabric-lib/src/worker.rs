@@ -628,8 +628,9 @@ impl Worker {
                         nap = Duration::from_micros(20);
                     }
                     Err(RecvTimeoutError::Timeout) => {
-                        // Watched counters get a short leash: they are the low-latency path.
-                        let cap = if self.watches.is_empty() {
+                        // Watched counters and waits on the immediate counter get a short
+                        // leash: they are the low-latency paths.
+                        let cap = if self.watches.is_empty() && !self.shared.imm.has_waiters() {
                             self.cfg.max_sleep
                         } else {
                             self.cfg.max_sleep.min(Duration::from_micros(50))
