@@ -18,7 +18,9 @@ use fabric_lib::{MemDesc, MemoryRegion, TransferEngine};
 use crate::proxy::{
     self, Proxy, ProxyLayout, ProxyLocal, ProxyPeer, MAILBOX_WORDS, OUT_CFLAG, OUT_DFLAG, OUT_REL,
 };
-use crate::{Config, Error, Handle, KernelError, Layout, Result, PEER_BYTES, STATE_BYTES};
+use crate::{
+    rank_sharing_gpu, Config, Error, Handle, KernelError, Layout, Result, PEER_BYTES, STATE_BYTES,
+};
 
 /// The fatbin `build.rs` compiled (empty when nvcc was missing).
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe.fatbin"));
@@ -495,6 +497,7 @@ impl AllToAll {
                 .as_ref()
                 .map(|r| r.headers_in.descriptor().to_bytes())
                 .unwrap_or_default(),
+            gpu: self.ctx.device().pci_bus_id()?,
         }
         .to_bytes())
     }
@@ -537,6 +540,16 @@ impl AllToAll {
             }
         }
         let me = self.cfg.rank;
+        if let Some(r) = rank_sharing_gpu(me, &decoded, |r| {
+            self.cfg.node_of(r) == self.cfg.node_of(me)
+        }) {
+            return Err(Error::Handshake(format!(
+                "ranks {me} and {r} are separate processes on one GPU ({}): the kernels wait \
+                 on each other's flags while two processes' kernels only take turns on a GPU; \
+                 give every rank its own GPU (ranks of one process may share one)",
+                decoded[me].gpu
+            )));
+        }
         let mut bases = vec![0u64; world];
         for (r, h) in decoded.iter().enumerate() {
             if r == me {

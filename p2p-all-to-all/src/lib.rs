@@ -427,6 +427,28 @@ pub struct Handle {
     pub rx_desc: Vec<u8>,
     /// With an engine: the descriptor of the proxy's header area.
     pub headers_desc: Vec<u8>,
+    /// The sender's GPU: its PCI bus id (`0000:18:00.0`), the same string for two ranks on one
+    /// GPU of a host.
+    pub gpu: String,
+}
+
+/// A rank of `handles` that is another process on this rank's GPU and node, if any: the
+/// kernels spin-wait on each other's flags, and the kernels of two processes only take turns
+/// on one GPU (the driver switches contexts), so such a group crawls from one time slice to the
+/// next instead of running. Two ranks of one process share a context and run side by side.
+pub fn rank_sharing_gpu(
+    me: usize,
+    handles: &[Handle],
+    same_node: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let mine = &handles[me];
+    (0..handles.len()).find(|&r| {
+        r != me
+            && same_node(r)
+            && handles[r].pid != mine.pid
+            && !mine.gpu.is_empty()
+            && handles[r].gpu == mine.gpu
+    })
 }
 
 const HANDLE_MAGIC: &[u8; 4] = b"STA2";
@@ -434,8 +456,8 @@ const HANDLE_MAGIC: &[u8; 4] = b"STA2";
 // kernel of the overlapped dispatch writes the routing entries, senders and workers split the
 // fused kernel. Ranks of different builds must not map each other.
 const HANDLE_VERSION: u32 = 3;
-/// Length of the fixed part of an encoded [`Handle`] (the two descriptors follow, each with a
-/// u32 length).
+/// Length of the fixed part of an encoded [`Handle`] (the two descriptors and the GPU id
+/// follow, each with a u32 length).
 pub const HANDLE_BYTES: usize = 4 + 4 + 4 + 4 + 8 + 4 + 8 + 64;
 
 impl Handle {
@@ -450,7 +472,7 @@ impl Handle {
         v.extend_from_slice(&self.pid.to_le_bytes());
         v.extend_from_slice(&self.nonce.to_le_bytes());
         v.extend_from_slice(&self.ipc);
-        for d in [&self.rx_desc, &self.headers_desc] {
+        for d in [&self.rx_desc, &self.headers_desc, self.gpu.as_bytes()] {
             v.extend_from_slice(&(d.len() as u32).to_le_bytes());
             v.extend_from_slice(d);
         }
@@ -460,11 +482,11 @@ impl Handle {
     /// Decodes bytes made by [`Handle::to_bytes`].
     pub fn from_bytes(b: &[u8]) -> Result<Handle> {
         let bad = |m: &str| Err(Error::Handshake(m.to_string()));
-        if b.len() < HANDLE_BYTES + 8 {
+        if b.len() < HANDLE_BYTES + 12 {
             return bad(&format!(
                 "handle is {} bytes, expected at least {}",
                 b.len(),
-                HANDLE_BYTES + 8
+                HANDLE_BYTES + 12
             ));
         }
         if &b[0..4] != HANDLE_MAGIC {
@@ -493,6 +515,8 @@ impl Handle {
         };
         let rx_desc = tail()?;
         let headers_desc = tail()?;
+        let gpu = String::from_utf8(tail()?)
+            .map_err(|_| Error::Handshake("handle's GPU id is not UTF-8".into()))?;
         if at != b.len() {
             return bad("handle has trailing bytes");
         }
@@ -505,6 +529,7 @@ impl Handle {
             ipc,
             rx_desc,
             headers_desc,
+            gpu,
         })
     }
 }
@@ -664,9 +689,10 @@ mod tests {
             ipc: [7; 64],
             rx_desc: vec![1, 2, 3],
             headers_desc: vec![],
+            gpu: "0000:18:00.0".into(),
         };
         let b = h.to_bytes();
-        assert_eq!(b.len(), HANDLE_BYTES + 8 + 3);
+        assert_eq!(b.len(), HANDLE_BYTES + 12 + 3 + 12);
         assert_eq!(Handle::from_bytes(&b).unwrap(), h);
         assert!(Handle::from_bytes(&b[1..]).is_err());
         for cut in [1, 4, 9] {
@@ -693,6 +719,37 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("version"));
+    }
+
+    #[test]
+    fn a_second_process_on_one_gpu_is_found_and_one_process_is_not() {
+        let h = |pid: u32, gpu: &str| Handle {
+            rank: 0,
+            world: 4,
+            fingerprint: 1,
+            pid,
+            nonce: 2,
+            ipc: [0; 64],
+            rx_desc: vec![],
+            headers_desc: vec![],
+            gpu: gpu.into(),
+        };
+        let all_one_node = |_: usize| true;
+        let distinct = [h(10, "a"), h(11, "b"), h(12, "c"), h(13, "d")];
+        assert_eq!(rank_sharing_gpu(0, &distinct, all_one_node), None);
+        // Rank 3 is another process on rank 1's GPU.
+        let shared = [h(10, "a"), h(11, "b"), h(12, "c"), h(13, "b")];
+        assert_eq!(rank_sharing_gpu(1, &shared, all_one_node), Some(3));
+        assert_eq!(rank_sharing_gpu(3, &shared, all_one_node), Some(1));
+        assert_eq!(rank_sharing_gpu(0, &shared, all_one_node), None);
+        // The same GPU id on another node is another GPU.
+        assert_eq!(rank_sharing_gpu(1, &shared, |r| r < 2), None);
+        // Ranks of one process share a context: allowed.
+        let one_process = [h(10, "a"), h(10, "a")];
+        assert_eq!(rank_sharing_gpu(0, &one_process, all_one_node), None);
+        // An unknown GPU id matches nothing.
+        let unknown = [h(10, ""), h(11, "")];
+        assert_eq!(rank_sharing_gpu(0, &unknown, all_one_node), None);
     }
 
     #[test]
