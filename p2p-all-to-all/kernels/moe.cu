@@ -573,12 +573,12 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_
 //                       input; once those are gone, the peer chunks in order, waiting as
 //                       needed.
 //
-// A few blocks sending in token order make the peer's chunks land one after another from the
-// start, at the link's rate, so their expansion runs alongside the transfer; with every block
-// sending (all chunks in flight at once) every chunk would land at the end. The expansion of
-// this rank's own tokens never waits and fills the gaps. Each rank moves about 11 bytes of
-// HBM per byte it sends at prefill sizes (the expert-major output), so the workers, not the
-// link, set the pace once the two overlap.
+// A bounded set of blocks sending in token order makes the peer's chunks land one after
+// another from the start, at the link's rate, so their expansion runs alongside the transfer;
+// with every block sending (all chunks in flight at once) every chunk would land at the end.
+// The expansion of this rank's own tokens never waits and fills the gaps. Each rank moves about
+// 11 bytes of HBM per byte it sends at prefill sizes (the expert-major output), so the workers,
+// not the link, set the pace once the two overlap.
 //
 // No block waits for another block of its own grid: senders wait for nothing, and a worker
 // waits for another rank's counts (an earlier launch there) and senders (running blocks
@@ -646,7 +646,8 @@ __device__ void copy_chunk(const Params& P, const ChunkShared& sc, int t0, int c
             const int v = base + u * blockDim.x;
             if (v < total) {
                 const int j = v / x_vecs;
-                val[u] = reinterpret_cast<const uint4*>(P.x + (t0 + j) * P.x_stride)[v - j * x_vecs];
+                const uint4* row = reinterpret_cast<const uint4*>(P.x + (t0 + j) * P.x_stride);
+                val[u] = row[v - j * x_vecs];
             }
         }
 #pragma unroll
@@ -673,7 +674,8 @@ __device__ void copy_chunk(const Params& P, const ChunkShared& sc, int t0, int c
     const int s_words = P.s_bytes / 4;
     for (int v = tid; v < cnt * s_words; v += blockDim.x) {
         const int j = v / s_words, vv = v - j * s_words;
-        const uint32_t val = reinterpret_cast<const uint32_t*>(P.scales + (t0 + j) * P.s_stride)[vv];
+        const uint32_t* srow = reinterpret_cast<const uint32_t*>(P.scales + (t0 + j) * P.s_stride);
+        const uint32_t val = srow[vv];
         if (to_peers) {
             const size_t at = static_cast<size_t>(t0 + j) * P.slot_bytes + P.x_bytes;
             for (uint64_t m = sc.mask[j]; m; m &= m - 1) {
@@ -772,7 +774,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_
         const float w = valid ? P.weights[t * P.w_stride + k] : 0.f;
         for (int d = 0; d < P.world; ++d) {
             uint8_t* m = P.peers[d].meta + static_cast<size_t>(t) * P.meta_bytes;
-            reinterpret_cast<int32_t*>(m)[k] = valid && e / epr == d ? static_cast<int>(e % epr) : -1;
+            const int le = valid && e / epr == d ? static_cast<int>(e % epr) : -1;
+            reinterpret_cast<int32_t*>(m)[k] = le;
             reinterpret_cast<int32_t*>(m)[P.topk + k] = valid ? p : 0;
             reinterpret_cast<float*>(m)[2 * P.topk + k] = w;
         }
