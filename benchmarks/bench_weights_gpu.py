@@ -339,6 +339,7 @@ class Cluster:
     """Training ranks on workers ``0 .. T-1``, inference ranks on ``T .. T+I-1``, connected."""
 
     def __init__(self, cfg: dict) -> None:
+        self.last_timeline: Dict[str, float] = {}
         self.cfg = cfg
         T, I = cfg["train"], cfg["infer"]  # noqa: E741
         self.tw, self.iw = list(range(T)), list(range(T, T + I))
@@ -369,7 +370,17 @@ class Cluster:
         stats = self.w.all(self.tw, "push", version=v)
         ends = [self.w.recv(i) for i in self.iw]
         self.w.all(self.iw, "release", version=v)
-        return max(ends) - min(s["t0"] for s in stats), stats
+        # Where the time went (one host, so one monotonic clock): the senders' start spread,
+        # when the last of them finished, and how long after that the last receiver counted
+        # everything.
+        start = min(s["t0"] for s in stats)
+        done = max(s["t0"] + s["total_s"] for s in stats)
+        self.last_timeline = {
+            "start_spread_s": max(s["t0"] for s in stats) - start,
+            "senders_done_s": done - start,
+            "tail_s": max(ends) - done,
+        }
+        return max(ends) - start, stats
 
     def probe(self, size: int, n: int, imm: int, scatter: bool = False) -> float:
         """Seconds for ``n`` writes of ``size`` bytes (or one scatter of ``n`` items), training
@@ -493,12 +504,13 @@ def run_path(args: argparse.Namespace, path: str, gb: float, cuda: bool, rates: 
         link_s = c.probe(probe_big, 4, 0x5A000000) / 4
         small_n = 20000 if cuda else 2000
         ops_s = c.probe(4096, small_n, 0x5A000010, scatter=True)
-        times, stats = [], []
+        times, stats, timelines = [], [], []
         c.update(0)  # warm-up: NVLink mappings, allocator, first staged buffers
         for v in range(1, args.repeats + 1):
             t, st = c.update(v)
             times.append(t)
             stats.append(st)
+            timelines.append(c.last_timeline)
         ver = c.w.all(c.iw, "verify", version=args.repeats)  # landed and released: intact
         base = c.baseline(_free_port(), args.baseline_repeats) if path == args.baseline_path else []
     finally:
@@ -535,6 +547,7 @@ def run_path(args: argparse.Namespace, path: str, gb: float, cuda: bool, rates: 
         "verified_bytes": sum(v["bytes"] for v in ver),
         "verify_errors": [b for v in ver for b in v["bad"]],
         "sender_phases_s": {k: statistics.median([s[0][k] for s in stats]) for k in stats[0][0]},
+        "timeline_s": {k: statistics.median(t[k] for t in timelines) for k in timelines[0]},
         "calibration": {
             "link_gb_per_s": probe_big / link_s / GB,
             "link_probe_bytes": probe_big,
