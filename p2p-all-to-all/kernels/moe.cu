@@ -169,25 +169,33 @@ __device__ __forceinline__ bool timed_out_elsewhere(const Params& P) {
     return *reinterpret_cast<volatile int32_t*>(&P.st->failed) != 0;
 }
 
-// Spins until (*p >> shift) >= target. False (and an error recorded) after the deadline, or at
-// once when another wait of this rank already timed out.
-__device__ bool wait_at_least(const Params& P, const uint64_t* p, uint64_t target, int shift,
-                              uint32_t phase, uint32_t peer, uint64_t step) {
-    if ((ld_acquire(p) >> shift) >= target) return true;
+// Spins until `done()`. False (and a timeout recorded as `phase`, `peer`, `detail`, `step`)
+// after the deadline, or at once when another wait of this rank already timed out.
+template <typename Done>
+__device__ bool spin_until(const Params& P, Done done, uint32_t phase, uint32_t peer,
+                           uint32_t detail, uint64_t step) {
+    if (done()) return true;
     const uint64_t start = now_ns();
     uint64_t next_check = start + 20000;
-    while ((ld_acquire(p) >> shift) < target) {
+    while (!done()) {
         const uint64_t t = now_ns();
         if (t >= next_check) {
             if (timed_out_elsewhere(P)) return false;
             if (t - start > P.timeout_ns) {
-                record_error(P, kErrTimeout, phase, peer, static_cast<uint32_t>(target), step);
+                record_error(P, kErrTimeout, phase, peer, detail, step);
                 return false;
             }
             next_check = t + 20000;
         }
     }
     return true;
+}
+
+// Spins until (*p >> shift) >= target (see spin_until).
+__device__ bool wait_at_least(const Params& P, const uint64_t* p, uint64_t target, int shift,
+                              uint32_t phase, uint32_t peer, uint64_t step) {
+    const auto done = [&] { return (ld_acquire(p) >> shift) >= target; };
+    return spin_until(P, done, phase, peer, static_cast<uint32_t>(target), step);
 }
 
 // Waits for each peer's value; true in every thread when all arrived. One thread per block
@@ -605,21 +613,8 @@ __device__ __forceinline__ bool chunk_peek(const Params& P, int s, int c, uint64
 
 // True once source s's chunk c (or all of its tokens) landed; records a timeout otherwise.
 __device__ bool wait_chunk(const Params& P, int s, int c, uint64_t n) {
-    if (chunk_landed(P, s, c, n)) return true;
-    const uint64_t start = now_ns();
-    uint64_t next_check = start + 20000;
-    while (!chunk_landed(P, s, c, n)) {
-        const uint64_t t = now_ns();
-        if (t >= next_check) {
-            if (timed_out_elsewhere(P)) return false;
-            if (t - start > P.timeout_ns) {
-                record_error(P, kErrTimeout, 1, s, static_cast<uint32_t>(n), n);
-                return false;
-            }
-            next_check = t + 20000;
-        }
-    }
-    return true;
+    const auto done = [&] { return chunk_landed(P, s, c, n); };
+    return spin_until(P, done, 1, s, static_cast<uint32_t>(n), n);
 }
 
 // Shared memory of one chunk of this rank's tokens.
