@@ -11,9 +11,9 @@ events, per rank:
 
 - stolon: dispatch_send, dispatch_recv, combine_send, combine_recv (the halves), and
   dispatch = send + recv, combine = send + recv (an event between the halves);
-  dispatch_whole and combine_whole = `dispatch(overlap=False)` and `combine()` each timed as one
-  span; dispatch_overlapped = the whole overlapped dispatch (`dispatch(overlap=True)`, all
-  ranks on one node). All three forms run in the same iterations.
+  dispatch_whole and combine_whole = `dispatch(overlap=False)` and `combine(overlap=False)`
+  each timed as one span; dispatch_overlapped and combine_overlapped = the overlapped forms
+  (`overlap=True`, all ranks on one node). All three forms run in the same iterations.
   Each iteration is queued behind a GPU sleep and a one-element all_reduce, so the GPUs
   start together and the events time the GPU, not Python (the same for the NCCL graph form).
 - NCCL eager: pack each token once per destination rank (with its routing), exchange counts
@@ -125,10 +125,12 @@ def bench_stolon(cfg, rank, world, dev, routes, x, xs, y) -> Dict[str, Any]:
     samples: Dict[str, List[float]] = {
         k: [] for k in names + ["dispatch", "combine", "dispatch_whole", "combine_whole"]
     }
-    # The overlapped whole dispatch (every rank on one node only), timed in the same iterations.
+    # The overlapped whole dispatch and combine (every rank on one node only), timed in the
+    # same iterations.
     overlap = not cfg.get("ranks_per_node")
     if overlap:
         samples["dispatch_overlapped"] = []
+        samples["combine_overlapped"] = []
     prof = None
     for it in range(cfg["warmup"] + cfg["iters"]):
         if it == cfg["warmup"] and cfg.get("profile"):
@@ -154,7 +156,7 @@ def bench_stolon(cfg, rank, world, dev, routes, x, xs, y) -> Dict[str, Any]:
             samples["dispatch"].append(t[0] + t[1])
             samples["combine"].append(t[2] + t[3])
         # The whole dispatch and combine, each timed as one span (no event between the
-        # halves): what a caller of dispatch() / combine() waits for.
+        # halves): what a caller of dispatch() / combine() waits for; split, then overlapped.
         forms = [("dispatch_whole", False)] + ([("dispatch_overlapped", True)] if overlap else [])
         for key, ov in forms:
             torch.cuda.synchronize()
@@ -162,13 +164,13 @@ def bench_stolon(cfg, rank, world, dev, routes, x, xs, y) -> Dict[str, Any]:
             start_together(ev[0], tiny)
             a2a.dispatch(x, idx, w, xs, out=out, overlap=ov)
             ev[1].record()
-            a2a.combine(yy, out=res)
+            a2a.combine(yy, out=res, overlap=ov)
             ev[2].record()
             a2a.synchronize()
             if it >= cfg["warmup"]:
                 samples[key].append(ev[0].elapsed_time(ev[1]) * 1000)
-                if not ov:
-                    samples["combine_whole"].append(ev[1].elapsed_time(ev[2]) * 1000)
+                ckey = "combine_overlapped" if ov else "combine_whole"
+                samples[ckey].append(ev[1].elapsed_time(ev[2]) * 1000)
     kernels = {}
     if prof is not None:
         torch.cuda.synchronize()

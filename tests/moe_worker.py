@@ -182,8 +182,9 @@ def expert_outputs(a2a: AllToAll, out, consts: tuple) -> torch.Tensor:
     return (xf * c.unsqueeze(1)).to(a2a.combine_dtype)
 
 
-def check_combine(case, rank, inputs, result: torch.Tensor) -> float:
-    """Asserts the combine equals the reference within the dtype's tolerance; returns max error."""
+def check_combine(case, rank, inputs, result: torch.Tensor, base=None) -> float:
+    """Asserts the combine equals the reference (plus `base`, what an accumulating combine
+    added to) within the dtype's tolerance; returns the max error."""
     comb = DTYPES[case["combine"]]
     ref = moe_reference(
         [as_float(i) for i in inputs],
@@ -192,6 +193,8 @@ def check_combine(case, rank, inputs, result: torch.Tensor) -> float:
         lambda e, rows: rows * expert_scale(e),
         torch.float32,
     )[rank]
+    if base is not None:
+        ref = ref + base.float().cpu()
     got = result.float().cpu()
     assert got.shape == ref.shape, (got.shape, ref.shape)
     tol = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}[comb]
@@ -217,7 +220,7 @@ def _a2a(case, rank, exchange_dir, **kw) -> AllToAll:
 
 
 def overlap_of(case: Dict[str, Any], rank: int, step: int) -> Optional[bool]:
-    """The `overlap` argument of `rank`'s dispatch in `step`: the case's `overlap` (None, True,
+    """The `overlap` argument of `rank`'s dispatch and combine in `step`: the case's `overlap` (None, True,
     False), or "mixed": the ranks alternate between the two forms, and so do the steps."""
     o = case.get("overlap")
     if o == "mixed":
@@ -275,9 +278,21 @@ def _cmd_case(state: dict, case: Dict[str, Any], rank: int, exchange_dir: str) -
             a2a.synchronize()
             checked += check_dispatch(c, rank, inputs, out)
             y = expert_outputs(a2a, out, consts)
-            result = a2a.combine(y)
+            # Odd steps add into a result that already holds values (accumulate=True).
+            base = None
+            if step % 2 == 1:
+                n = mine["x"].shape[0]
+                base = torch.randn((n, case["hidden"]), device=dev).to(a2a.combine_dtype)
+            result = a2a.combine(
+                y,
+                out=None if base is None else base.clone(),
+                accumulate=base is not None,
+                overlap=overlap,
+            )
+            if overlap is not None:
+                assert a2a.last_combine_overlapped == overlap
             a2a.synchronize()
-            worst = max(worst, check_combine(c, rank, inputs, result))
+            worst = max(worst, check_combine(c, rank, inputs, result, base))
         steps = a2a.steps()
         assert steps == [case.get("steps", 2)] * 4, steps
         return {"rows": checked, "max_err": worst, "footprint": a2a.footprint()}
@@ -328,7 +343,7 @@ def _cmd_graph(state: dict, case: Dict[str, Any], rank: int, exchange_dir: str) 
     def step() -> None:
         a2a.dispatch(sx, sidx, sw, ss, num_tokens=sn, out=out, overlap=overlap_of(case, rank, 0))
         y = expert_outputs(a2a, out, consts)
-        a2a.combine(y, out=result)
+        a2a.combine(y, out=result, overlap=overlap_of(case, rank, 0))
 
     try:
         # One eager step (all ranks), then capture (runs nothing), then replays.
@@ -360,36 +375,53 @@ def _cmd_graph(state: dict, case: Dict[str, Any], rank: int, exchange_dir: str) 
 def _cmd_dead_peer(
     state: dict, case: Dict[str, Any], rank: int, exchange_dir: str
 ) -> Dict[str, Any]:
-    """Rank 0 dispatches; the others connect and then do nothing. Rank 0 must get
-    AllToAllTimeoutError naming a silent rank within its timeout, and stay failed."""
-    from stolon.errors import AllToAllError, AllToAllTimeoutError
+    """Rank 0 dispatches; the others connect and then do nothing (with `silent_at` "combine":
+    every rank dispatches, then only rank 0 combines). Rank 0 must get AllToAllTimeoutError
+    naming a silent rank within its timeout, and stay failed."""
+    from stolon.errors import AllToAllTimeoutError
 
     torch.cuda.set_device(device_of(rank))
     dev = torch.device("cuda", device_of(rank))
     a2a = _a2a(case, rank, exchange_dir)
+    at_combine = case.get("silent_at") == "combine"
     try:
+        mine = make_inputs(case)[rank]
+        if at_combine:
+            a2a.dispatch(
+                mine["x"].to(dev), mine["idx"].to(dev), mine["w"].to(dev), overlap=case["overlap"]
+            )
+            a2a.synchronize()
         if rank != 0:
             # Stay silent, but keep the receive area mapped until rank 0 has given up.
             time.sleep(case["timeout"] + 3.0)
             return {"idle": True}
-        inputs = make_inputs(case)
-        mine = inputs[0]
         t0 = time.monotonic()
-        a2a.dispatch(
-            mine["x"].to(dev), mine["idx"].to(dev), mine["w"].to(dev), overlap=case.get("overlap")
-        )
+        if at_combine:
+            y = torch.zeros((a2a.capacity, case["hidden"]), dtype=a2a.combine_dtype, device=dev)
+            a2a.combine(y, overlap=case["overlap"])
+        else:
+            a2a.dispatch(
+                mine["x"].to(dev),
+                mine["idx"].to(dev),
+                mine["w"].to(dev),
+                overlap=case.get("overlap"),
+            )
         try:
             a2a.synchronize()
         except AllToAllTimeoutError as e:
             took = time.monotonic() - t0
             assert "timed out waiting for rank" in str(e), str(e)
         else:
-            raise AssertionError("dispatch with a silent peer did not time out")
+            raise AssertionError("a step with a silent peer did not time out")
+        # The next phase in order is refused: the timeout stays.
         try:
-            a2a.combine_send(
-                torch.zeros((a2a.capacity, case["hidden"]), dtype=a2a.combine_dtype, device=dev)
-            )
-        except AllToAllError:
+            if at_combine:
+                a2a.dispatch(mine["x"].to(dev), mine["idx"].to(dev), mine["w"].to(dev))
+            else:
+                a2a.combine_send(
+                    torch.zeros((a2a.capacity, case["hidden"]), dtype=a2a.combine_dtype, device=dev)
+                )
+        except AllToAllTimeoutError:
             pass
         else:
             raise AssertionError("a failed all-to-all accepted another phase")
@@ -452,7 +484,7 @@ def _cmd_capacity(
             else:
                 assert rank != target, "a dispatch past the capacity was not reported"
             y = torch.zeros((a2a.capacity, case["hidden"]), dtype=a2a.combine_dtype, device=dev)
-            a2a.combine(y)
+            a2a.combine(y, overlap=overlap_of(case, rank, step))
             a2a.synchronize()
         assert a2a.steps() == [2, 2, 2, 2]
         return {"ok": True}

@@ -275,3 +275,36 @@ def test_whole_dispatch_is_one_native_call_and_both_phases():
     a.combine(torch.zeros((64, 64), dtype=torch.bfloat16))
     a.dispatch(x, i, w)
     assert a._native.calls[-1][1][-1] is None
+
+
+def test_whole_combine_is_one_native_call_and_both_phases():
+    """`combine` checks the expert outputs and the result like the halves, passes `overlap`
+    and `accumulate` through, and counts as both combine phases; a bad argument sends
+    nothing."""
+    a = _a2a()
+    x, i, w = _inputs()
+    a.dispatch(x, i, w)
+    a._native.calls.clear()
+    y = torch.zeros((64, 64), dtype=torch.bfloat16)
+    with pytest.raises(InvalidArgumentError, match="expert_y must have 64 rows"):
+        a.combine(y[:63], overlap=True)
+    with pytest.raises(InvalidArgumentError, match="out has 3 rows"):
+        a.combine(y, out=torch.zeros((3, 64), dtype=torch.bfloat16))
+    with pytest.raises(InvalidArgumentError, match="needs out="):
+        a.combine(y, accumulate=True)
+    assert a._native.calls == [] and a._next == 2
+    out = torch.zeros((4, 64), dtype=torch.bfloat16)
+    assert a.combine(y, out=out, accumulate=True, overlap=True) is out
+    ((name, args),) = a._native.calls
+    assert name == "combine" and args[1:] == (
+        y.data_ptr(),
+        128,
+        out.data_ptr(),
+        128,
+        True,
+        True,
+    )
+    assert a._next == 0
+    a.dispatch(x, i, w)
+    res = a.combine(y)
+    assert res.shape == (4, 64) and a._native.calls[-1][1][-2:] == (False, None)

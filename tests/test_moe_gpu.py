@@ -184,17 +184,18 @@ def test_prefill_shape(pool, overlap):
 @pytest.mark.parametrize(
     "env",
     [
-        # Twice the blocks that can be resident at once: the overlapped dispatch must finish
-        # with part of its grid waiting for SMs (no block waits for its own grid).
+        # Twice the blocks that can be resident at once: the overlapped dispatch and combine
+        # must finish with part of their grid waiting for SMs (no block waits for its own
+        # grid).
         {"STOLON_MOE_BLOCKS_PER_SM": 8},
         # One block sends (the workers wait on most chunks), and every block sends first
-        # (every chunk lands at about the same time, workers start after).
-        {"STOLON_MOE_SENDERS": 1},
-        {"STOLON_MOE_SENDERS": 100000},
+        # (every chunk lands at about the same time, workers start after); in both halves.
+        {"STOLON_MOE_SENDERS": 1, "STOLON_MOE_COMBINE_SENDERS": 1},
+        {"STOLON_MOE_SENDERS": 100000, "STOLON_MOE_COMBINE_SENDERS": 100000},
     ],
     ids=["grid-not-resident", "one-sender", "all-senders"],
 )
-def test_overlapped_dispatch_schedules(pool, env):
+def test_overlapped_schedules(pool, env):
     c = case(
         experts=64 * max(WORKERS, 1),
         topk=8,
@@ -231,9 +232,10 @@ def test_cuda_graph_replay(pool, dispatch, overlap):
 
 
 @needs_two
+@pytest.mark.parametrize("silent_at", ["dispatch", "combine"])
 @pytest.mark.parametrize("overlap", [False, True])
-def test_silent_peer_times_out(pool, overlap):
-    c = case(world=2, timeout=1.0, seed=9, overlap=overlap)
+def test_silent_peer_times_out(pool, overlap, silent_at):
+    c = case(world=2, timeout=1.0, seed=9, overlap=overlap, silent_at=silent_at)
     res = run(pool, "dead_peer", c)
     assert res[0]["took"] < 10.0, res[0]
 

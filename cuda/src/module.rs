@@ -118,16 +118,59 @@ impl Function {
         shared_mem_bytes: u32,
         params: &mut [*mut c_void],
     ) -> Result<()> {
+        // SAFETY: as promised by the caller.
+        unsafe { self.launch_with(stream, grid, block, shared_mem_bytes, params, false) }
+    }
+
+    /// As [`Function::launch`], but the kernel may start while the kernel queued ahead of it
+    /// on `stream` still runs: once every block of that one executed
+    /// `griddepcontrol.launch_dependents` (sm_90 and newer; on older GPUs it starts after).
+    ///
+    /// # Safety
+    /// As [`Function::launch`]; also, the kernel must see the earlier kernel's effects only
+    /// through its own synchronization (`griddepcontrol.wait`, or flags it waits for).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] without `cuLaunchKernelEx` (drivers before CUDA 12.0); as
+    /// [`Function::launch`].
+    pub unsafe fn launch_early(
+        &self,
+        stream: &Stream,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_mem_bytes: u32,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        // SAFETY: as promised by the caller.
+        unsafe { self.launch_with(stream, grid, block, shared_mem_bytes, params, true) }
+    }
+
+    /// # Safety
+    /// As [`Function::launch_early`] with `early`, else as [`Function::launch`].
+    unsafe fn launch_with(
+        &self,
+        stream: &Stream,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_mem_bytes: u32,
+        params: &mut [*mut c_void],
+        early: bool,
+    ) -> Result<()> {
         if stream.context().raw() != self.module.ctx.raw() {
             return Err(Error::InvalidArgument(
                 "kernel and stream belong to different contexts".to_string(),
             ));
         }
         let _g = self.module.ctx.enter()?;
+        let launch = if early {
+            result::launch_kernel_early
+        } else {
+            result::launch_kernel
+        };
         // SAFETY: the function and stream are live and of one context; the caller promises the
-        // parameters and the memory the kernel touches.
+        // parameters, the memory the kernel touches and (early) its synchronization.
         unsafe {
-            result::launch_kernel(
+            launch(
                 self.raw,
                 grid,
                 block,

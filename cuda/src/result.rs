@@ -1254,6 +1254,60 @@ pub unsafe fn module_get_function(m: sys::CUmodule, name: &CStr) -> Result<sys::
     Ok(f)
 }
 
+/// `cuLaunchKernelEx` with programmatic stream serialization: the kernel may start before
+/// the kernel queued ahead of it on `s` completes, once every block of that one executed
+/// `griddepcontrol.launch_dependents` (or exited). Nothing of the earlier kernel's is visible
+/// to it except through its own synchronization (`griddepcontrol.wait`, or flags).
+///
+/// # Safety
+/// As [`launch_kernel`]; also, the kernel must not rely on the earlier kernel's completion.
+///
+/// # Errors
+/// [`Error::Unsupported`] when the driver does not export `cuLaunchKernelEx` (CUDA 12.0 or
+/// newer); as [`launch_kernel`].
+pub unsafe fn launch_kernel_early(
+    f: sys::CUfunction,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    shared_mem_bytes: u32,
+    s: CUstream,
+    params: &mut [*mut c_void],
+) -> Result<()> {
+    let d = driver()?;
+    let Some(launch) = d.cuLaunchKernelEx else {
+        return Err(Error::Unsupported {
+            what: "programmatic dependent launch",
+            why: format!(
+                "{} does not export cuLaunchKernelEx (CUDA 12.0 or newer needed)",
+                d.path
+            ),
+        });
+    };
+    let mut attr = sys::CUlaunchAttribute {
+        id: sys::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        ..Default::default()
+    };
+    // `programmaticStreamSerializationAllowed`, an int at the start of the value.
+    attr.value.words[0] = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: grid.2,
+        blockDimX: block.0,
+        blockDimY: block.1,
+        blockDimZ: block.2,
+        sharedMemBytes: shared_mem_bytes,
+        hStream: s,
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    // SAFETY: `config` and `attr` outlive the call (the driver copies them); the caller promises
+    // the function, stream and parameter pointers; no `extra`.
+    check(d, "cuLaunchKernelEx", unsafe {
+        launch(&config, f, params.as_mut_ptr(), std::ptr::null_mut())
+    })
+}
+
 /// `cuLaunchKernel` with parameters passed as `kernelParams`.
 ///
 /// # Safety

@@ -32,6 +32,7 @@ pub type CUmemLocationType = u32;
 pub type CUmemAccess_flags = u32;
 pub type CUmemAllocationGranularity_flags = u32;
 pub type CUmemRangeHandleType = u32;
+pub type CUlaunchAttributeID = u32;
 
 macro_rules! opaque {
     ($($st:ident => $handle:ident),* $(,)?) => {$(
@@ -206,6 +207,42 @@ impl Default for CUmemAllocationProp {
 pub struct CUmemAccessDesc {
     pub location: CUmemLocation,
     pub flags: CUmemAccess_flags,
+}
+
+// cuLaunchKernelEx attributes.
+pub const CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: CUlaunchAttributeID = 6;
+
+/// `CUlaunchAttributeValue`: a union of 64 bytes (8-byte aligned); the attributes used here
+/// keep an `int` in its first four bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CUlaunchAttributeValue {
+    pub words: [u64; 8],
+}
+
+/// `CUlaunchAttribute`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CUlaunchAttribute {
+    pub id: CUlaunchAttributeID,
+    pub pad: [c_char; 4],
+    pub value: CUlaunchAttributeValue,
+}
+
+/// `CUlaunchConfig`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CUlaunchConfig {
+    pub gridDimX: c_uint,
+    pub gridDimY: c_uint,
+    pub gridDimZ: c_uint,
+    pub blockDimX: c_uint,
+    pub blockDimY: c_uint,
+    pub blockDimZ: c_uint,
+    pub sharedMemBytes: c_uint,
+    pub hStream: CUstream,
+    pub attrs: *mut CUlaunchAttribute,
+    pub numAttrs: c_uint,
 }
 
 /// One entry of the driver's function table, for diagnostics and the ABI test.
@@ -407,6 +444,9 @@ driver_api! {
         /// Sets a pointer attribute (GDRCopy wants SYNC_MEMOPS on memory it maps).
         cuPointerSetAttribute ["cuPointerSetAttribute"]
             (*const c_void, CUpointer_attribute, CUdeviceptr);
+        /// CUDA 12.0+: a launch with attributes (programmatic dependent launch).
+        cuLaunchKernelEx ["cuLaunchKernelEx"]
+            (*const CUlaunchConfig, CUfunction, *mut *mut c_void, *mut *mut c_void);
     }
 }
 

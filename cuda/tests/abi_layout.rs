@@ -193,6 +193,7 @@ fn constants() -> Vec<(&'static str, i64)> {
         CU_MEM_ALLOC_GRANULARITY_RECOMMENDED,
         CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD,
         CU_MEM_RANGE_FLAG_DMA_BUF_MAPPING_TYPE_PCIE,
+        CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
     )
 }
 
@@ -298,6 +299,39 @@ fn rust_layout() -> Vec<(String, usize)> {
         ),
         ("sizeof CUcontext".into(), size_of::<CUcontext>()),
         ("sizeof CUstream".into(), size_of::<CUstream>()),
+        (
+            "sizeof CUlaunchAttributeID".into(),
+            size_of::<CUlaunchAttributeID>(),
+        ),
+        (
+            "sizeof CUlaunchAttributeValue".into(),
+            size_of::<CUlaunchAttributeValue>(),
+        ),
+        (
+            "sizeof CUlaunchAttribute".into(),
+            size_of::<CUlaunchAttribute>(),
+        ),
+        (
+            "offsetof CUlaunchAttribute.value".into(),
+            offset_of!(CUlaunchAttribute, value),
+        ),
+        ("sizeof CUlaunchConfig".into(), size_of::<CUlaunchConfig>()),
+        (
+            "offsetof CUlaunchConfig.sharedMemBytes".into(),
+            offset_of!(CUlaunchConfig, sharedMemBytes),
+        ),
+        (
+            "offsetof CUlaunchConfig.hStream".into(),
+            offset_of!(CUlaunchConfig, hStream),
+        ),
+        (
+            "offsetof CUlaunchConfig.attrs".into(),
+            offset_of!(CUlaunchConfig, attrs),
+        ),
+        (
+            "offsetof CUlaunchConfig.numAttrs".into(),
+            offset_of!(CUlaunchConfig, numAttrs),
+        ),
     ]
 }
 

@@ -268,6 +268,7 @@ struct Kernels {
     dispatch_fused: Function,
     combine_send: Function,
     combine_recv: Function,
+    combine_fused: Function,
 }
 
 /// One rank's MoE all-to-all on one GPU.
@@ -287,6 +288,10 @@ pub struct AllToAll {
     max_blocks: u32,
     /// See [`overlap_senders`].
     overlap_senders: i32,
+    /// See [`combine_senders`].
+    combine_senders: i32,
+    /// See [`early_launch`].
+    early_launch: bool,
 }
 
 /// Blocks per SM the phases launch (`STOLON_MOE_BLOCKS_PER_SM`, 1..=8; default
@@ -316,15 +321,39 @@ pub const OVERLAP_MIN_TOKENS: usize = 512;
 /// moves only 4-5 GB/s over NVLink (2 H100s), hence the default: the best of 128, 192 and 256
 /// measured there.
 fn overlap_senders() -> i32 {
-    std::env::var("STOLON_MOE_SENDERS")
-        .ok()
-        .and_then(|v| v.trim().parse::<i32>().ok())
-        .filter(|s| *s >= 1)
-        .unwrap_or(DEFAULT_SENDERS)
+    senders_from_env("STOLON_MOE_SENDERS", DEFAULT_SENDERS)
 }
 
 /// See [`overlap_senders`].
 pub const DEFAULT_SENDERS: i32 = 192;
+
+/// Blocks of the overlapped combine that sum the tokens the peers sent here and write the sums
+/// back (`STOLON_MOE_COMBINE_SENDERS`, at least 1; default [`DEFAULT_COMBINE_SENDERS`]); the
+/// other blocks sum this rank's own tokens as the peers' sums of them land.
+fn combine_senders() -> i32 {
+    senders_from_env("STOLON_MOE_COMBINE_SENDERS", DEFAULT_COMBINE_SENDERS)
+}
+
+/// See [`combine_senders`].
+pub const DEFAULT_COMBINE_SENDERS: i32 = 264;
+
+/// Whether the overlapped dispatch launches its second kernel early (programmatic dependent
+/// launch, so that its senders start while the counts kernel runs): on GPUs of compute
+/// capability 9.0 and newer, unless `STOLON_MOE_EARLY_LAUNCH=0`.
+fn early_launch(dev: &Device) -> Result<bool> {
+    if std::env::var("STOLON_MOE_EARLY_LAUNCH").is_ok_and(|v| v.trim() == "0") {
+        return Ok(false);
+    }
+    Ok(dev.attribute(sys::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? >= 9)
+}
+
+fn senders_from_env(var: &str, default: i32) -> i32 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .filter(|s| *s >= 1)
+        .unwrap_or(default)
+}
 
 /// What ranks on other nodes need: the engine, the staging area and the proxy's mailbox and
 /// header areas, all registered with the engine, and the proxy thread once connected.
@@ -422,6 +451,7 @@ impl AllToAll {
             dispatch_fused: module.function("moe_dispatch_fused")?,
             combine_send: module.function(&format!("moe_combine_send_{suffix}"))?,
             combine_recv: module.function(&format!("moe_combine_recv_{suffix}"))?,
+            combine_fused: module.function(&format!("moe_combine_fused_{suffix}"))?,
         };
         let mut rx = take_rx(&ctx, device, layout.rx_total)?;
         let nonce = random_nonce();
@@ -454,6 +484,8 @@ impl AllToAll {
             connected: false,
             max_blocks: sms * blocks_per_sm(),
             overlap_senders: overlap_senders(),
+            combine_senders: combine_senders(),
+            early_launch: early_launch(&dev)?,
         })
     }
 
@@ -755,6 +787,31 @@ impl AllToAll {
         Ok(())
     }
 
+    /// As [`AllToAll::launch`], but `f` may start before the kernel ahead of it on `stream`
+    /// finishes ([`Function::launch_early`]); a driver without that launches it plainly.
+    ///
+    /// # Safety
+    /// As [`AllToAll::launch`]; `f` must wait for what it needs of the kernel ahead of it.
+    unsafe fn launch_early(
+        &self,
+        f: &Function,
+        stream: &Stream,
+        grid: u32,
+        smem: u32,
+        mut p: KernelParams,
+    ) -> Result<()> {
+        let mut params = [(&mut p as *mut KernelParams).cast::<c_void>()];
+        // SAFETY: as in launch; the caller promises the kernel's own synchronization.
+        let r = unsafe { f.launch_early(stream, (grid, 1, 1), (THREADS, 1, 1), smem, &mut params) };
+        match r {
+            Err(stolon_cuda::Error::Unsupported { .. }) => {
+                // SAFETY: as promised by the caller.
+                unsafe { self.launch(f, stream, grid, smem, p) }
+            }
+            r => Ok(r?),
+        }
+    }
+
     /// Queues `dispatch_send` on `stream`.
     ///
     /// # Safety
@@ -877,8 +934,8 @@ impl AllToAll {
         ((self.cfg.world + 1) * self.layout.experts_per_rank * 4) as u32
     }
 
-    /// Whether [`AllToAll::dispatch`] overlaps by default: every peer is on this node (the
-    /// overlapped form writes peer memory directly) and a step may carry
+    /// Whether [`AllToAll::dispatch`] and [`AllToAll::combine`] overlap by default: every peer
+    /// is on this node (the overlapped forms write peer memory directly) and a step may carry
     /// [`OVERLAP_MIN_TOKENS`] tokens or more.
     pub fn overlaps_by_default(&self) -> bool {
         self.remote.is_none() && self.cfg.max_tokens >= OVERLAP_MIN_TOKENS
@@ -927,7 +984,11 @@ impl AllToAll {
         unsafe {
             self.launch(&self.kernels.dispatch_count, stream, count_grid, 0, p)?;
             let (grid, smem) = (self.max_blocks, self.offsets_smem());
-            self.launch(&self.kernels.dispatch_fused, stream, grid, smem, p)?;
+            if self.early_launch {
+                self.launch_early(&self.kernels.dispatch_fused, stream, grid, smem, p)?;
+            } else {
+                self.launch(&self.kernels.dispatch_fused, stream, grid, smem, p)?;
+            }
         }
         Ok(true)
     }
@@ -941,12 +1002,7 @@ impl AllToAll {
     /// # Errors
     /// [`Error::InvalidArgument`] for misaligned rows, a recorded kernel error.
     pub unsafe fn combine_send(&self, stream: &Stream, a: &CombineArgs) -> Result<()> {
-        check_rows("expert output rows", a.y, a.y_stride, self.layout.c_bytes)?;
-        let p = KernelParams {
-            y: a.y,
-            y_stride: a.y_stride,
-            ..self.base_params()
-        };
+        let p = self.send_combine_params(a)?;
         let grid = self.grid(self.cfg.world * self.cfg.max_tokens);
         // SAFETY: as promised by the caller.
         unsafe { self.launch(&self.kernels.combine_send, stream, grid, 0, p) }
@@ -961,16 +1017,81 @@ impl AllToAll {
     /// # Errors
     /// [`Error::InvalidArgument`] for misaligned rows, a recorded kernel error.
     pub unsafe fn combine_recv(&self, stream: &Stream, a: &CombineArgs) -> Result<()> {
-        check_rows("result rows", a.out, a.out_stride, self.layout.c_bytes)?;
-        let p = KernelParams {
-            out: a.out,
-            out_stride: a.out_stride,
-            accumulate: i32::from(a.accumulate),
-            ..self.base_params()
-        };
+        let p = self.recv_combine_params(a, self.base_params())?;
         let grid = self.grid(self.cfg.max_tokens);
         // SAFETY: as promised by the caller.
         unsafe { self.launch(&self.kernels.combine_recv, stream, grid, 0, p) }
+    }
+
+    fn send_combine_params(&self, a: &CombineArgs) -> Result<KernelParams> {
+        check_rows("expert output rows", a.y, a.y_stride, self.layout.c_bytes)?;
+        Ok(KernelParams {
+            y: a.y,
+            y_stride: a.y_stride,
+            ..self.base_params()
+        })
+    }
+
+    fn recv_combine_params(&self, a: &CombineArgs, p: KernelParams) -> Result<KernelParams> {
+        check_rows("result rows", a.out, a.out_stride, self.layout.c_bytes)?;
+        Ok(KernelParams {
+            out: a.out,
+            out_stride: a.out_stride,
+            accumulate: i32::from(a.accumulate),
+            ..p
+        })
+    }
+
+    /// Queues a whole combine on `stream`: `combine_send` then `combine_recv`, or, with
+    /// `overlap` (default: [`AllToAll::overlaps_by_default`]), the overlapped form (one
+    /// launch), which sums this rank's own tokens while the peers' partial sums are still
+    /// landing, and never writes its own partial sums to memory. The result and what peers see
+    /// are the same either way, so ranks may choose differently in one step. Returns whether
+    /// it overlapped.
+    ///
+    /// # Safety
+    /// As [`AllToAll::combine_send`] and [`AllToAll::combine_recv`] for `a`.
+    ///
+    /// # Errors
+    /// As the two halves; [`Error::InvalidArgument`] for `overlap = Some(true)` with ranks on
+    /// other nodes.
+    pub unsafe fn combine(
+        &self,
+        stream: &Stream,
+        a: &CombineArgs,
+        overlap: Option<bool>,
+    ) -> Result<bool> {
+        let overlap = overlap.unwrap_or_else(|| self.overlaps_by_default());
+        if overlap && self.remote.is_some() {
+            return Err(Error::InvalidArgument(
+                "the overlapped combine writes every peer's memory directly; with ranks on \
+                 other nodes (ranks_per_node < world) use the split form"
+                    .to_string(),
+            ));
+        }
+        let p = self.recv_combine_params(a, self.send_combine_params(a)?)?;
+        if !overlap {
+            let (send_grid, recv_grid) = (
+                self.grid(self.cfg.world * self.cfg.max_tokens),
+                self.grid(self.cfg.max_tokens),
+            );
+            // SAFETY: as promised by the caller.
+            unsafe {
+                self.launch(&self.kernels.combine_send, stream, send_grid, 0, p)?;
+                self.launch(&self.kernels.combine_recv, stream, recv_grid, 0, p)?;
+            }
+            return Ok(false);
+        }
+        let p = KernelParams {
+            senders: self.combine_senders,
+            ..p
+        };
+        // SAFETY: as promised by the caller; the kernel reads the expert outputs and writes
+        // the result, this rank's own buffers and the peers' receive areas.
+        unsafe {
+            self.launch(&self.kernels.combine_fused, stream, self.max_blocks, 0, p)?;
+        }
+        Ok(true)
     }
 
     /// Reports and forgets a recorded error that only concerns the steps already run (a bad

@@ -295,7 +295,7 @@ pub struct Layout {
     pub rx_rel: usize,
     /// `[world]` u64 counts flags (the per-expert counts of that source are in place).
     pub rx_cntflag: usize,
-    /// `[world][max_chunks]` u64 chunk flags of the overlapped dispatch.
+    /// `[world][max_chunks]` u64 chunk flags of the overlapped dispatch and combine.
     pub rx_chunk: usize,
     /// Tokens behind one chunk flag.
     pub chunk_tokens: usize,
@@ -455,7 +455,7 @@ const HANDLE_MAGIC: &[u8; 4] = b"STA2";
 // 2: the receive area gained the counts and chunk flags (overlapped dispatch); 3: the counts
 // kernel of the overlapped dispatch writes the routing entries, senders and workers split the
 // fused kernel. Ranks of different builds must not map each other.
-const HANDLE_VERSION: u32 = 3;
+const HANDLE_VERSION: u32 = 4;
 /// Length of the fixed part of an encoded [`Handle`] (the two descriptors and the GPU id
 /// follow, each with a u32 length).
 pub const HANDLE_BYTES: usize = 4 + 4 + 4 + 4 + 8 + 4 + 8 + 64;

@@ -255,6 +255,31 @@ impl MoeAllToAll {
         unsafe { self.get()?.combine_recv(&s, &a) }.map_err(to_py)
     }
 
+    /// A whole combine (both halves, or the overlapped form); returns whether it overlapped.
+    #[pyo3(signature = (stream, y, y_stride, out, out_stride, accumulate, overlap))]
+    #[allow(clippy::too_many_arguments)]
+    fn combine(
+        &self,
+        stream: usize,
+        y: u64,
+        y_stride: i64,
+        out: u64,
+        out_stride: i64,
+        accumulate: bool,
+        overlap: Option<bool>,
+    ) -> PyResult<bool> {
+        let s = self.stream(stream)?;
+        let a = a2a::CombineArgs {
+            y,
+            y_stride,
+            out,
+            out_stride,
+            accumulate,
+        };
+        // SAFETY: as in combine_send and combine_recv.
+        unsafe { self.get()?.combine(&s, &a, overlap) }.map_err(to_py)
+    }
+
     /// Waits (GIL released) until `stream` is idle, at most `timeout` seconds; raises what a
     /// kernel recorded.
     fn synchronize(&self, py: Python<'_>, stream: usize, timeout: f64) -> PyResult<()> {

@@ -200,6 +200,8 @@ class AllToAll:
         self._keep: tuple[Any, ...] = ()
         #: Whether the last `dispatch` used the overlapped form.
         self.last_dispatch_overlapped = False
+        #: Whether the last `combine` used the overlapped form.
+        self.last_combine_overlapped = False
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -478,22 +480,26 @@ class AllToAll:
                 ``max_tokens`` with a device token count); allocated when None.
             accumulate: add into ``out`` instead of overwriting it.
         """
-        torch = self._torch
         self._phase("combine_recv")
-        rows = self._ntok
-        if out is None:
-            if accumulate:
-                raise _fail("accumulate=True needs out=")
-            out = torch.empty((rows, self.hidden), dtype=self.combine_dtype, device=self.device)
-        else:
-            need = self.max_tokens if self._graph_tokens else rows
-            out = self._tensor("out", out, [self.combine_dtype], self.hidden)
-            if out.shape[0] < need:
-                raise _fail(f"out has {out.shape[0]} rows; the step dispatched up to {need}")
+        out = self._result(out, accumulate)
         self._nat().combine_recv(
             self._stream(), out.data_ptr(), out.stride(0) * out.element_size(), bool(accumulate)
         )
         self._advance()
+        return out
+
+    def _result(self, out: Optional[torch.Tensor], accumulate: bool) -> torch.Tensor:
+        rows = self._ntok
+        if out is None:
+            if accumulate:
+                raise _fail("accumulate=True needs out=")
+            return self._torch.empty(
+                (rows, self.hidden), dtype=self.combine_dtype, device=self.device
+            )
+        need = self.max_tokens if self._graph_tokens else rows
+        out = self._tensor("out", out, [self.combine_dtype], self.hidden)
+        if out.shape[0] < need:
+            raise _fail(f"out has {out.shape[0]} rows; the step dispatched up to {need}")
         return out
 
     def combine(
@@ -501,10 +507,35 @@ class AllToAll:
         expert_y: torch.Tensor,
         out: Optional[torch.Tensor] = None,
         accumulate: bool = False,
+        overlap: Optional[bool] = None,
     ) -> torch.Tensor:
-        """``combine_send`` then ``combine_recv``."""
-        self.combine_send(expert_y)
-        return self.combine_recv(out, accumulate)
+        """Both halves of the combine (arguments as ``combine_send`` and ``combine_recv``).
+
+        Args:
+            overlap: use the overlapped form (one launch), in which each rank sums its own
+                tokens while the peers' partial sums of them are still arriving, and its own
+                partial sums never go through memory (faster at prefill sizes; needs every
+                rank on this node). The default (None) is as for ``dispatch``. The result is
+                the same either way, and ranks may differ.
+        """
+        self._phase("combine_send")
+        y = self._tensor("expert_y", expert_y, [self.combine_dtype], self.hidden, self.capacity)
+        out = self._result(out, accumulate)
+        self.last_combine_overlapped = bool(
+            self._nat().combine(
+                self._stream(),
+                y.data_ptr(),
+                y.stride(0) * y.element_size(),
+                out.data_ptr(),
+                out.stride(0) * out.element_size(),
+                bool(accumulate),
+                None if overlap is None else bool(overlap),
+            )
+        )
+        self._keep = (*self._keep, y)
+        self._advance()
+        self._advance()
+        return out
 
     # -- status ----------------------------------------------------------------------------
 
