@@ -220,8 +220,9 @@ def _a2a(case, rank, exchange_dir, **kw) -> AllToAll:
 
 
 def overlap_of(case: Dict[str, Any], rank: int, step: int) -> Optional[bool]:
-    """The `overlap` argument of `rank`'s dispatch and combine in `step`: the case's `overlap` (None, True,
-    False), or "mixed": the ranks alternate between the two forms, and so do the steps."""
+    """The `overlap` argument of `rank`'s dispatch and combine in `step`: the case's `overlap`
+    (None, True, False), or "mixed": the ranks alternate between the two forms, and so do the
+    steps."""
     o = case.get("overlap")
     if o == "mixed":
         return (rank + step) % 2 == 0
