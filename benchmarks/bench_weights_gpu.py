@@ -167,9 +167,9 @@ def _cmd_push(state: dict, version: int) -> dict:
     return st
 
 
-def _cmd_wait(state: dict, version: int) -> float:
+def _cmd_wait(state: dict, version: int) -> Tuple[float, Dict[str, float]]:
     state["obj"].wait(version, TIMEOUT)
-    return time.monotonic()
+    return time.monotonic(), state["obj"].last_wait
 
 
 def _cmd_release(state: dict, version: int) -> None:
@@ -368,17 +368,21 @@ class Cluster:
         for i in self.iw:
             self.w.send(i, "wait", version=v)
         stats = self.w.all(self.tw, "push", version=v)
-        ends = [self.w.recv(i) for i in self.iw]
+        got = [self.w.recv(i) for i in self.iw]
+        ends = [e for e, _ in got]
         self.w.all(self.iw, "release", version=v)
         # Where the time went (one host, so one monotonic clock): the senders' start spread,
-        # when the last of them finished, and how long after that the last receiver counted
-        # everything.
+        # when the last of them finished, how long after that the last receiver had counted
+        # everything (count_tail), and until its wait() returned (tail; the difference is the
+        # stamps check and the views, check_s).
         start = min(s["t0"] for s in stats)
         done = max(s["t0"] + s["total_s"] for s in stats)
         self.last_timeline = {
             "start_spread_s": max(s["t0"] for s in stats) - start,
             "senders_done_s": done - start,
+            "count_tail_s": max(w["counted_at"] for _, w in got) - done,
             "tail_s": max(ends) - done,
+            "check_s": max(w["check_s"] for _, w in got),
         }
         return max(ends) - start, stats
 
