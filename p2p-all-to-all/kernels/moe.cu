@@ -39,6 +39,10 @@ constexpr int kMaxTopk = 16;
 // Most tokens per chunk flag of the overlapped dispatch (and chunk x topk <= kThreads); keep in
 // sync with `MAX_CHUNK_TOKENS` in src/lib.rs.
 constexpr int kMaxChunkTokens = 16;
+// Ints between two experts' running counts (ecount_local): one 128-byte line each, so the
+// atomics of a dispatch spread over many L2 slices instead of queueing on a few lines; keep in
+// sync with `ECOUNT_STRIDE` in src/lib.rs.
+constexpr int kCountStride = 32;
 
 // Error codes; keep in sync with p2p-all-to-all/src/lib.rs (KernelError).
 constexpr uint32_t kErrTimeout = 1;
@@ -98,7 +102,7 @@ struct Params {
     Error* err;  // host-mapped
     uint64_t* tok_mask;      // [max_tokens] ranks each token went to
     uint64_t* host_mask;     // the same in host-mapped memory for the proxy (null: no proxy)
-    int32_t* ecount_local;   // [num_experts] running counts during dispatch_send
+    int32_t* ecount_local;   // [num_experts][kCountStride] running counts during the dispatch
     int32_t* route_rows;     // [world][max_tokens][topk] output row of each received entry
     const int32_t* num_tokens_ptr;  // used when num_tokens < 0
     const uint8_t* x;        // dispatch input rows
@@ -442,7 +446,7 @@ __device__ void publish_counts(const Params& P) {
     const int experts = P.world * P.experts_per_rank;
     for (int i = threadIdx.x; i < experts; i += blockDim.x) {
         const int d = i / P.experts_per_rank;
-        P.peers[d].ecount[i % P.experts_per_rank] = atomicExch(&P.ecount_local[i], 0);
+        P.peers[d].ecount[i % P.experts_per_rank] = atomicExch(&P.ecount_local[i * kCountStride], 0);
     }
 }
 
@@ -478,7 +482,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_
             } else {
                 s_e[tid] = static_cast<int>(e);
                 s_w[tid] = P.weights[t * P.w_stride + tid];
-                s_pos[tid] = atomicAdd(&P.ecount_local[e], 1);
+                s_pos[tid] = atomicAdd(&P.ecount_local[e * kCountStride], 1);
                 atomicOr(&s_mask, 1ull << (e / P.experts_per_rank));
             }
         }
@@ -777,7 +781,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_
         if (!valid)
             record_error(P, kErrBadExpert, 0, P.rank, static_cast<uint32_t>(t), n);
         else
-            p = atomicAdd(&P.ecount_local[e], 1);
+            p = atomicAdd(&P.ecount_local[e * kCountStride], 1);
         pos[i] = p;
         // Routing entries go to every rank, this one included (the combine reads the weights).
         const float w = valid ? P.weights[t * P.w_stride + k] : 0.f;

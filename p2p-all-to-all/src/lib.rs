@@ -72,6 +72,10 @@ pub const MAX_TOPK: usize = 16;
 /// kernels/moe.cu).
 pub const MAX_CHUNK_TOKENS: usize = 16;
 
+/// Ints between two experts' running counts in the dispatch (one 128-byte line each); keep in
+/// sync with `kCountStride` in kernels/moe.cu.
+pub const ECOUNT_STRIDE: usize = 32;
+
 /// What one rank's all-to-all is built for. Every rank of a group must use the same values
 /// (except `rank`); the handshake checks it.
 #[derive(Debug, Clone, PartialEq)]
@@ -307,7 +311,7 @@ pub struct Layout {
     pub st: usize,
     /// `[max_tokens]` u64 destination masks.
     pub tok_mask: usize,
-    /// `[num_experts]` int32 running counts.
+    /// `[num_experts][ECOUNT_STRIDE]` int32 running counts (the first of each run is used).
     pub ecount_local: usize,
     /// `[world][max_tokens][topk]` int32 output rows.
     pub route_rows: usize,
@@ -364,7 +368,7 @@ impl Layout {
         };
         let st = take(STATE_BYTES);
         let tok_mask = take(c.max_tokens * 8);
-        let ecount_local = take(c.num_experts * 4);
+        let ecount_local = take(c.num_experts * ECOUNT_STRIDE * 4);
         let route_rows = take(slots * c.topk * 4);
         let peers = take(c.world * PEER_BYTES);
         Layout {
@@ -803,7 +807,7 @@ mod tests {
                 (l.rx_chunk, world * l.max_chunks * 8),
             ];
             let local = [
-                (l.st, STATE_BYTES), (l.tok_mask, max_tokens * 8), (l.ecount_local, c.num_experts * 4),
+                (l.st, STATE_BYTES), (l.tok_mask, max_tokens * 8), (l.ecount_local, c.num_experts * ECOUNT_STRIDE * 4),
                 (l.route_rows, slots * topk * 4), (l.peers, world * PEER_BYTES),
             ];
             for (regions, total) in [(&rx[..], l.rx_total), (&local[..], l.local_total)] {
