@@ -242,6 +242,16 @@ __device__ __forceinline__ void st_relaxed(uint64_t* p, uint64_t v) {
     asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+// Clears the role and item counters of a fused kernel (moe_dispatch_fused, moe_combine_fused)
+// for the next one: by the last block, once every block has taken its last item.
+__device__ void reset_roles(State* st) {
+    st->arrive = 0;
+    st->send_next = 0;
+    st->own_next = 0;
+    st->recv_next = 0;
+    st->sent = 0;
+}
+
 __device__ void finish_phase(const Params& P, int phase, uint64_t n) {
     if (threadIdx.x == 0) {
         P.st->done[phase] = 0;
@@ -446,7 +456,8 @@ __device__ void publish_counts(const Params& P) {
     const int experts = P.world * P.experts_per_rank;
     for (int i = threadIdx.x; i < experts; i += blockDim.x) {
         const int d = i / P.experts_per_rank;
-        P.peers[d].ecount[i % P.experts_per_rank] = atomicExch(&P.ecount_local[i * kCountStride], 0);
+        P.peers[d].ecount[i % P.experts_per_rank] =
+            atomicExch(&P.ecount_local[i * kCountStride], 0);
     }
 }
 
@@ -811,6 +822,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_
     __shared__ int s_ntok[kMaxWorld];
     __shared__ int s_item;
     __shared__ int s_flag;
+    __shared__ int s_own_counts;
     constexpr int kDone = -1;
     constexpr int kOwn = 1 << 30;  // s_item >= kOwn: own chunk s_item - kOwn
     const int tid = threadIdx.x;
@@ -835,7 +847,6 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_
     // sizes: the workers set the pace, and they wait for the counts.)
     const int group = max(1, min(64, (128 << 10) / max(1, ch * P.slot_bytes)));
     const int send_items = (own_chunks + group - 1) / group;
-    __shared__ int s_own_counts;
     if (sender && tid == 0)
         s_own_counts = wait_at_least(P, P.peers[P.rank].rx_cntflag, n, 32, 1, P.rank, n);
     __syncthreads();
@@ -932,13 +943,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_dispatch_
     }
     if (!last_block(P, 1, false)) return;
     if (tid < P.world && !timed_out_elsewhere(P)) st_relaxed(P.peers[tid].rel, 2 * n - 1);
-    if (tid == 0) {
-        st->arrive = 0;
-        st->send_next = 0;
-        st->own_next = 0;
-        st->recv_next = 0;
-        st->sent = 0;
-    }
+    if (tid == 0) reset_roles(st);
     finish_phase(P, 0, n);
     finish_phase(P, 1, n);
 }
@@ -1295,12 +1300,7 @@ __device__ void combine_fused(const Params& P) {
         if (send_items == 0) st_release(P.peers[tid].cflag, n);
         st_relaxed(P.peers[tid].rel, 2 * n);
     }
-    if (tid == 0) {
-        st->arrive = 0;
-        st->send_next = 0;
-        st->own_next = 0;
-        st->sent = 0;
-    }
+    if (tid == 0) reset_roles(st);
     finish_phase(P, 2, n);
     finish_phase(P, 3, n);
 }

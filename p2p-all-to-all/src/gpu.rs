@@ -941,6 +941,19 @@ impl AllToAll {
         self.remote.is_none() && self.cfg.max_tokens >= OVERLAP_MIN_TOKENS
     }
 
+    /// `overlap` or the default for the overlapped `what` (dispatch, combine); refused with
+    /// ranks on other nodes.
+    fn resolve_overlap(&self, overlap: Option<bool>, what: &str) -> Result<bool> {
+        let overlap = overlap.unwrap_or_else(|| self.overlaps_by_default());
+        if overlap && self.remote.is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "the overlapped {what} writes every peer's memory directly; with ranks on other \
+                 nodes (ranks_per_node < world) use the split form"
+            )));
+        }
+        Ok(overlap)
+    }
+
     /// Queues a whole dispatch on `stream`: `dispatch_send` then `dispatch_recv`, or, with
     /// `overlap` (default: [`AllToAll::overlaps_by_default`]), the overlapped form, which
     /// expands this rank's own tokens and each peer's chunks of tokens while the sends are
@@ -961,14 +974,7 @@ impl AllToAll {
         o: &DispatchOutputs,
         overlap: Option<bool>,
     ) -> Result<bool> {
-        let overlap = overlap.unwrap_or_else(|| self.overlaps_by_default());
-        if overlap && self.remote.is_some() {
-            return Err(Error::InvalidArgument(
-                "the overlapped dispatch writes every peer's memory directly; with ranks on \
-                 other nodes (ranks_per_node < world) use the split form"
-                    .to_string(),
-            ));
-        }
+        let overlap = self.resolve_overlap(overlap, "dispatch")?;
         let p = self.recv_params(o, self.send_params(a)?)?;
         if !overlap {
             // SAFETY: as promised by the caller.
@@ -1061,14 +1067,7 @@ impl AllToAll {
         a: &CombineArgs,
         overlap: Option<bool>,
     ) -> Result<bool> {
-        let overlap = overlap.unwrap_or_else(|| self.overlaps_by_default());
-        if overlap && self.remote.is_some() {
-            return Err(Error::InvalidArgument(
-                "the overlapped combine writes every peer's memory directly; with ranks on \
-                 other nodes (ranks_per_node < world) use the split form"
-                    .to_string(),
-            ));
-        }
+        let overlap = self.resolve_overlap(overlap, "combine")?;
         let p = self.recv_combine_params(a, self.send_combine_params(a)?)?;
         if !overlap {
             let (send_grid, recv_grid) = (
