@@ -769,7 +769,27 @@ impl AllToAll {
         stream: &Stream,
         grid: u32,
         smem: u32,
+        p: KernelParams,
+    ) -> Result<()> {
+        // SAFETY: as promised by the caller.
+        unsafe { self.launch_with(f, stream, grid, smem, p, false) }
+    }
+
+    /// As [`AllToAll::launch`]; with `early`, `f` may start before the kernel ahead of it on
+    /// `stream` finishes ([`Function::launch_early`]; a driver without that launches it
+    /// plainly).
+    ///
+    /// # Safety
+    /// As [`AllToAll::launch`]; with `early`, `f` must wait for what it needs of the kernel
+    /// ahead of it.
+    unsafe fn launch_with(
+        &self,
+        f: &Function,
+        stream: &Stream,
+        grid: u32,
+        smem: u32,
         mut p: KernelParams,
+        early: bool,
     ) -> Result<()> {
         if !self.connected {
             return Err(Error::InvalidArgument(
@@ -781,35 +801,18 @@ impl AllToAll {
             return Err(Error::Kernel(e));
         }
         let mut params = [(&mut p as *mut KernelParams).cast::<c_void>()];
+        let (grid, block) = ((grid, 1, 1), (THREADS, 1, 1));
+        if early {
+            // SAFETY: as below; the caller promises the kernel's own synchronization.
+            match unsafe { f.launch_early(stream, grid, block, smem, &mut params) } {
+                Err(stolon_cuda::Error::Unsupported { .. }) => {}
+                r => return Ok(r?),
+            }
+        }
         // SAFETY: the one parameter is a KernelParams, the kernels' `Params` (checked layout);
         // the caller promises the pointers inside.
-        unsafe { f.launch(stream, (grid, 1, 1), (THREADS, 1, 1), smem, &mut params)? };
+        unsafe { f.launch(stream, grid, block, smem, &mut params)? };
         Ok(())
-    }
-
-    /// As [`AllToAll::launch`], but `f` may start before the kernel ahead of it on `stream`
-    /// finishes ([`Function::launch_early`]); a driver without that launches it plainly.
-    ///
-    /// # Safety
-    /// As [`AllToAll::launch`]; `f` must wait for what it needs of the kernel ahead of it.
-    unsafe fn launch_early(
-        &self,
-        f: &Function,
-        stream: &Stream,
-        grid: u32,
-        smem: u32,
-        mut p: KernelParams,
-    ) -> Result<()> {
-        let mut params = [(&mut p as *mut KernelParams).cast::<c_void>()];
-        // SAFETY: as in launch; the caller promises the kernel's own synchronization.
-        let r = unsafe { f.launch_early(stream, (grid, 1, 1), (THREADS, 1, 1), smem, &mut params) };
-        match r {
-            Err(stolon_cuda::Error::Unsupported { .. }) => {
-                // SAFETY: as promised by the caller.
-                unsafe { self.launch(f, stream, grid, smem, p) }
-            }
-            r => Ok(r?),
-        }
     }
 
     /// Queues `dispatch_send` on `stream`.
@@ -989,12 +992,8 @@ impl AllToAll {
         // the outputs, this rank's own buffers and the peers' receive areas.
         unsafe {
             self.launch(&self.kernels.dispatch_count, stream, count_grid, 0, p)?;
-            let (grid, smem) = (self.max_blocks, self.offsets_smem());
-            if self.early_launch {
-                self.launch_early(&self.kernels.dispatch_fused, stream, grid, smem, p)?;
-            } else {
-                self.launch(&self.kernels.dispatch_fused, stream, grid, smem, p)?;
-            }
+            let (grid, smem, early) = (self.max_blocks, self.offsets_smem(), self.early_launch);
+            self.launch_with(&self.kernels.dispatch_fused, stream, grid, smem, p, early)?;
         }
         Ok(true)
     }
