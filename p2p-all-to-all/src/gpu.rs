@@ -1067,16 +1067,13 @@ impl AllToAll {
         overlap: Option<bool>,
     ) -> Result<bool> {
         let overlap = self.resolve_overlap(overlap, "combine")?;
+        // Both halves' arguments are checked before anything is queued.
         let p = self.recv_combine_params(a, self.send_combine_params(a)?)?;
         if !overlap {
-            let (send_grid, recv_grid) = (
-                self.grid(self.cfg.world * self.cfg.max_tokens),
-                self.grid(self.cfg.max_tokens),
-            );
             // SAFETY: as promised by the caller.
             unsafe {
-                self.launch(&self.kernels.combine_send, stream, send_grid, 0, p)?;
-                self.launch(&self.kernels.combine_recv, stream, recv_grid, 0, p)?;
+                self.combine_send(stream, a)?;
+                self.combine_recv(stream, a)?;
             }
             return Ok(false);
         }
