@@ -8,8 +8,19 @@
   sees it and runs the callback.
 
 Timing is receiver-side: a measurement ends when the receiver has counted every immediate.
+After each bandwidth row the receiver's bytes are compared with the source (sha256).
+
+Peer-copy baselines, same sizes, same run: "copy + sync" (each `copy_` followed by a
+synchronisation: latency-bound below a few MiB, as first published), "events around a batch"
+(CUDA events around N back-to-back copies on one stream) and "graph" (the N copies captured in
+one CUDA graph and replayed between events: no per-copy launch from Python).
+
+With one GPU (`--gpus 1`, the default when one is visible) the receiver process runs on the
+same device: the engine still takes its CUDA IPC path between the two processes, and the
+"peer copy" is a copy within that GPU, so the numbers are a smoke test, not an NVLink figure.
 
     python benchmarks/bench_gpu.py --json gpu.json
+    python benchmarks/bench_gpu.py --gpus 1 --quick --json smoke.json
 """
 
 from __future__ import annotations
@@ -24,33 +35,84 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import benchmeta  # noqa: E402
 import gpu_roles  # noqa: E402
 
 MiB = 1 << 20
 
 
+PEER = 1  # the receiver's device (0 with --gpus 1)
+
+
 def peer_copy(torch, size: int, iters: int) -> tuple:
-    """In-process GPU0 -> GPU1 copy: (GB/s, median us per copy)."""
+    """In-process GPU0 -> GPU PEER copy: (GB/s, median us per copy), each copy synchronised."""
     a = torch.randint(0, 256, (size,), dtype=torch.uint8, device="cuda:0")
-    b = torch.empty(size, dtype=torch.uint8, device="cuda:1")
+    b = torch.empty(size, dtype=torch.uint8, device=f"cuda:{PEER}")
     for _ in range(3):
         b.copy_(a)
     torch.cuda.synchronize(0)
-    torch.cuda.synchronize(1)
+    torch.cuda.synchronize(PEER)
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
         b.copy_(a)
         torch.cuda.synchronize(0)
-        torch.cuda.synchronize(1)
+        torch.cuda.synchronize(PEER)
         times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     for _ in range(iters):
         b.copy_(a)
     torch.cuda.synchronize(0)
-    torch.cuda.synchronize(1)
+    torch.cuda.synchronize(PEER)
     bw = size * iters / (time.perf_counter() - t0) / 1e9
     return bw, statistics.median(times) * 1e6
+
+
+def peer_copy_batched(torch, size: int, n: int) -> dict:
+    """GPU0 -> GPU PEER copies not bound by Python launches: GB/s with CUDA events around `n`
+    back-to-back copies on one stream, and with the `n` copies captured in one CUDA graph
+    (median of 5 batches each)."""
+    a = torch.randint(0, 256, (size,), dtype=torch.uint8, device="cuda:0")
+    b = torch.empty(size, dtype=torch.uint8, device=f"cuda:{PEER}")
+    out: dict = {}
+    s = torch.cuda.Stream(device=0)
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def batch() -> None:
+        for _ in range(n):
+            b.copy_(a, non_blocking=True)
+
+    with torch.cuda.stream(s):
+        batch()
+        s.synchronize()
+        ts = []
+        for _ in range(5):
+            e0.record(s)
+            batch()
+            e1.record(s)
+            e1.synchronize()
+            ts.append(e0.elapsed_time(e1) / 1e3)
+    out["peer_copy_batched_gb_per_s"] = size * n / statistics.median(ts) / 1e9
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(s):
+            s.synchronize()
+            with torch.cuda.graph(g, stream=s):
+                batch()
+            g.replay()
+            s.synchronize()
+            ts = []
+            for _ in range(5):
+                e0.record(s)
+                g.replay()
+                e1.record(s)
+                e1.synchronize()
+                ts.append(e0.elapsed_time(e1) / 1e3)
+        out["peer_copy_graph_gb_per_s"] = size * n / statistics.median(ts) / 1e9
+    except Exception as e:  # reported, the eager batch stands
+        out["peer_copy_graph_error"] = f"{type(e).__name__}: {e}"
+    out["peer_copy_batch"] = n
+    return out
 
 
 def engine_bw(eng, region, desc, rx, size: int, iters: int, window: int = 8) -> float:
@@ -75,10 +137,10 @@ def engine_bw(eng, region, desc, rx, size: int, iters: int, window: int = 8) -> 
 def nvlink_row(torch, op: str, eng, region, rx, size: int) -> dict:
     """One bandwidth row: the engine's NVLink writes of `size` bytes next to a peer copy of the
     same size measured right after."""
-    iters = max(20, min(2000, (4 << 30) // size))
+    iters = max(20, min(ITERS_MAX, (4 << 30) // size))
     bw = engine_bw(eng, region, rx.gpu_desc, rx, size, iters)
     pbw, plat = peer_copy(torch, size, min(iters, 200))
-    return {
+    row = {
         "op": op,
         "size_bytes": size,
         "gb_per_s": bw,
@@ -86,6 +148,21 @@ def nvlink_row(torch, op: str, eng, region, rx, size: int) -> dict:
         "fraction_of_peer_copy": bw / pbw,
         "peer_copy_latency_us": plat,
     }
+    row.update(peer_copy_batched(torch, size, max(8, min(1000, (2 << 30) // size))))
+    best = max(v for k, v in row.items() if k.startswith("peer_copy") and k.endswith("gb_per_s"))
+    row["fraction_of_best_peer_copy"] = bw / best
+    row["verified"] = rx.call("sha", 0, size, "gpu") == gpu_roles.sha(region_tensor(size))
+    return row
+
+
+SRC = {}  # the writer's source tensor, for the bytes check
+
+
+def region_tensor(size: int):
+    return SRC["t"][:size]
+
+
+ITERS_MAX = 2000
 
 
 def engine_latency(eng, region, desc, own_desc, rx, size: int, samples: int) -> list:
@@ -133,11 +210,28 @@ def main() -> int:
     ap.add_argument("--sizes", default="4K,64K,1M,16M,64M,256M")
     ap.add_argument("--json")
     ap.add_argument("--staged-size", default="64M")
+    ap.add_argument("--gpus", type=int, default=None,
+                    help="2: writer on GPU 0, receiver on GPU 1 (default with 2+ GPUs); "
+                    "1: both processes on GPU 0")  # fmt: skip
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: sizes 4K,1M,64M, fewer iterations and samples")  # fmt: skip
     args = ap.parse_args()
 
     import torch
 
     import stolon
+
+    global PEER, ITERS_MAX
+    ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = args.gpus or min(ngpu, 2)
+    if gpus < 1 or gpus > ngpu:
+        print(f"needs {max(gpus, 1)} GPU(s), {ngpu} visible", file=sys.stderr)
+        return 2
+    PEER = 1 if gpus >= 2 else 0
+    if args.quick:
+        args.sizes = "4K,1M,64M" if args.sizes == ap.get_default("sizes") else args.sizes
+        ITERS_MAX = 200
+    lat_samples, watch_n, staged_iters = (20, 100, 5) if args.quick else (100, 500, 20)
 
     def parse(s: str) -> int:
         s = s.strip().upper()
@@ -147,18 +241,21 @@ def main() -> int:
     sizes = [parse(s) for s in args.sizes.split(",")]
     rows = []
     big = max(sizes)
-    rx = gpu_roles.Remote({"device": 1, "size": big, "nvlink": True})
+    rx = gpu_roles.Remote({"device": PEER, "size": big, "nvlink": True})
     try:
         torch.cuda.set_device(0)
         eng = gpu_roles.engine(0, True)
         src = torch.randint(0, 256, (big,), dtype=torch.uint8, device="cuda:0")
+        SRC["t"] = src
         region = eng.register(src)
         own = eng.register(torch.zeros(big, dtype=torch.uint8, device="cuda:0"))
         assert eng.path(region, rx.gpu_desc) == "nvlink"
         for size in sizes:
             row = nvlink_row(torch, "nvlink_write", eng, region, rx, size)
             if size <= 64 << 10:
-                lat = engine_latency(eng, region, rx.gpu_desc, own.descriptor, rx, size, 100)
+                lat = engine_latency(
+                    eng, region, rx.gpu_desc, own.descriptor, rx, size, lat_samples
+                )
                 row["latency_p50_us"] = pct(lat, 0.5)
                 row["latency_p99_us"] = pct(lat, 0.99)
             rows.append(row)
@@ -170,11 +267,12 @@ def main() -> int:
     # The same NVLink write into VMM memory (a receiver on expandable segments: allocations
     # passed as file descriptors over the owner's socket), at the largest size.
     rx = gpu_roles.Remote(
-        {"device": 1, "size": big, "nvlink": True, "alloc_conf": "expandable_segments:True"}
+        {"device": PEER, "size": big, "nvlink": True, "alloc_conf": "expandable_segments:True"}
     )
     try:
         eng = gpu_roles.engine(0, True)
         src = torch.randint(0, 256, (big,), dtype=torch.uint8, device="cuda:0")
+        SRC["t"] = src
         region = eng.register(src)
         assert eng.path(region, rx.gpu_desc) == "nvlink", rx.info
         row = nvlink_row(torch, "nvlink_write_vmm", eng, region, rx, big)
@@ -186,19 +284,20 @@ def main() -> int:
 
     # Staged tcp vs host tcp, same engines' settings.
     ssize = parse(args.staged_size)
-    rx = gpu_roles.Remote({"device": 1, "size": ssize, "nvlink": False})
+    rx = gpu_roles.Remote({"device": PEER, "size": ssize, "nvlink": False})
     try:
         eng = gpu_roles.engine(0, False)
         src = torch.randint(0, 256, (ssize,), dtype=torch.uint8, device="cuda:0")
         g = eng.register(src)
         h = eng.register(src.cpu().numpy())
         assert eng.path(g, rx.gpu_desc) == "staged"
-        iters = 20
+        iters = staged_iters
         rows.append(
             {
                 "op": "staged_tcp_gpu_to_gpu",
                 "size_bytes": ssize,
                 "gb_per_s": engine_bw(eng, g, rx.gpu_desc, rx, ssize, iters, window=4),
+                "verified": rx.call("sha", 0, ssize, "gpu") == gpu_roles.sha(src),
             }
         )
         rows.append(
@@ -214,7 +313,7 @@ def main() -> int:
     finally:
         rx.close()
 
-    lat = watcher_latency(torch, stolon, 500)
+    lat = watcher_latency(torch, stolon, watch_n)
     rows.append(
         {
             "op": "watcher_stream_write_to_callback",
@@ -235,14 +334,14 @@ def main() -> int:
             f"p99 {r.get('latency_p99_us', float('nan')):>8.1f} us  "
             f"peer-lat {r.get('peer_copy_latency_us', float('nan')):>7.1f} us"
         )
+    bad = [r["op"] + " " + str(r.get("size_bytes")) for r in rows if r.get("verified") is False]
+    print("bytes check: " + ("ok" if not bad else "FAILED: " + ", ".join(bad)))
     if args.json:
-        meta = {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-            "command": " ".join(sys.argv),
-        }
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    return 0
+        meta = benchmeta.meta({"gpus_used": gpus, "same_device": PEER == 0})
+        # the old keys, for readers of the first files
+        meta.update(date=time.strftime("%Y-%m-%d %H:%M:%S"), gpus=meta["machine"]["gpus"])
+        benchmeta.write_json(args.json, {"meta": meta, "rows": rows})
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
