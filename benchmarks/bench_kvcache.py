@@ -13,12 +13,19 @@ writes leave through a watched progress counter:
 
 Measured per request, on one clock (``CLOCK_MONOTONIC`` is system-wide on Linux): the time from
 "prefill ended" (first token on the host) to "decode may start" (the decode side counted every
-immediate). Also one layer's transfer time (that layer's K and V pages written alone, timed to
-the receiver's count), the target being: streaming overhead <= one layer's transfer. The decoded
-tokens are checked against a single-process run of the same model.
+immediate). Two yardsticks for the streaming overhead, both from the same run: one layer's
+transfer through the engine's paged path (that layer's K and V pages written alone, timed to
+the receiver's count; the issue's target: streaming overhead <= one layer's transfer), and one
+layer's bytes at the link's rate (an in-process peer copy ``cuda:0 -> cuda:1`` of one layer's
+K/V bytes, contiguous, and of 256 MiB, timed with CUDA events). The decoded tokens are checked
+against a single-process run of the same model.
+
+With one GPU (``--gpus 1``) both processes run on ``cuda:0`` (the engine's CUDA IPC path within
+one device): a smoke run, not an NVLink figure.
 
     python3 benchmarks/bench_kvcache.py --json kv.json            # GPUs: NVLink and staged tcp
     python3 benchmarks/bench_kvcache.py --device cpu --quick      # CPU: tcp on loopback
+    python3 benchmarks/bench_kvcache.py --gpus 1 --quick --paths nvlink   # one-GPU smoke run
 
 The module also holds :class:`PagedLM`, used by ``tests/test_kvcache_gpu.py``.
 """
@@ -35,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import benchmeta
 from procpool import Pool
 
 # ------------------------------------------------------------------------------------------------
@@ -526,6 +534,32 @@ def run_path(args: argparse.Namespace, cfg: ModelConfig, path: str, devs: Tuple[
     return row
 
 
+def link_rate(devs: Tuple[str, str], nbytes: int) -> Dict[str, float]:
+    """In-process copies ``devs[0] -> devs[1]``, timed with CUDA events (median of 10 after a
+    warm-up): one layer's K/V bytes as one contiguous copy, and 256 MiB."""
+    import torch
+
+    out: Dict[str, float] = {}
+    for key, n in (("layer", nbytes), ("bulk", 256 << 20)):
+        a = torch.randint(0, 256, (n,), dtype=torch.uint8, device=devs[0])
+        b = torch.empty(n, dtype=torch.uint8, device=devs[1])
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        b.copy_(a)
+        torch.cuda.synchronize(devs[0])
+        ts = []
+        for _ in range(10):
+            e0.record()
+            b.copy_(a)
+            e1.record()
+            e1.synchronize()
+            ts.append(e0.elapsed_time(e1) / 1e3)
+        out[f"{key}_s"] = statistics.median(ts)
+        out[f"{key}_gb_per_s"] = n / out[f"{key}_s"] / 1e9
+        del a, b
+    torch.cuda.empty_cache()
+    return out
+
+
 GPU_MODEL = ModelConfig(
     layers=32, hidden=4096, heads=32, kv_heads=8, ffn=16384, vocab=32000, page_tokens=64,
     max_pos=4096 + 64, dtype="bfloat16",
@@ -553,15 +587,18 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=8, help="decoded tokens checked")
     ap.add_argument("--quick", action="store_true", help="fewer layers and tokens, 2 repeats")
+    ap.add_argument("--gpus", type=int, default=None,
+                    help="2 GPUs (default with 2+) or 1 (both processes on cuda:0)")  # fmt: skip
     ap.add_argument("--json")
     args = ap.parse_args()
 
     import torch
 
     ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    device = args.device or ("cuda" if ngpu >= 2 else "cpu")
-    if device == "cuda" and ngpu < 2:
-        print("needs two GPUs for --device cuda", file=sys.stderr)
+    gpus = args.gpus if args.gpus is not None else min(ngpu, 2)
+    device = args.device or ("cuda" if ngpu >= 2 or (args.gpus and ngpu >= 1) else "cpu")
+    if device == "cuda" and (gpus < 1 or gpus > ngpu):
+        print(f"needs {max(gpus, 1)} GPU(s) for --device cuda, {ngpu} visible", file=sys.stderr)
         return 2
     cfg = GPU_MODEL if device == "cuda" else CPU_MODEL
     if args.prompt is None:
@@ -578,11 +615,25 @@ def main() -> int:
     cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
     cfg = dataclasses.replace(cfg, max_pos=max(cfg.max_pos, args.prompt + args.steps + 1))
     paths = (args.paths or ("nvlink,staged" if device == "cuda" else "tcp")).split(",")
-    devs = ("cuda:0", "cuda:1") if device == "cuda" else ("cpu", "cpu")
+    devs = ("cuda:0", f"cuda:{1 if gpus >= 2 else 0}") if device == "cuda" else ("cpu", "cpu")
     t_all = time.monotonic()
+    link: Dict[str, float] = {}
+    if device == "cuda":
+        layer_bytes = 2 * (-(-args.prompt // cfg.page_tokens)) * cfg.page_elems * cfg.itemsize()
+        link = link_rate(devs, layer_bytes)
+        print(json.dumps({"link": link}), flush=True)
     rows = []
     for path in paths:
         row = run_path(args, cfg, path, devs)
+        if link:
+            row["link_layer_s"] = link["layer_s"]
+            row["link_gb_per_s"] = link["layer_gb_per_s"]
+            row["link_bulk_gb_per_s"] = link["bulk_gb_per_s"]
+            row["extra_streaming_over_paged_layer"] = (
+                row["extra_streaming_s"] / row["one_layer_transfer_s"]
+            )
+            row["extra_streaming_over_link_layer"] = row["extra_streaming_s"] / link["layer_s"]
+            row["paged_fraction_of_link"] = row["layer_gb_per_s"] / link["layer_gb_per_s"]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
 
@@ -606,15 +657,23 @@ def main() -> int:
             f"{str(r['tokens_equal_single_process']):>10}"
         )
     print("(times: prefill end -> decode may start; medians)")
+    if link:
+        print(
+            f"link (peer copy {devs[0]} -> {devs[1]}): one layer's bytes in "
+            f"{link['layer_s'] * 1e3:.3f} ms ({link['layer_gb_per_s']:.1f} GB/s), 256 MiB at "
+            f"{link['bulk_gb_per_s']:.1f} GB/s"
+        )
+        for r in rows:
+            print(
+                f"{r['path']:<8} streaming overhead = {r['extra_streaming_over_paged_layer']:.2f}"
+                f" x one paged layer, {r['extra_streaming_over_link_layer']:.2f} x one layer at "
+                f"the link's rate; paged path at {r['paged_fraction_of_link']:.3f} of the link"
+            )
     print(f"total wall time {time.monotonic() - t_all:.1f} s")
     if args.json:
-        meta = {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "gpus": [torch.cuda.get_device_name(i) for i in range(ngpu)],
-            "command": " ".join(sys.argv),
-            "model": dataclasses.asdict(cfg),
-        }
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        meta = benchmeta.meta({"model": dataclasses.asdict(cfg), "devices": list(devs)})
+        meta.update(date=time.strftime("%Y-%m-%d %H:%M:%S"), gpus=meta["machine"]["gpus"])
+        benchmeta.write_json(args.json, {"meta": meta, "rows": rows, "link": link})
     return 0 if all(r["tokens_equal_single_process"] for r in rows) else 1
 
 
