@@ -14,7 +14,12 @@ every immediate of the version:
   smaller, since that path runs at a few GB/s);
 - the baseline, torch.distributed (NCCL; gloo on CPU) in the same processes: per FSDP group a
   ``gather`` of the flat shards onto training rank 0, then per tensor a ``broadcast`` to the
-  inference ranks, which copy their slice into place;
+  inference ranks, which copy their slice into place (every inference GPU receives whole
+  tensors, all from one sender);
+- a second baseline that moves only what each inference rank needs, from every training rank:
+  the plan's ranges as NCCL grouped send/recv (``batch_isend_irecv``, eager): contiguous
+  ranges straight from the shard into the receiver's slot, strided ones (column shards) packed
+  into one buffer per (training, inference) pair and unpacked on arrival (bf16 only);
 - ceilings: an in-process 1 GiB ``cudaMemcpyPeer`` (``cuda:0 -> cuda:1``, torch ``copy_``).
 
 Reported: seconds per update, GB/s per inference GPU (bytes it receives in its layout / time),
@@ -27,6 +32,10 @@ against the whole tensor converted in one place).
 
     python3 benchmarks/bench_weights_gpu.py --json w.json             # 4 GPUs: 2 + 2, 8 GB
     python3 benchmarks/bench_weights_gpu.py --device cpu --quick      # CPU: gloo, tcp, small
+    python3 benchmarks/bench_weights_gpu.py --gpus 1 --quick --paths nvlink   # one-GPU smoke
+
+With ``--gpus 1`` every process runs on ``cuda:0`` (the engine's CUDA IPC path within one
+device): a smoke run; NCCL refuses two ranks on one GPU, so both baselines are skipped there.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
+import benchmeta
 from procpool import Pool
 
 GB = 1e9
@@ -308,6 +318,85 @@ def _cmd_baseline(state: dict) -> float:
     return time.monotonic()
 
 
+def _shard_ops(state: dict) -> dict:
+    """This rank's side of the shards-only baseline, built once from the plan: the tensors to
+    send or receive directly (contiguous ranges) and, per peer, the strided ranges packed into
+    one buffer."""
+    torch = state["torch"]
+    plan, train, cfg = state["plan"], state["train"], state["cfg"]
+    T, r = cfg["train"], state["dist_rank"]
+    data = plan.data
+    direct: List[Tuple[str, Any, int]] = []  # (isend / irecv, tensor, peer)
+    packed: Dict[int, List[Any]] = {}  # peer -> strided views, in table order
+    if r < T:
+        rows = data.for_src(r)
+        for i in range(len(rows)):
+            peer = T + int(rows.dst_rank[i])
+            buf = state["buffers"][train.buffer_names[int(rows.src_buf[i])]].reshape(-1)
+            off, ln, cnt = int(rows.src_off[i]), int(rows.length[i]), int(rows.count[i])
+            if cnt == 1:
+                direct.append(("send", buf[off : off + ln], peer))
+            else:
+                v = buf.as_strided(
+                    (cnt, ln), (int(rows.src_stride[i]), 1), buf.storage_offset() + off
+                )
+                packed.setdefault(peer, []).append(v)
+    else:
+        d = r - T
+        rows = data.for_dst(d)
+        lay = state["obj"].layout
+        slot = state["obj"].slot(0)
+        for i in range(len(rows)):
+            peer = int(rows.src_rank[i])
+            e = lay.entry(int(rows.param[i]))
+            flat = slot[e.offset : e.offset + e.nbytes].view(torch.bfloat16)
+            off, ln, cnt = int(rows.dst_off[i]), int(rows.length[i]), int(rows.count[i])
+            if cnt == 1:
+                direct.append(("recv", flat[off : off + ln], peer))
+            else:
+                v = flat.as_strided(
+                    (cnt, ln), (int(rows.dst_stride[i]), 1), flat.storage_offset() + off
+                )
+                packed.setdefault(peer, []).append(v)
+    bufs = {
+        peer: torch.empty(sum(v.numel() for v in vs), dtype=torch.bfloat16, device=state["device"])
+        for peer, vs in packed.items()
+    }
+    return {"direct": direct, "packed": packed, "bufs": bufs, "send": r < T}
+
+
+def _cmd_baseline_shards(state: dict) -> float:
+    """One update moving only the ranges each inference rank needs (see the module
+    docstring); returns this rank's end time."""
+    import torch.distributed as dist
+
+    if "shard_ops" not in state:
+        state["shard_ops"] = _shard_ops(state)
+    so = state["shard_ops"]
+    ops = []
+    for kind, t, peer in so["direct"]:
+        ops.append(dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, peer))
+    for peer, views in so["packed"].items():
+        buf = so["bufs"][peer]
+        if so["send"]:
+            o = 0
+            for v in views:
+                buf[o : o + v.numel()].view(v.shape).copy_(v)
+                o += v.numel()
+        ops.append(dist.P2POp(dist.isend if so["send"] else dist.irecv, buf, peer))
+    if ops:
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+    if not so["send"]:
+        for peer, views in so["packed"].items():
+            buf, o = so["bufs"][peer], 0
+            for v in views:
+                v.copy_(buf[o : o + v.numel()].view(v.shape))
+                o += v.numel()
+    _sync(state)
+    return time.monotonic()
+
+
 def _cmd_barrier(state: dict) -> float:
     import torch.distributed as dist
 
@@ -400,17 +489,30 @@ class Cluster:
             raise RuntimeError(f"probe: {sent} immediates sent, {per * n} expected")
         return t1 - t0
 
-    def baseline(self, port: int, reps: int) -> List[float]:
+    def baseline(self, port: int, reps: int, shards: bool = True) -> Dict[str, Any]:
+        """Both NCCL baselines, ``reps`` updates each after one untimed; seconds per update.
+        Returns {"gather_bcast": [...], "shards": [...] or "shards_error": "..."}."""
         T, I = self.cfg["train"], self.cfg["infer"]  # noqa: E741
         idx = self.tw + self.iw
         self.w.all(idx, "dist_init", per=[{"rank": k} for k in range(T + I)], port=port,
                    world=T + I)  # fmt: skip
-        out = []
-        for _ in range(reps + 1):
-            starts = self.w.all(idx, "barrier")
-            ends = self.w.all(idx, "baseline")
-            out.append(max(ends) - max(starts))
-        return out[1:]  # the first one sets up NCCL's communicators
+        res: Dict[str, Any] = {}
+        for key, cmd in (("gather_bcast", "baseline"), ("shards", "baseline_shards")):
+            if key == "shards" and not shards:
+                continue
+            out = []
+            try:
+                for _ in range(reps + 1):
+                    starts = self.w.all(idx, "barrier")
+                    ends = self.w.all(idx, cmd)
+                    out.append(max(ends) - max(starts))
+            except Exception as e:  # the other baseline still counts
+                if key == "gather_bcast":
+                    raise
+                res["shards_error"] = f"{type(e).__name__}: {e}"[:300]
+                break
+            res[key] = out[1:]  # the first one sets up NCCL's communicators
+        return res
 
     def close(self) -> None:
         try:
@@ -436,7 +538,7 @@ def _timed(torch: Any, fn: Any, cuda: bool, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def ceilings(cuda: bool, size: int) -> Dict[str, float]:
+def ceilings(cuda: bool, size: int, peer: str = "cuda:1") -> Dict[str, float]:
     """Peer copy GB/s (cuda:0 -> cuda:1; memcpy on CPU), pinned H2D GB/s, fp8 conversion GB/s
     of bf16 input (tile maxima + conversion, 128 x 128 tiles)."""
     import torch
@@ -446,7 +548,7 @@ def ceilings(cuda: bool, size: int) -> Dict[str, float]:
     out: Dict[str, float] = {}
     if cuda:
         a = torch.randint(0, 256, (size,), dtype=torch.uint8, device="cuda:0")
-        b = torch.empty(size, dtype=torch.uint8, device="cuda:1")
+        b = torch.empty(size, dtype=torch.uint8, device=peer)
         out["peer_copy_gb_per_s"] = size / _timed(torch, lambda: b.copy_(a), True, 10) / GB
         h = torch.empty(size, dtype=torch.uint8).pin_memory()
         out["h2d_gb_per_s"] = size / _timed(torch, lambda: a.copy_(h), True, 5) / GB
@@ -485,6 +587,8 @@ def run_path(args: argparse.Namespace, path: str, gb: float, cuda: bool, rates: 
     T, I = args.train, args.infer  # noqa: E741
     layers, real_gb = model_config(gb, args.hidden, args.ffn, args.vocab)
     devices = [f"cuda:{k}" for k in range(T + I)] if cuda else ["cpu"] * (T + I)
+    if cuda and args.same_device:
+        devices = ["cuda:0"] * (T + I)
     cfg = {
         "train": T, "infer": I, "hidden": args.hidden, "ffn": args.ffn, "vocab": args.vocab,
         "layers": layers, "fp8": args.fp8, "layout": args.layout, "seed": 3, "path": path,
@@ -516,7 +620,10 @@ def run_path(args: argparse.Namespace, path: str, gb: float, cuda: bool, rates: 
             stats.append(st)
             timelines.append(c.last_timeline)
         ver = c.w.all(c.iw, "verify", version=args.repeats)  # landed and released: intact
-        base = c.baseline(_free_port(), args.baseline_repeats) if path == args.baseline_path else []
+        base: Dict[str, Any] = {}
+        if path == args.baseline_path and not args.same_device:
+            shards_ok = not args.fp8 and not args.offload
+            base = c.baseline(_free_port(), args.baseline_repeats, shards=shards_ok)
     finally:
         c.close()
     upd = statistics.median(times)
@@ -567,14 +674,29 @@ def run_path(args: argparse.Namespace, path: str, gb: float, cuda: bool, rates: 
         "setup_s": setup_s,
     }
     if base:
-        b = statistics.median(base)
+        b = statistics.median(base["gather_bcast"])
         row.update(
             baseline=("nccl" if cuda else "gloo") + " gather+broadcast",
             baseline_update_s=b,
-            baseline_update_s_all=base,
+            baseline_update_s_all=base["gather_bcast"],
             baseline_gb_per_s_per_infer_gpu=float(recv.mean()) / b / GB,
             speedup_over_baseline=b / upd,
         )
+        if base.get("shards"):
+            b = statistics.median(base["shards"])
+            row.update(
+                baseline_shards=("nccl" if cuda else "gloo") + " grouped send/recv, shards only",
+                baseline_shards_update_s=b,
+                baseline_shards_update_s_all=base["shards"],
+                baseline_shards_gb_per_s_per_infer_gpu=float(recv.mean()) / b / GB,
+                speedup_over_shards_baseline=b / upd,
+            )
+        elif base.get("shards_error"):
+            row["baseline_shards_error"] = base["shards_error"]
+        else:
+            row["baseline_skipped"] = "shards baseline: bf16 from GPU shards only"
+    elif args.same_device and path == args.baseline_path:
+        row["baseline_skipped"] = "one GPU: NCCL refuses two ranks on one device"
     return row
 
 
@@ -596,17 +718,25 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--baseline-repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="small sizes, 2 repeats")
+    ap.add_argument("--gpus", type=int, default=None,
+                    help="1: every process on cuda:0 (a smoke run; no NCCL baselines)")  # fmt: skip
     ap.add_argument("--json")
     args = ap.parse_args()
 
     import torch
 
     ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    cuda = (args.device or ("cuda" if ngpu >= 2 else "cpu")) == "cuda"
+    args.same_device = args.gpus == 1
+    cuda = (
+        args.device or ("cuda" if ngpu >= 2 or (args.same_device and ngpu) else "cpu")
+    ) == "cuda"
     if args.train is None or args.infer is None:
         two = (ngpu >= 4) if cuda else True
-        args.train, args.infer = (2, 2) if two else (1, 1)
-    if cuda and ngpu < args.train + args.infer:
+        args.train, args.infer = (2, 2) if two and not args.same_device else (1, 1)
+    if cuda and args.same_device and ngpu < 1:
+        print("needs a GPU", file=sys.stderr)
+        return 2
+    if cuda and not args.same_device and ngpu < args.train + args.infer:
         print(f"needs {args.train + args.infer} GPUs, {ngpu} visible", file=sys.stderr)
         return 2
     args.hidden = args.hidden or (4096 if cuda else 256)
@@ -620,7 +750,8 @@ def main() -> int:
     paths = (args.paths or ("nvlink,staged" if cuda else "tcp")).split(",")
     args.baseline_path = paths[0]
     t_all = time.monotonic()
-    rates = ceilings(cuda, (1 << 30) if cuda else (64 << 20))
+    peer = "cuda:0" if args.same_device else "cuda:1"
+    rates = ceilings(cuda, (1 << 30) if cuda else (64 << 20), peer)
     print(json.dumps({"ceilings": rates}), flush=True)
     rows = []
     for path in paths:
@@ -646,16 +777,24 @@ def main() -> int:
             f"{r.get('speedup_over_baseline', math.nan):>8.2f} {r['model_update_s']:>8.4f} "
             f"{r['model_error']:>+6.0%} {r['model_bound']:>8} {str(not r['verify_errors']):>6}"
         )
+    for r in rows:
+        if r.get("baseline_shards_update_s"):
+            print(
+                f"{r['path']:<8} NCCL shards-only baseline {r['baseline_shards_update_s']:.4f} s "
+                f"({r['baseline_shards_gb_per_s_per_infer_gpu']:.1f} GB/s per inference GPU): "
+                f"stolon {r['speedup_over_shards_baseline']:.2f}x"
+            )
+        elif r.get("baseline_shards_error") or r.get("baseline_skipped"):
+            print(f"{r['path']:<8} {r.get('baseline_shards_error') or r['baseline_skipped']}")
     print(f"total wall time {time.monotonic() - t_all:.1f} s")
     if args.json:
-        meta = {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "gpus": [torch.cuda.get_device_name(i) for i in range(ngpu)],
-            "command": " ".join(sys.argv),
-            "host_cpus": os.cpu_count(),
-        }
-        out = {"meta": meta, "ceilings": rates, "rows": rows}
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        meta = benchmeta.meta({"same_device": args.same_device})
+        meta.update(
+            date=time.strftime("%Y-%m-%d %H:%M:%S"),
+            gpus=meta["machine"]["gpus"],
+            host_cpus=os.cpu_count(),
+        )
+        benchmeta.write_json(args.json, {"meta": meta, "ceilings": rates, "rows": rows})
     return 0 if all(not r["verify_errors"] for r in rows) else 1
 
 
