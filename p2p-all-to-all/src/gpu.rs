@@ -22,9 +22,6 @@ use crate::{
     rank_sharing_gpu, Config, Error, Handle, KernelError, Layout, Result, PEER_BYTES, STATE_BYTES,
 };
 
-/// The fatbin `build.rs` compiled (empty when nvcc was missing).
-static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe.fatbin"));
-
 const THREADS: u32 = 256;
 
 /// Receive areas of closed all-to-alls, kept for reuse instead of freed.
@@ -412,7 +409,8 @@ impl AllToAll {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a bad config, [`Error::NoKernels`] for a build without
-    /// nvcc, a CUDA error (no GPU, out of memory).
+    /// nvcc, [`Error::KernelBuild`] when no kernel build fits the driver (see
+    /// [`crate::kernels`]), a CUDA error (no GPU, out of memory).
     pub fn new(device: usize, cfg: Config) -> Result<AllToAll> {
         AllToAll::with_engine(device, cfg, None)
     }
@@ -437,12 +435,10 @@ impl AllToAll {
                 cfg.ranks_per_node, cfg.world
             )));
         }
-        if FATBIN.is_empty() {
-            return Err(Error::NoKernels);
-        }
+        let build = crate::kernels::selected()?;
         let dev = Device::get(device)?;
         let ctx = dev.primary_context()?;
-        let module = Module::load(&ctx, FATBIN)?;
+        let module = Module::load(&ctx, build.fatbin)?;
         let suffix = cfg.combine.suffix();
         let kernels = Kernels {
             dispatch_send: module.function("moe_dispatch_send")?,

@@ -17,6 +17,7 @@
 use std::time::Duration;
 
 mod gpu;
+pub mod kernels;
 pub mod proxy;
 
 pub use gpu::{AllToAll, CombineArgs, DispatchArgs, DispatchOutputs, OVERLAP_MIN_TOKENS};
@@ -607,6 +608,10 @@ pub enum Error {
          nvidia-cuda-nvcc or set NVCC / CUDA_HOME and rebuild)"
     )]
     NoKernels,
+    /// No kernel build of this library fits the installed driver, or `STOLON_MOE_KERNELS`
+    /// forced one that is missing or too new for it.
+    #[error("MoE kernels: {0}")]
+    KernelBuild(String),
     /// Peers' handles do not fit together.
     #[error("all-to-all handshake: {0}")]
     Handshake(String),
