@@ -15,7 +15,7 @@ fn to_py(e: a2a::Error) -> PyErr {
     let name = match &e {
         a2a::Error::InvalidArgument(_) => "InvalidArgumentError",
         a2a::Error::Cuda(c) => return cuda_err(c.clone()),
-        a2a::Error::NoKernels => "CudaUnavailableError",
+        a2a::Error::NoKernels | a2a::Error::KernelBuild(_) => "CudaUnavailableError",
         a2a::Error::Handshake(_) | a2a::Error::Proxy(_) => "AllToAllError",
         a2a::Error::Kernel(k) if k.code == 1 => "AllToAllTimeoutError",
         a2a::Error::Timeout(_) => "AllToAllTimeoutError",
@@ -49,6 +49,51 @@ impl MoeAllToAll {
 
 #[pymethods]
 impl MoeAllToAll {
+    /// The kernel builds in this library, oldest toolkit first: dicts with `name` (`cuda12`),
+    /// `toolkit` (`12.8`), `compiler`, `cubins`, `ptx`, `bytes`, `description`.
+    #[staticmethod]
+    fn kernel_builds<'py>(py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        a2a::kernels::BUILDS
+            .iter()
+            .map(|b| {
+                let d = PyDict::new(py);
+                d.set_item("name", b.name)?;
+                d.set_item("toolkit", format!("{}.{}", b.toolkit.0, b.toolkit.1))?;
+                d.set_item("compiler", b.compiler)?;
+                d.set_item("cubins", b.cubins.to_vec())?;
+                d.set_item("ptx", b.ptx.to_vec())?;
+                d.set_item("bytes", b.fatbin.len())?;
+                d.set_item("description", b.describe())?;
+                Ok(d)
+            })
+            .collect()
+    }
+
+    /// The name of the kernel build that loads for a driver supporting CUDA `driver`
+    /// (`"12.4"`; default: the installed driver, `cuDriverGetVersion`), honouring
+    /// `STOLON_MOE_KERNELS`. Raises as creating an all-to-all would.
+    #[staticmethod]
+    #[pyo3(signature = (driver=None))]
+    fn selected_kernels(driver: Option<&str>) -> PyResult<&'static str> {
+        let build = match driver {
+            None => a2a::kernels::selected(),
+            Some(v) => {
+                let parsed = v.split_once('.').and_then(|(a, b)| {
+                    Some((a.trim().parse::<u32>().ok()?, b.trim().parse::<u32>().ok()?))
+                });
+                let Some(ver) = parsed else {
+                    return Err(stolon_err(
+                        "InvalidArgumentError",
+                        format!("driver must look like \"12.4\", got {v:?}"),
+                    ));
+                };
+                let forced = a2a::kernels::forced_from_env();
+                a2a::kernels::select(a2a::kernels::BUILDS, ver, forced.as_deref())
+            }
+        };
+        Ok(build.map_err(to_py)?.name)
+    }
+
     #[new]
     #[pyo3(signature = (*, device, rank, world, num_experts, topk, max_tokens, hidden,
                         dispatch_elem_bytes, scales_per_token, combine_dtype,

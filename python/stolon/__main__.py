@@ -32,6 +32,9 @@ def _info(args: argparse.Namespace) -> int:
     from ._native import cuda_info
 
     out["cuda"] = cuda_info()
+    from .moe.kernels import kernel_report
+
+    out["moe_kernels"] = kernel_report()
     topo = discover(args.sysfs)
     out["topology"] = topo.to_dict()
     if args.json:
@@ -61,6 +64,15 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  GDRCopy (GpuFlag): {cu.get('gdrcopy')}")
     else:
         print(f"\nCUDA: not usable here ({cu.get('error', 'no GPU')})")
+    mk = out["moe_kernels"]
+    print(f"\nMoE kernels: {mk['summary']}")
+    if mk.get("loads"):
+        chosen = next(b for b in mk["builds"] if b["name"] == mk["loads"])
+        print(f"  loads here: {mk['loads']} (CUDA {chosen['toolkit']}, {chosen['compiler']})")
+    elif mk["builds"] and "libcuda" in str(mk.get("error")):
+        print("  loads here: none (no CUDA driver)")
+    elif mk["builds"]:
+        print(f"  loads here: none ({mk.get('error')})")
     print("\nTopology:")
     print(topo.format_table())
     return 0
