@@ -58,7 +58,9 @@ EOF
 }
 
 # --- install the wheel into a target directory, then import it from there -------------------
-WHEEL=$(ls -t dist/*.whl 2>/dev/null | head -n 1)
+# the newest stolon wheel for this machine's architecture (dist/ may hold x86_64 and aarch64)
+WHEEL=$(ls -t dist/stolon-*"$(uname -m)"*.whl 2>/dev/null | head -n 1)
+[ -z "$WHEEL" ] && WHEEL=$(ls -t dist/stolon-*.whl 2>/dev/null | head -n 1)
 if [ -z "$WHEEL" ]; then
   "$PY" -c 'import json; print(json.dumps({"name":"install","status":"failed","rc":1,"seconds":0,"note":"no wheel in dist/"}))' >> "$STEPS"
 else
