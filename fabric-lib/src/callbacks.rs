@@ -7,53 +7,55 @@ type Job = Box<dyn FnOnce() + Send>;
 
 /// Where completions hand callbacks to be run.
 #[derive(Clone)]
-pub struct CallbackSink(mpsc::Sender<Job>);
+pub struct CallbackSink(mpsc::Sender<Option<Job>>);
 
 impl CallbackSink {
     /// Queues a job; if the callback thread is gone the job runs here instead.
     pub(crate) fn submit(&self, job: Job) {
-        if let Err(mpsc::SendError(job)) = self.0.send(job) {
+        if let Err(mpsc::SendError(Some(job))) = self.0.send(Some(job)) {
             job();
         }
     }
 }
 
-/// Owns the callback thread; dropping it drains the queue and joins the thread.
+/// Owns the callback thread; dropping it runs what is queued, then stops and joins the thread
+/// (sinks still held elsewhere, by futures say, then run their jobs on the caller's thread).
 pub struct CallbackThread {
-    tx: Option<mpsc::Sender<Job>>,
+    tx: mpsc::Sender<Option<Job>>,
     handle: Option<JoinHandle<()>>,
 }
 
 impl CallbackThread {
     pub(crate) fn start() -> Self {
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::channel::<Option<Job>>();
         let handle = std::thread::Builder::new()
             .name("stolon-callbacks".into())
             .spawn(move || {
-                while let Ok(job) = rx.recv() {
+                // `None` is the stop message; the receiver goes with the thread.
+                while let Ok(Some(job)) = rx.recv() {
                     // A panicking callback must not take the others down with it.
                     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
                 }
             })
             .expect("spawn callback thread");
         CallbackThread {
-            tx: Some(tx),
+            tx,
             handle: Some(handle),
         }
     }
 
     pub(crate) fn sink(&self) -> CallbackSink {
-        CallbackSink(self.tx.clone().expect("callback thread running"))
+        CallbackSink(self.tx.clone())
     }
 }
 
 impl Drop for CallbackThread {
     fn drop(&mut self) {
-        self.tx.take();
+        let _ = self.tx.send(None);
         if let Some(h) = self.handle.take() {
-            // The thread exits once every sink clone is dropped; don't wait on sinks that are
-            // still held elsewhere (a callback holding the engine, say).
-            if h.is_finished() {
+            // A callback that stops its own engine cannot wait for itself: the thread ends
+            // after that callback returns.
+            if h.thread().id() != std::thread::current().id() {
                 let _ = h.join();
             }
         }

@@ -145,13 +145,43 @@ impl Domain {
         }
     }
 
-    pub(crate) fn close_mr(&mut self, mr: MrHandle) {
+    pub(crate) fn close_mr(&mut self, mr: MrHandle) -> Result<()> {
         match (self, mr) {
             (Domain::Fabric(d), MrHandle::Fabric(m)) => d.close_mr(m),
-            (Domain::Reorder(d), MrHandle::Reorder(m)) => d.close_mr(m),
+            (Domain::Reorder(d), MrHandle::Reorder(m)) => {
+                d.close_mr(m);
+                Ok(())
+            }
             // Dropping the registration deregisters it.
-            (Domain::Verbs(_), MrHandle::Verbs(m)) => drop(m),
+            (Domain::Verbs(_), MrHandle::Verbs(m)) => {
+                drop(m);
+                Ok(())
+            }
             _ => unreachable!("a region is closed on the domain that registered it"),
+        }
+    }
+
+    /// Closes the endpoint ahead of the registrations (shutdown order); the rest closes on drop.
+    pub(crate) fn close_endpoint(&mut self) -> Result<()> {
+        match self {
+            Domain::Fabric(d) => d.close_endpoint(),
+            Domain::Reorder(_) | Domain::Verbs(_) => Ok(()),
+        }
+    }
+
+    /// The descriptor an idle worker may sleep on, if the backend has one.
+    pub(crate) fn wait_fd(&self) -> Option<std::os::fd::RawFd> {
+        match self {
+            Domain::Fabric(d) => d.wait_fd(),
+            Domain::Reorder(_) | Domain::Verbs(_) => None,
+        }
+    }
+
+    /// Whether the worker may now sleep on [`Self::wait_fd`] (see `fi_trywait`).
+    pub(crate) fn trywait(&mut self) -> bool {
+        match self {
+            Domain::Fabric(d) => d.trywait(),
+            Domain::Reorder(_) | Domain::Verbs(_) => false,
         }
     }
 
@@ -167,12 +197,13 @@ impl Domain {
         raddr: u64,
         key: u64,
         data: Option<u64>,
+        delivered: bool,
         ctx: *mut c_void,
     ) -> Result<Posted> {
         match self {
             // SAFETY: forwarded contract.
             Domain::Fabric(d) => unsafe {
-                d.post_write(buf, len, desc, dest, raddr, key, data, ctx)
+                d.post_write(buf, len, desc, dest, raddr, key, data, delivered, ctx)
             },
             // SAFETY: forwarded contract.
             Domain::Reorder(d) => unsafe { d.post_write(buf, len, dest, raddr, key, data, ctx) },

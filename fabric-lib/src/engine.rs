@@ -12,10 +12,11 @@ use crate::callbacks::{CallbackSink, CallbackThread};
 use crate::desc::{MemDesc, PeerAddr, MAX_DOMAINS};
 use crate::error::{Error, Result};
 use crate::imm::ImmCounter;
+use crate::lease::NO_LEASE;
 use crate::libfabric::{DomainAttrs, DomainSpec};
 use crate::nvlink::{NvlinkMap, Route};
 use crate::shard::{OpPlan, PagedSpec, ScatterItem, ShardParams, Sharding};
-use crate::transfer::{Transfer, TransferState};
+use crate::transfer::{Completion, Transfer, TransferState};
 use crate::vmm_share::FdServer;
 use crate::worker::{Op, OpKind, Request, TransferReq, Trigger, Worker, WorkerConfig};
 
@@ -51,6 +52,11 @@ pub struct EngineConfig {
     /// With `cuda_device`: accept and make NVLink (CUDA IPC) writes between processes of this
     /// host. Off, GPU memory always moves through staging over the fabric.
     pub nvlink: bool,
+    /// What a transfer's success means unless the call says otherwise.
+    pub completion: Completion,
+    /// How long unregistering a region waits for the peers holding a lease on it to stop
+    /// writing (a peer that does not answer by then is presumed dead and the region is closed).
+    pub revoke_timeout: Duration,
 }
 
 impl EngineConfig {
@@ -70,6 +76,8 @@ impl EngineConfig {
             max_sleep: Duration::from_micros(500),
             cuda_device: None,
             nvlink: true,
+            completion: Completion::Delivered,
+            revoke_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -104,6 +112,9 @@ pub struct DomainStats {
     pub messages_received: AtomicU64,
     pub imms_received: AtomicU64,
     pub errors: AtomicU64,
+    /// Writes this engine refused as their target (stale, revoked or forged descriptors,
+    /// staged chunks outside their region).
+    pub rejected: AtomicU64,
 }
 
 /// A snapshot of [`DomainStats`].
@@ -116,6 +127,7 @@ pub struct StatsSnapshot {
     pub messages_received: u64,
     pub imms_received: u64,
     pub errors: u64,
+    pub rejected: u64,
 }
 
 impl DomainStats {
@@ -129,6 +141,7 @@ impl DomainStats {
             messages_received: l(&self.messages_received),
             imms_received: l(&self.imms_received),
             errors: l(&self.errors),
+            rejected: l(&self.rejected),
         }
     }
 }
@@ -186,6 +199,94 @@ pub(crate) struct Shared {
     /// Counters of the NVLink path.
     pub nvlink: DomainStats,
     pub next_key: AtomicU64,
+    pub engine_id: u64,
+    /// This engine's address as bytes (sent with lease requests, so owners can answer).
+    pub addr_bytes: std::sync::OnceLock<Vec<u8>>,
+    /// The descriptor bytes of every live region, by id: a lease request is granted only for
+    /// an exact match. Filled before `register` returns, emptied when unregistering starts.
+    pub published: Mutex<HashMap<u64, Vec<u8>>>,
+    /// Worker ids of peers (the engine adds the peers it writes to, the worker those that ask
+    /// it for leases).
+    pub peers: Mutex<PeerTable>,
+    /// Wakes a sleeping worker when a request is queued.
+    pub waker: Waker,
+}
+
+/// Worker ids of peers, by address and by engine id.
+#[derive(Default)]
+pub(crate) struct PeerTable {
+    by_addr: HashMap<PeerAddr, u32>,
+    by_engine: HashMap<u64, u32>,
+}
+
+impl Shared {
+    /// The id of `peer`, allocated on first sight (the caller tells the worker).
+    pub(crate) fn peer_id(&self, peer: &PeerAddr) -> u32 {
+        self.peer_id_new(peer).0
+    }
+
+    /// [`Self::peer_id`], and whether the id is new.
+    fn peer_id_new(&self, peer: &PeerAddr) -> (u32, bool) {
+        let mut t = self.peers.lock().unwrap();
+        if let Some(&id) = t.by_addr.get(peer) {
+            return (id, false);
+        }
+        let id = t.by_addr.len() as u32;
+        t.by_addr.insert(peer.clone(), id);
+        t.by_engine.insert(peer.engine_id, id);
+        (id, true)
+    }
+
+    /// The id of the peer with engine id `engine`, if known.
+    pub(crate) fn peer_of_engine(&self, engine: u64) -> Option<u32> {
+        self.peers.lock().unwrap().by_engine.get(&engine).copied()
+    }
+}
+
+/// An eventfd the engine rings after queueing a request while the worker sleeps.
+pub(crate) struct Waker {
+    pub fd: std::os::fd::RawFd,
+    pub sleeping: AtomicBool,
+}
+
+impl Waker {
+    fn new() -> Result<Self> {
+        // SAFETY: eventfd takes no pointers; the descriptor is owned by the Waker.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::Config(format!(
+                "eventfd: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(Waker {
+            fd,
+            sleeping: AtomicBool::new(false),
+        })
+    }
+
+    /// Wakes the worker if it sleeps.
+    fn ring(&self) {
+        if self.sleeping.load(Ordering::SeqCst) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to the owned eventfd.
+            unsafe { libc::write(self.fd, (&one as *const u64).cast(), 8) };
+        }
+    }
+
+    /// Resets the doorbell after a wake-up.
+    pub(crate) fn drain(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads at most 8 bytes into a live u64 from the owned, non-blocking eventfd.
+        unsafe { libc::read(self.fd, (&mut v as *mut u64).cast(), 8) };
+    }
+}
+
+impl Drop for Waker {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor is owned and closed once.
+        unsafe { libc::close(self.fd) };
+    }
 }
 
 /// A validated, planned transfer that has not been submitted yet (see the `prepare_*` methods).
@@ -204,6 +305,15 @@ impl Prepared {
     /// Immediates the transfer will produce at each receiver.
     pub fn imm_counts(&self) -> &[usize] {
         &self.imm_counts
+    }
+
+    /// What the transfer's success will mean (the engine's default unless changed here).
+    pub fn with_completion(mut self, completion: Completion) -> Self {
+        let delivered = completion == Completion::Delivered;
+        for op in &mut self.ops {
+            op.delivered = delivered;
+        }
+        self
     }
 }
 
@@ -227,11 +337,14 @@ pub(crate) struct RegionInner {
     desc: MemDesc,
     revoked: AtomicBool,
     tx: Sender<Request>,
+    shared: Arc<Shared>,
     /// The engine's VMM socket, when this region is served on it (revoked on drop).
     vmm_server: Option<Arc<FdServer>>,
     /// Why peers cannot write this GPU region over NVLink, if they cannot.
     nvlink_note: Option<String>,
-    _owner: Option<Box<dyn Any + Send + Sync>>,
+    /// The memory's owner: handed to the worker on drop, which releases it only once the
+    /// registration is closed and no peer or local op can touch the memory.
+    owner: Option<Box<dyn Any + Send + Sync>>,
 }
 
 /// How a transfer's bytes travel.
@@ -267,7 +380,13 @@ impl Drop for RegionInner {
         if let Some(s) = &self.vmm_server {
             s.revoke(self.id);
         }
-        let _ = self.tx.send(Request::Unregister { id: self.id });
+        // If the worker is gone (engine stopped), everything is closed: the owner drops here.
+        let _ = self.tx.send(Request::Unregister {
+            id: self.id,
+            owner: self.owner.take(),
+            reply: None,
+        });
+        self.shared.waker.ring();
     }
 }
 
@@ -323,7 +442,9 @@ pub struct TransferEngine {
     attrs: Vec<DomainAttrs>,
     tx: Sender<Request>,
     shared: Arc<Shared>,
-    peers: Mutex<HashMap<PeerAddr, u32>>,
+    /// Leases on peers' descriptors, by descriptor: each distinct descriptor is checked by its
+    /// owner once (`crate::lease`).
+    leases: Mutex<HashMap<MemDesc, u32>>,
     rotation: AtomicUsize,
     next_region: AtomicU64,
     stopped: AtomicBool,
@@ -385,6 +506,7 @@ impl TransferEngine {
         }
         let callbacks = CallbackThread::start();
         let sink = callbacks.sink();
+        let engine_id = random_u64();
         let shared = Arc::new(Shared {
             imm: ImmCounter::new(sink.clone()),
             messages: MessageQueue {
@@ -396,8 +518,12 @@ impl TransferEngine {
             stats: (0..n).map(|_| DomainStats::default()).collect(),
             nvlink: DomainStats::default(),
             next_key: AtomicU64::new(1 + (random_u64() & 0xffff) * 0x10000),
+            engine_id,
+            addr_bytes: std::sync::OnceLock::new(),
+            published: Mutex::new(HashMap::new()),
+            peers: Mutex::new(PeerTable::default()),
+            waker: Waker::new()?,
         });
-        let engine_id = random_u64();
         let mailbox = config
             .cuda_device
             .filter(|_| config.nvlink)
@@ -418,6 +544,7 @@ impl TransferEngine {
             cpu: config.worker_cpu,
             cuda_device: config.cuda_device,
             mailbox: mailbox.clone(),
+            revoke_timeout: config.revoke_timeout,
         };
         // Domains are opened on the worker thread, which owns them from then on.
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
@@ -497,6 +624,7 @@ impl TransferEngine {
                 }),
         };
         let nvlink_params = ShardParams::new(1, 1 << 40, 1 << 40)?;
+        let _ = shared.addr_bytes.set(addr.to_bytes());
         Ok(TransferEngine {
             config,
             params,
@@ -508,7 +636,7 @@ impl TransferEngine {
             attrs,
             tx,
             shared,
-            peers: Mutex::new(HashMap::new()),
+            leases: Mutex::new(HashMap::new()),
             rotation: AtomicUsize::new(0),
             next_region: AtomicU64::new(1),
             stopped: AtomicBool::new(false),
@@ -580,7 +708,9 @@ impl TransferEngine {
         if self.stopped.load(Ordering::Acquire) {
             return Err(Error::Stopped);
         }
-        self.tx.send(req).map_err(|_| Error::Stopped)
+        self.tx.send(req).map_err(|_| Error::Stopped)?;
+        self.shared.waker.ring();
+        Ok(())
     }
 
     /// Sends a request that carries a reply channel and waits for the worker's answer.
@@ -812,6 +942,13 @@ impl TransferEngine {
             keys,
             gpu,
         };
+        // Published before the descriptor can leave this process: a peer's lease request for
+        // it finds it.
+        self.shared
+            .published
+            .lock()
+            .unwrap()
+            .insert(id, desc.to_bytes());
         MemoryRegion {
             inner: Arc::new(RegionInner {
                 id,
@@ -822,9 +959,10 @@ impl TransferEngine {
                 desc,
                 revoked: AtomicBool::new(false),
                 tx: self.tx.clone(),
+                shared: self.shared.clone(),
                 vmm_server,
                 nvlink_note: note,
-                _owner: owner,
+                owner,
             }),
         }
     }
@@ -837,21 +975,36 @@ impl TransferEngine {
         unsafe { self.register(ptr, len, Some(Box::new(buf))) }
     }
 
-    /// Revokes a region: later submissions using it fail, and its registration is closed at once,
-    /// so peers' writes into it fail too. Transfers from it still in flight may fail.
-    pub fn unregister(&self, region: &MemoryRegion) {
+    /// Revokes a region and returns once no peer can write it: later submissions using it fail
+    /// here, peers holding a lease on it are told to stop (their later writes fail on their side
+    /// with [`Error::Rejected`]), their writes in flight finish, local transfers from it finish,
+    /// and the registration is closed. A peer that does not answer within
+    /// [`EngineConfig::revoke_timeout`] is presumed dead. The memory stays with its owner.
+    ///
+    /// # Errors
+    /// [`Error::Fabric`] if closing the registration failed; [`Error::Stopped`] if the engine
+    /// stopped (which closes everything anyway).
+    pub fn unregister(&self, region: &MemoryRegion) -> Result<()> {
         if region.inner.revoked.swap(true, Ordering::AcqRel) {
-            return;
+            return Ok(());
         }
         // NVLink writers holding a VMM mapping of it lose their lease and unmap.
         if let Some(s) = &region.inner.vmm_server {
             s.revoke(region.inner.id);
         }
-        // Close the registration now, so peers holding the descriptor can no longer write here
-        // (their writes fail); the memory itself stays with its owner.
-        let _ = self.send_req(Request::Unregister {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.send_req(Request::Unregister {
             id: region.inner.id,
-        });
+            owner: None,
+            reply: Some(reply),
+        })?;
+        // The worker answers within the revoke timeout plus the longest local transfer.
+        let bound = self.config.revoke_timeout + self.config.timeout + Duration::from_secs(1);
+        match rx.recv_timeout(bound) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(Error::Timeout(bound)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(Error::Stopped),
+        }
     }
 
     fn check_local(&self, region: &MemoryRegion, off: u64, len: u64) -> Result<()> {
@@ -894,32 +1047,48 @@ impl TransferEngine {
 
     /// The worker's id for a peer, adding it on first use.
     fn peer_id(&self, peer: &PeerAddr) -> Result<u32> {
-        let mut peers = self.peers.lock().unwrap();
-        if let Some(&id) = peers.get(peer) {
-            return Ok(id);
-        }
         self.check_peer(peer)?;
-        let id = peers.len() as u32;
-        self.send_req(Request::AddPeer {
-            id,
-            addr: peer.clone(),
-        })?;
-        peers.insert(peer.clone(), id);
+        let (id, new) = self.shared.peer_id_new(peer);
+        if new {
+            self.send_req(Request::AddPeer {
+                id,
+                addr: peer.clone(),
+            })?;
+        }
         Ok(id)
+    }
+
+    /// The lease index for writes through `dst` (requested from its owner on first use).
+    fn lease(&self, peer: u32, dst: &MemDesc) -> Result<u32> {
+        let mut leases = self.leases.lock().unwrap();
+        if let Some(&l) = leases.get(dst) {
+            return Ok(l);
+        }
+        let l = leases.len() as u32;
+        self.send_req(Request::AddLease {
+            lease: l,
+            peer,
+            region: dst.region_id,
+            desc: dst.to_bytes(),
+        })?;
+        leases.insert(dst.clone(), l);
+        Ok(l)
     }
 
     fn rotation(&self) -> usize {
         self.rotation.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The ops of planned writes to `dsts`, reached through `routes` (peer, lease) each.
     fn write_ops(
         &self,
         plans: &[OpPlan],
         src: &MemoryRegion,
         dsts: &[&MemDesc],
-        peers: &[u32],
+        routes: &[(u32, u32)],
         imm: Option<u32>,
     ) -> Vec<Op> {
+        let delivered = self.config.completion == Completion::Delivered;
         use crate::staging::Mem;
         // The path depends only on the destination: chosen once per destination, not per op.
         let paths: Vec<Path> = dsts.iter().map(|d| self.path(src, d)).collect();
@@ -970,8 +1139,10 @@ impl TransferEngine {
                 };
                 Op {
                     domain: p.domain,
-                    peer: peers[p.dst],
+                    peer: routes[p.dst].0,
                     kind,
+                    lease: routes[p.dst].1,
+                    delivered,
                 }
             })
             .collect()
@@ -1020,13 +1191,14 @@ impl TransferEngine {
 
     /// The worker's id for `dst`'s owner; on the NVLink path also makes sure the worker knows
     /// the destination region.
-    fn route(&self, src: &MemoryRegion, dst: &MemDesc) -> Result<u32> {
+    fn route(&self, src: &MemoryRegion, dst: &MemDesc) -> Result<(u32, u32)> {
         let peer = self.peer_id(&dst.owner)?;
+        let lease = self.lease(peer, dst)?;
         let r = self.route_info(src, dst);
         if let (Path::Nvlink, Some(map)) = (r.path, r.map) {
             self.describe_remote_gpu(peer, dst, map)?;
         }
-        Ok(peer)
+        Ok((peer, lease))
     }
 
     /// Describes a peer's GPU region to the worker (once) so NVLink copies can map it. VMM
@@ -1276,7 +1448,7 @@ impl TransferEngine {
     ) -> Result<Prepared> {
         self.check_local(src, src_off, len)?;
         dst.check_range(dst_off, len)?;
-        let peer = self.route(src, dst)?;
+        let route = self.route(src, dst)?;
         let sharding = sharding.unwrap_or(self.config.sharding);
         let plans = self.params_for(src, dst).plan_single(
             sharding,
@@ -1286,7 +1458,7 @@ impl TransferEngine {
             len,
         )?;
         let counts = vec![if imm.is_some() { plans.len() } else { 0 }];
-        let ops = self.write_ops(&plans, src, &[dst], &[peer], imm);
+        let ops = self.write_ops(&plans, src, &[dst], &[route], imm);
         Ok(self.prepared(ops, vec![src.inner.clone()], None, counts, timeout))
     }
 
@@ -1308,6 +1480,16 @@ impl TransferEngine {
         imm: u32,
         timeout: Option<Duration>,
     ) -> Result<Transfer> {
+        self.submit(self.prepare_write_imm(peer, imm, timeout)?)
+    }
+
+    /// Validates and plans a [`Self::write_imm`] without submitting it.
+    pub fn prepare_write_imm(
+        &self,
+        peer: &PeerAddr,
+        imm: u32,
+        timeout: Option<Duration>,
+    ) -> Result<Prepared> {
         let id = self.peer_id(peer)?;
         let d = self.rotation() % self.addr.domains.len();
         let rd = d % peer.domains.len();
@@ -1322,8 +1504,11 @@ impl TransferEngine {
                 rkey: peer.domains[rd].scratch_key,
                 imm: Some(imm),
             },
+            // The scratch region lives as long as the peer's worker: no lease.
+            lease: NO_LEASE,
+            delivered: self.config.completion == Completion::Delivered,
         };
-        self.submit(self.prepared(vec![op], Vec::new(), None, vec![1], timeout))
+        Ok(self.prepared(vec![op], Vec::new(), None, vec![1], timeout))
     }
 
     /// Writes pages `spec.src_pages[i]` of `src` to pages `spec.dst_pages[i]` of `dst`.
@@ -1356,13 +1541,13 @@ impl TransferEngine {
         } else {
             self.check_local(src, 0, 0)?;
         }
-        let peer = self.route(src, dst)?;
+        let route = self.route(src, dst)?;
         let sharding = sharding.unwrap_or(self.config.sharding);
         let plans = self
             .params_for(src, dst)
             .plan_paged(sharding, self.rotation(), spec)?;
         let counts = vec![if imm.is_some() { plans.len() } else { 0 }];
-        let ops = self.write_ops(&plans, src, &[dst], &[peer], imm);
+        let ops = self.write_ops(&plans, src, &[dst], &[route], imm);
         Ok(self.prepared(ops, vec![src.inner.clone()], None, counts, timeout))
     }
 
@@ -1400,9 +1585,9 @@ impl TransferEngine {
         sharding: Option<Sharding>,
         timeout: Option<Duration>,
     ) -> Result<Prepared> {
-        let mut peers = Vec::with_capacity(dsts.len());
+        let mut routes = Vec::with_capacity(dsts.len());
         for d in dsts {
-            peers.push(self.route(src, d)?);
+            routes.push(self.route(src, d)?);
         }
         for it in items {
             let dst = dsts.get(it.dst).ok_or_else(|| {
@@ -1428,7 +1613,7 @@ impl TransferEngine {
                 counts[p.dst] += 1;
             }
         }
-        let ops = self.write_ops(&plans, src, dsts, &peers, imm);
+        let ops = self.write_ops(&plans, src, dsts, &routes, imm);
         Ok(self.prepared(ops, vec![src.inner.clone()], None, counts, timeout))
     }
 
@@ -1452,6 +1637,8 @@ impl TransferEngine {
             domain: d,
             peer: id,
             kind: OpKind::Send,
+            lease: NO_LEASE,
+            delivered: false,
         };
         self.submit(self.prepared(vec![op], Vec::new(), Some(data.to_vec()), vec![0], timeout))
     }
@@ -1512,11 +1699,11 @@ impl TransferEngine {
         }
         self.check_local(src, src_off, len)?;
         dst.check_range(dst_off, len)?;
-        let peer = self.route(src, dst)?;
+        let route = self.route(src, dst)?;
         let plans = self
             .params
             .plan_single(Sharding::Pinned(0), 0, src_off, dst_off, len)?;
-        let ops = self.write_ops(&plans, src, &[dst], &[peer], reply_imm);
+        let ops = self.write_ops(&plans, src, &[dst], &[route], reply_imm);
         let trigger = Trigger {
             imm,
             times,

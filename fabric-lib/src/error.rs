@@ -47,6 +47,11 @@ pub enum Error {
     /// A transfer completed with an error reported by the fabric (a dead peer, a broken link).
     #[error("transfer failed: {0}")]
     TransferFailed(String),
+    /// The target refused the write: its region is unregistered or revoked, the descriptor does
+    /// not match the registration (forged length, unknown key), or a staged chunk fell outside
+    /// the region. Nothing was written; the connection and other transfers are unaffected.
+    #[error("rejected by the target: {0}")]
+    Rejected(String),
     /// A wait ran past its deadline.
     #[error("timed out after {0:?}")]
     Timeout(Duration),

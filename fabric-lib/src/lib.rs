@@ -16,7 +16,7 @@
 //! let dst = b.register_buffer(vec![0u8; 1 << 20].into_boxed_slice())?;
 //! // The descriptor travels to the writer as bytes (dst.descriptor().to_bytes()).
 //! let t = a.write(&src, 0, dst.descriptor(), 0, 1 << 20, Some(42), None, None)?;
-//! t.wait(Duration::from_secs(5))?;                              // sender: ops completed
+//! t.wait(Duration::from_secs(5))?;                              // sender: bytes delivered
 //! let n = a.imm_count_write(1 << 20, None, false) as u64;
 //! b.imm_counter().wait(42, n, Duration::from_secs(5))?;        // receiver: all shards landed
 //! # Ok(()) }
@@ -43,6 +43,7 @@ mod domain;
 pub mod engine;
 pub mod error;
 pub mod imm;
+mod lease;
 pub mod libfabric;
 pub mod nvlink;
 pub mod reorder;
@@ -63,4 +64,4 @@ pub use error::{Error, Result};
 pub use imm::ImmCounter;
 pub use libfabric::{list_providers, DomainAttrs, DomainSpec};
 pub use shard::{PagedSpec, ScatterItem, ShardParams, Sharding};
-pub use transfer::Transfer;
+pub use transfer::{Completion, Transfer};

@@ -143,6 +143,7 @@ impl ReorderDomain {
                 cq_data_size: 8,
                 use_inject: false,
                 hmem: false,
+                wait_fd: false,
             },
             peers: Vec::new(),
             inflight: Vec::new(),

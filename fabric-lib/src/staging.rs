@@ -4,8 +4,9 @@
 //! The protocol never relies on order:
 //! - GPU source, host destination: the sender copies a chunk into one of its registered send
 //!   buffers (device-to-host), then posts an ordinary RMA write (with the immediate) from there.
-//! - Any source, GPU destination: a chunk travels as one message whose 32-byte header names the
-//!   destination region, offset, length and immediate. The receiver copies it host-to-device
+//! - Any source, GPU destination: a chunk travels as one message whose 48-byte header names the
+//!   destination region, offset, length and immediate (and the writer's token for the owner's
+//!   `Landed` answer, which completes a delivered write). The receiver copies it host-to-device
 //!   from the receive buffer and counts the immediate only after that copy has finished, so an
 //!   immediate never announces bytes that are not yet in GPU memory.
 //!
@@ -18,10 +19,12 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 
 /// Bytes reserved at the start of every message buffer.
-pub(crate) const HEADER: usize = 32;
+pub(crate) const HEADER: usize = 48;
 /// Message kinds (first u32 of the header).
 pub(crate) const KIND_USER: u32 = 0;
 pub(crate) const KIND_STAGED: u32 = 1;
+/// Worker-to-worker control (leases, revocation, landed staged chunks: `crate::lease`).
+pub(crate) const KIND_CTRL: u32 = 2;
 
 /// The header of a message buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,16 +34,23 @@ pub(crate) struct Header {
     pub len: u32,
     pub region: u64,
     pub offset: u64,
+    /// Staged chunks: the writer's engine id and its token for the `Landed` answer (0: the
+    /// writer wants none).
+    pub writer: u64,
+    pub token: u64,
 }
 
 impl Header {
-    pub(crate) fn user(len: usize) -> Self {
+    /// A message of `len` body bytes of `kind` (user or control).
+    pub(crate) fn message(kind: u32, len: usize) -> Self {
         Header {
-            kind: KIND_USER,
+            kind,
             imm: None,
             len: len as u32,
             region: 0,
             offset: 0,
+            writer: 0,
+            token: 0,
         }
     }
 
@@ -51,6 +61,8 @@ impl Header {
         out[12..16].copy_from_slice(&self.len.to_le_bytes());
         out[16..24].copy_from_slice(&self.region.to_le_bytes());
         out[24..32].copy_from_slice(&self.offset.to_le_bytes());
+        out[32..40].copy_from_slice(&self.writer.to_le_bytes());
+        out[40..48].copy_from_slice(&self.token.to_le_bytes());
     }
 
     /// Decodes a received header; `received` is the message length reported by the provider
@@ -72,6 +84,8 @@ impl Header {
             len: u32_at(12),
             region: u64_at(16),
             offset: u64_at(24),
+            writer: u64_at(32),
+            token: u64_at(40),
         })
     }
 }
@@ -225,11 +239,13 @@ mod tests {
             len: 100,
             region: 3,
             offset: 1 << 40,
+            writer: 0xfeed_beef_0000_0001,
+            token: u64::MAX - 1,
         };
         let mut b = [0u8; HEADER];
         h.encode(&mut b);
         assert_eq!(Header::decode(&b), Some(h));
-        let u = Header::user(5);
+        let u = Header::message(KIND_USER, 5);
         u.encode(&mut b);
         assert_eq!(Header::decode(&b), Some(u));
         b[4] = 9;

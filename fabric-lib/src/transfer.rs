@@ -8,6 +8,42 @@ use crate::error::{Error, Result};
 
 type Callback = Box<dyn FnOnce(Result<()>) + Send>;
 
+/// What a transfer's success promises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Completion {
+    /// Every byte is in the destination's memory (the default): libfabric's
+    /// `FI_DELIVERY_COMPLETE`, an RC queue pair's acknowledged completion, a finished NVLink
+    /// copy, or, for a staged GPU destination, the owner's word that the chunk sits in GPU
+    /// memory.
+    #[default]
+    Delivered,
+    /// Only that the source may be reused: nothing is promised about the destination (the
+    /// receiver's immediate count still says when the bytes have landed). Cheaper on providers
+    /// whose local completion comes before delivery (tcp, shm).
+    Local,
+}
+
+impl Completion {
+    /// Parses `"delivered"` or `"local"`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "delivered" => Ok(Completion::Delivered),
+            "local" => Ok(Completion::Local),
+            other => Err(Error::InvalidArgument(format!(
+                "completion {other:?} (must be \"delivered\" or \"local\")"
+            ))),
+        }
+    }
+
+    /// The name [`Self::parse`] takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Completion::Delivered => "delivered",
+            Completion::Local => "local",
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     result: Option<Result<()>>,
@@ -50,8 +86,9 @@ impl TransferState {
     }
 }
 
-/// A submitted transfer. The sender learns it has finished (its operations completed locally)
-/// or failed; the receiver learns data landed by counting immediates.
+/// A submitted transfer. The sender learns it has finished (by default delivered: every byte in
+/// the destination's memory; see [`Completion`]) or failed; the receiver learns data landed by
+/// counting immediates.
 #[derive(Clone)]
 pub struct Transfer {
     pub(crate) state: Arc<TransferState>,

@@ -6,10 +6,10 @@
 //! transfer, so a transfer that has timed out or failed can be reported at once while its
 //! remaining operations still drain safely.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::c_void;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,13 +17,16 @@ use crate::desc::PeerAddr;
 use crate::domain::{Domain, MrHandle};
 use crate::engine::{RegionInner, Shared};
 use crate::error::{Error, Result};
+use crate::lease::{Ctrl, MAX_LANDED, NO_LEASE};
 use crate::libfabric::{CqError, Posted};
-use crate::staging::{Copier, Header, Mem, Ticket, HEADER, KIND_STAGED, KIND_USER};
+use crate::staging::{Copier, Header, Mem, Ticket, HEADER, KIND_CTRL, KIND_STAGED, KIND_USER};
 use crate::sys::libfabric::{self as fi, fi_addr_t};
 use crate::transfer::TransferState;
 
 /// Transfer slot of ops fired by a trigger: nobody waits for them.
 const TRIGGERED: u32 = u32::MAX;
+/// Transfer slot of the worker's own control messages.
+const CTRL: u32 = u32::MAX - 1;
 
 /// Region id of the worker's own registered buffer (message buffers and the scratch target).
 pub(crate) const INTERNAL_REGION: u64 = 0;
@@ -74,6 +77,11 @@ pub(crate) struct Op {
     pub domain: usize,
     pub peer: u32,
     pub kind: OpKind,
+    /// The lease on the destination region ([`NO_LEASE`] for the peer's scratch region and
+    /// messages): no op is posted before its lease is granted.
+    pub lease: u32,
+    /// Complete only once the bytes are in the destination ([`crate::Completion::Delivered`]).
+    pub delivered: bool,
 }
 
 pub(crate) struct TransferReq {
@@ -154,8 +162,21 @@ pub(crate) enum Request {
         len: usize,
         reply: std::sync::mpsc::SyncSender<Result<Vec<u64>>>,
     },
+    /// Closes a region once no peer can write it: its holders have answered the revocation
+    /// (or the revoke timeout passed) and no local op still reads it. `owner` (the memory) is
+    /// dropped only then; `reply`, if any, hears the result of closing.
     Unregister {
         id: u64,
+        owner: Option<Box<dyn std::any::Any + Send + Sync>>,
+        reply: Option<std::sync::mpsc::SyncSender<Result<()>>>,
+    },
+    /// A remote descriptor this engine writes through: lease `lease` (the engine's index) on
+    /// `region` of `peer`, requested from the owner on first use.
+    AddLease {
+        lease: u32,
+        peer: u32,
+        region: u64,
+        desc: Vec<u8>,
     },
     /// A peer's GPU region reachable over NVLink (how to map it, length).
     AddRemoteGpu {
@@ -182,8 +203,11 @@ pub(crate) enum Request {
 #[derive(Clone, Copy)]
 enum Tag {
     Free,
+    /// A write from local region `region`.
     Transfer {
         slot: u32,
+        lease: u32,
+        region: u64,
         domain: u8,
         len: usize,
     },
@@ -191,21 +215,28 @@ enum Tag {
         domain: u8,
         buf: u32,
     },
+    /// A message from send buffer `buf`: a user or control message, or a staged chunk, which,
+    /// when `token` is not 0, completes only when the owner says it landed.
     Send {
         slot: u32,
+        lease: u32,
         buf: u32,
         domain: u8,
         len: usize,
+        token: u64,
     },
     /// A staged write posted from send buffer `buf`.
     StagedWrite {
         slot: u32,
+        lease: u32,
         buf: u32,
         domain: u8,
         len: usize,
     },
     /// An op fired by a trigger; nobody waits for it.
     Triggered {
+        lease: u32,
+        region: u64,
         domain: u8,
         len: usize,
     },
@@ -233,6 +264,43 @@ struct Active {
 struct Pending {
     op: Op,
     slot: u32,
+}
+
+/// Where a lease stands, on the writer's side.
+enum LeaseState {
+    /// Not asked for yet (no op has needed it).
+    New,
+    /// Asked for at `since`; ops wait in `parked`.
+    Requested {
+        since: Instant,
+    },
+    Granted,
+    /// The owner revoked it: no new op; `RevokeAck` once nothing is in flight.
+    Revoking,
+    /// Refused or revoked: every op fails with this.
+    Closed(Error),
+}
+
+/// The writer's side of a lease on one remote descriptor.
+struct Lease {
+    peer: u32,
+    region: u64,
+    desc: Vec<u8>,
+    state: LeaseState,
+    /// Ops waiting for the answer.
+    parked: Vec<Pending>,
+    /// Ops accepted by the worker and not yet finished (parked, queued, posted).
+    inflight: usize,
+}
+
+/// A region being unregistered, closed once `finish_revocations` finds it safe.
+struct Revocation {
+    id: u64,
+    /// Holders that have not answered `Revoke` yet.
+    waiting: HashSet<u32>,
+    deadline: Instant,
+    owner: Option<Box<dyn std::any::Any + Send + Sync>>,
+    replies: Vec<std::sync::mpsc::SyncSender<Result<()>>>,
 }
 
 struct PeerEntry {
@@ -277,6 +345,8 @@ pub(crate) struct WorkerConfig {
     pub cuda_device: Option<usize>,
     /// Name of this engine's NVLink mailbox (created by the worker), if NVLink is on.
     pub mailbox: Option<String>,
+    /// How long unregistering waits for the region's lease holders to answer.
+    pub revoke_timeout: Duration,
 }
 
 /// What happens when a staged copy has finished.
@@ -284,6 +354,7 @@ enum AfterCopy {
     /// An NVLink copy has finished: tell the peer (its mailbox), complete the op.
     Nvlink {
         slot: u32,
+        lease: u32,
         peer: u32,
         imm: Option<u32>,
         len: usize,
@@ -294,12 +365,17 @@ enum AfterCopy {
         slot: u32,
         buf: u32,
         len: usize,
+        token: u64,
     },
-    /// A staged message landed in its destination: repost the receive buffer, count `imm`.
+    /// A staged message landed in its destination: repost the receive buffer, count `imm`,
+    /// tell the writer (`writer`, `token`) when it asked.
     Landed {
         domain: u8,
         buf: u32,
         imm: Option<u32>,
+        region: u64,
+        writer: u64,
+        token: u64,
     },
 }
 
@@ -345,6 +421,27 @@ pub(crate) struct Worker {
     waiting_sends: VecDeque<(u32, usize, u32)>,
     triggers: HashMap<u32, Trigger>,
     watches: Vec<Watch>,
+    /// Leases on peers' regions, by the engine's index.
+    leases: Vec<Lease>,
+    /// The leases on each (peer, region), for the owner's `Revoke`.
+    leases_of: HashMap<(u32, u64), Vec<u32>>,
+    /// Peers holding a lease on each of this engine's regions.
+    holders: HashMap<u64, HashSet<u32>>,
+    /// Peers by engine id (those that asked for a lease), for `Landed` answers.
+    peer_of_engine: HashMap<u64, u32>,
+    /// Regions being unregistered.
+    revocations: Vec<Revocation>,
+    /// Control messages waiting for a send buffer: (peer, body, the lease a request is for).
+    ctrl_out: VecDeque<(u32, Vec<u8>, Option<u32>)>,
+    /// `Landed` entries to send, per peer, flushed once per loop.
+    landed_out: HashMap<u32, Vec<(u64, bool)>>,
+    /// Delivered staged chunks waiting for the owner's `Landed`: token -> (slot, lease).
+    awaiting_landed: HashMap<u64, (u32, u32)>,
+    next_token: u64,
+    /// Ops in flight that read each local region (only `Write` reads a registration).
+    local_inflight: HashMap<u64, usize>,
+    /// Regions whose refusals were logged (once each).
+    logged_refusals: HashSet<u64>,
     /// Completion entries reused by every poll.
     cq_entries: Vec<fi::fi_cq_data_entry>,
 }
@@ -424,6 +521,17 @@ impl Worker {
             waiting_sends: VecDeque::new(),
             triggers: HashMap::new(),
             watches: Vec::new(),
+            leases: Vec::new(),
+            leases_of: HashMap::new(),
+            holders: HashMap::new(),
+            peer_of_engine: HashMap::new(),
+            revocations: Vec::new(),
+            ctrl_out: VecDeque::new(),
+            landed_out: HashMap::new(),
+            awaiting_landed: HashMap::new(),
+            next_token: 1,
+            local_inflight: HashMap::new(),
+            logged_refusals: HashSet::new(),
             cq_entries: cq_entry_buffer(64),
             cfg,
         };
@@ -479,7 +587,7 @@ impl Worker {
                 Ok(mr) => mrs.push(mr),
                 Err(e) => {
                     for (dd, mr) in mrs.into_iter().enumerate() {
-                        self.domains[dd].close_mr(mr);
+                        let _ = self.domains[dd].close_mr(mr);
                     }
                     return Err(e);
                 }
@@ -608,7 +716,17 @@ impl Worker {
             if self.n_pending > 0 {
                 busy |= self.retry_pending();
             }
+            if !self.landed_out.is_empty() {
+                self.flush_landed();
+                busy = true;
+            }
+            if !self.ctrl_out.is_empty() {
+                busy |= self.flush_ctrl();
+            }
             let now = Instant::now();
+            if !self.revocations.is_empty() {
+                self.finish_revocations(now);
+            }
             if now.duration_since(last_check) >= Duration::from_millis(1) {
                 last_check = now;
                 self.check_deadlines(now);
@@ -618,32 +736,125 @@ impl Worker {
             if busy {
                 last_busy = now;
                 nap = Duration::from_micros(20);
-            } else if now.duration_since(last_busy) > self.cfg.spin {
-                // Idle: sleep on the request queue; completions are polled again after `nap`.
-                match self.rx.recv_timeout(nap) {
-                    Ok(Request::Stop) => break,
-                    Ok(req) => {
+            } else if now.duration_since(last_busy) > self.cfg.spin && self.watches.is_empty() {
+                // Idle (watched counters are polled instead: they are the low-latency path).
+                match self.sleep(nap) {
+                    Some(Request::Stop) => break,
+                    Some(req) => {
                         self.handle(req);
                         last_busy = Instant::now();
                         nap = Duration::from_micros(20);
                     }
-                    Err(RecvTimeoutError::Timeout) => {
-                        // Watched counters and waits on the immediate counter get a short
-                        // leash: they are the low-latency paths.
-                        let cap = if self.watches.is_empty() && !self.shared.imm.has_waiters() {
-                            self.cfg.max_sleep
-                        } else {
+                    None => {
+                        let cap = if self.shared.imm.has_waiters() {
                             self.cfg.max_sleep.min(Duration::from_micros(50))
+                        } else {
+                            self.cfg.max_sleep
                         };
                         nap = (nap * 2).min(cap);
                     }
-                    Err(RecvTimeoutError::Disconnected) => break,
                 }
             } else {
                 std::hint::spin_loop();
             }
         }
+        self.drain_before_stop();
         self.shutdown();
+    }
+
+    /// Before closing: lets revocations in progress finish (their holders answer within
+    /// microseconds unless dead; bounded by the revoke timeout) and control messages leave, so
+    /// no peer is left sending an answer to an endpoint that is closing.
+    fn drain_before_stop(&mut self) {
+        let deadline = Instant::now() + self.cfg.revoke_timeout;
+        while (!self.revocations.is_empty() || !self.ctrl_out.is_empty())
+            && Instant::now() < deadline
+        {
+            for d in 0..self.domains.len() {
+                self.poll_domain(d);
+            }
+            if !self.copies.is_empty() {
+                self.poll_copies();
+            }
+            if !self.landed_out.is_empty() {
+                self.flush_landed();
+            }
+            self.flush_ctrl();
+            self.finish_revocations(Instant::now());
+            std::thread::yield_now();
+        }
+    }
+
+    /// Sleeps until a request arrives or, where every domain has a wait descriptor and nothing
+    /// else needs polling (staged copies, the NVLink mailbox, queued ops), until traffic
+    /// arrives: `fi_trywait`, then `ppoll` on the CQ descriptors and the request doorbell. Where
+    /// some domain has none (shm, udp), it naps for `nap` instead. Returns a request taken
+    /// while going to sleep.
+    fn sleep(&mut self, nap: Duration) -> Option<Request> {
+        let waker = &self.shared.waker;
+        waker.sleeping.store(true, Ordering::SeqCst);
+        // A request sent before the flag was set did not ring the doorbell: look once more.
+        if let Ok(req) = self.rx.try_recv() {
+            waker.sleeping.store(false, Ordering::SeqCst);
+            return Some(req);
+        }
+        let blocking = self.copies.is_empty()
+            && self.mailbox.is_none()
+            && self.n_pending == 0
+            && self.ctrl_out.is_empty()
+            && self.domains.iter().all(|d| d.wait_fd().is_some());
+        let timeout = if blocking {
+            // Every domain must agree that nothing is pending, else poll again.
+            if !self.domains.iter_mut().all(|d| d.trywait()) {
+                waker.sleeping.store(false, Ordering::SeqCst);
+                return None;
+            }
+            // Deadlines, expiring waits and revocations are checked at this pace.
+            if self.active.iter().any(Option::is_some)
+                || !self.revocations.is_empty()
+                || self.shared.imm.has_waiters()
+            {
+                Duration::from_millis(5)
+            } else {
+                Duration::from_millis(100)
+            }
+        } else {
+            nap
+        };
+        let mut fds = Vec::with_capacity(1 + self.domains.len());
+        fds.push(libc::pollfd {
+            fd: waker.fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        if blocking {
+            for d in &self.domains {
+                fds.push(libc::pollfd {
+                    fd: d.wait_fd().expect("checked above"),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+        }
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: fds is a valid array of fds.len() pollfd entries; ts lives across the call;
+        // no signal mask is passed.
+        unsafe {
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                &ts,
+                std::ptr::null(),
+            )
+        };
+        waker.sleeping.store(false, Ordering::SeqCst);
+        if fds[0].revents != 0 {
+            waker.drain();
+        }
+        self.rx.try_recv().ok()
     }
 
     fn handle(&mut self, req: Request) {
@@ -674,47 +885,38 @@ impl Worker {
                 self.staged_regions.insert(id, (base, len));
                 let _ = reply.send(Ok(()));
             }
-            Request::Unregister { id } => {
-                self.staged_regions.remove(&id);
-                if let Some(mrs) = self.regions.remove(&id) {
-                    for (d, mr) in mrs.into_iter().enumerate() {
-                        self.domains[d].close_mr(mr);
-                    }
+            Request::Unregister { id, owner, reply } => self.start_revocation(id, owner, reply),
+            Request::AddLease {
+                lease,
+                peer,
+                region,
+                desc,
+            } => {
+                let i = lease as usize;
+                if self.leases.len() <= i {
+                    self.leases.resize_with(i + 1, || Lease {
+                        peer: u32::MAX,
+                        region: 0,
+                        desc: Vec::new(),
+                        state: LeaseState::Closed(Error::Stopped),
+                        parked: Vec::new(),
+                        inflight: 0,
+                    });
                 }
-            }
-            Request::AddPeer { id, addr } => {
-                let r = self.domains.len();
-                let mut addrs = Vec::with_capacity(r);
-                let mut err = None;
-                for d in 0..r {
-                    let remote = &addr.domains[d % addr.domains.len()];
-                    match self.domains[d].insert_addr(&remote.name) {
-                        Ok(a) => addrs.push(a),
-                        Err(e) => {
-                            err = Some(e);
-                            break;
-                        }
-                    }
-                }
-                let addrs = match err {
-                    None => Ok(addrs),
-                    Some(e) => {
-                        for (d, a) in addrs.into_iter().enumerate() {
-                            self.domains[d].remove_addr(a);
-                        }
-                        Err(e)
-                    }
+                self.leases[i] = Lease {
+                    peer,
+                    region,
+                    desc,
+                    state: LeaseState::New,
+                    parked: Vec::new(),
+                    inflight: 0,
                 };
-                let mailbox_name = addr.nvlink.as_ref().map(|n| n.mailbox.clone());
-                self.peers.insert(
-                    id,
-                    PeerEntry {
-                        addrs,
-                        mailbox_name,
-                        mailbox: None,
-                    },
-                );
+                self.leases_of
+                    .entry((peer, region))
+                    .or_default()
+                    .push(lease);
             }
+            Request::AddPeer { id, addr } => self.add_peer(id, &addr),
             Request::AddRemoteGpu {
                 peer,
                 region,
@@ -760,6 +962,45 @@ impl Worker {
         }
     }
 
+    /// Adds a peer to every domain's address vector (once: the engine and the lease protocol
+    /// may both introduce the same peer).
+    fn add_peer(&mut self, id: u32, addr: &PeerAddr) {
+        if self.peers.contains_key(&id) {
+            return;
+        }
+        let r = self.domains.len();
+        let mut addrs = Vec::with_capacity(r);
+        let mut err = None;
+        for d in 0..r {
+            let remote = &addr.domains[d % addr.domains.len()];
+            match self.domains[d].insert_addr(&remote.name) {
+                Ok(a) => addrs.push(a),
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
+        let addrs = match err {
+            None => Ok(addrs),
+            Some(e) => {
+                for (d, a) in addrs.into_iter().enumerate() {
+                    self.domains[d].remove_addr(a);
+                }
+                Err(e)
+            }
+        };
+        let mailbox_name = addr.nvlink.as_ref().map(|n| n.mailbox.clone());
+        self.peers.insert(
+            id,
+            PeerEntry {
+                addrs,
+                mailbox_name,
+                mailbox: None,
+            },
+        );
+    }
+
     fn start_transfer(&mut self, t: TransferReq) {
         let TransferReq {
             ops,
@@ -794,9 +1035,23 @@ impl Worker {
         }
     }
 
-    /// Posts an op now, or queues it when the provider says "again" (or ops are already
-    /// queued on its domain: posting would only fail again).
+    /// Takes a new op: counts it against its lease and its local region until it finishes
+    /// ([`Self::op_done`]), then posts it now, or queues it when the provider says "again" (or
+    /// ops are already queued on its domain: posting would only fail again).
     fn post_or_queue(&mut self, op: Op, slot: u32) {
+        if op.lease != NO_LEASE {
+            if let Some(l) = self.leases.get_mut(op.lease as usize) {
+                l.inflight += 1;
+            }
+        }
+        if let OpKind::Write { region, .. } = op.kind {
+            *self.local_inflight.entry(region).or_default() += 1;
+        }
+        self.post_or_queue_counted(op, slot);
+    }
+
+    /// [`Self::post_or_queue`] for an op already counted.
+    fn post_or_queue_counted(&mut self, op: Op, slot: u32) {
         if !self.pending[op.domain].is_empty() {
             self.pending[op.domain].push_back(Pending { op, slot });
             self.n_pending += 1;
@@ -808,12 +1063,61 @@ impl Worker {
                 self.pending[op.domain].push_back(Pending { op, slot });
                 self.n_pending += 1;
             }
-            Err(e) => self.op_done(slot, Err(e)),
+            Err(e) => self.op_done(op, slot, Err(e)),
         }
     }
 
-    /// Returns Ok(true) when posted, Ok(false) when it must be retried.
+    /// Whether `op` may be posted now: its lease is granted (Ok(true)), it was parked until the
+    /// owner answers (Ok(false)), or the lease was refused or revoked (Err).
+    fn lease_gate(&mut self, op: Op, slot: u32) -> Result<bool> {
+        if op.lease == NO_LEASE {
+            return Ok(true);
+        }
+        let now = Instant::now();
+        let resend = self.cfg.revoke_timeout;
+        let Some(l) = self.leases.get_mut(op.lease as usize) else {
+            return Err(Error::InvalidArgument(format!(
+                "unknown lease {}",
+                op.lease
+            )));
+        };
+        match &l.state {
+            LeaseState::Granted => return Ok(true),
+            LeaseState::Closed(e) => return Err(e.clone()),
+            LeaseState::Revoking => {
+                return Err(Error::Rejected(format!(
+                    "region {} of the peer is being unregistered",
+                    l.region
+                )))
+            }
+            LeaseState::Requested { since } if now.duration_since(*since) < resend => {
+                l.parked.push(Pending { op, slot });
+                return Ok(false);
+            }
+            LeaseState::New | LeaseState::Requested { .. } => {}
+        }
+        // Ask (again, if the first request went unanswered for the revoke timeout).
+        l.state = LeaseState::Requested { since: now };
+        l.parked.push(Pending { op, slot });
+        let msg = Ctrl::LeaseReq {
+            lease: op.lease,
+            region: l.region,
+            desc: l.desc.clone(),
+            writer: self.shared.addr_bytes.get().cloned().unwrap_or_default(),
+        };
+        let peer = l.peer;
+        self.ctrl_out
+            .push_back((peer, msg.encode(), Some(op.lease)));
+        self.flush_ctrl();
+        Ok(false)
+    }
+
+    /// Returns Ok(true) when posted (or parked until its lease is answered), Ok(false) when it
+    /// must be retried.
     fn try_post(&mut self, op: Op, slot: u32) -> Result<bool> {
+        if !self.lease_gate(op, slot)? {
+            return Ok(true);
+        }
         let d = op.domain;
         let dest = match self.peers.get(&op.peer).map(|p| &p.addrs) {
             Some(Ok(a)) => a[d],
@@ -833,7 +1137,7 @@ impl Worker {
                     return Err(Error::Unregistered(format!("region {region} is gone")));
                 };
                 let dom = &self.domains[d];
-                if dom.attrs().use_inject && len <= dom.attrs().inject_size {
+                if !op.delivered && dom.attrs().use_inject && len <= dom.attrs().inject_size {
                     // SAFETY: src..src+len lies in a registered region (checked by the engine)
                     // and is only read during the call; raddr/rkey come from a validated
                     // descriptor.
@@ -852,7 +1156,7 @@ impl Worker {
                             let s = &self.shared.stats[d];
                             s.write_ops.fetch_add(1, Ordering::Relaxed);
                             s.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
-                            self.op_done(slot, Ok(()));
+                            self.op_done(op, slot, Ok(()));
                             Ok(true)
                         }
                         Posted::Again => {
@@ -862,14 +1166,19 @@ impl Worker {
                     };
                 }
                 let desc = mrs[d].desc();
+                let lease = op.lease;
                 let tag = if slot == TRIGGERED {
                     Tag::Triggered {
+                        lease,
+                        region,
                         domain: d as u8,
                         len,
                     }
                 } else {
                     Tag::Transfer {
                         slot,
+                        lease,
+                        region,
                         domain: d as u8,
                         len,
                     }
@@ -888,6 +1197,7 @@ impl Worker {
                         raddr,
                         rkey,
                         imm.map(u64::from),
+                        op.delivered,
                         ctx,
                     )
                 };
@@ -909,10 +1219,11 @@ impl Worker {
                 // SAFETY: p points to a send buffer of HEADER + max_message bytes inside msg_mem
                 // and len <= max_message (checked by the engine); the source is the payload Vec.
                 unsafe {
-                    Header::user(len).encode(std::slice::from_raw_parts_mut(p, HEADER));
+                    Header::message(KIND_USER, len)
+                        .encode(std::slice::from_raw_parts_mut(p, HEADER));
                     std::ptr::copy_nonoverlapping(payload.as_ptr(), p.add(HEADER), len);
                 }
-                self.post_from_send_buf(op, slot, buf, len)
+                self.post_from_send_buf(op, slot, buf, len, 0)
             }
             OpKind::NvlinkCopy {
                 src,
@@ -973,6 +1284,7 @@ impl Worker {
                     ticket,
                     AfterCopy::Nvlink {
                         slot,
+                        lease: op.lease,
                         peer: op.peer,
                         imm,
                         len,
@@ -985,6 +1297,17 @@ impl Worker {
                     return Ok(false);
                 };
                 let p = self.send_buf(buf);
+                // A delivered staged chunk completes when the owner says it landed.
+                let token = match op.kind {
+                    OpKind::StagedSend { .. } if op.delivered && slot != TRIGGERED => {
+                        self.next_token += 1;
+                        // Registered now: the answer may come before the send's completion.
+                        self.awaiting_landed
+                            .insert(self.next_token, (slot, op.lease));
+                        self.next_token
+                    }
+                    _ => 0,
+                };
                 let data = if let OpKind::StagedSend {
                     region,
                     offset,
@@ -998,6 +1321,8 @@ impl Worker {
                         len: len as u32,
                         region,
                         offset,
+                        writer: self.shared.engine_id,
+                        token,
                     };
                     // SAFETY: p points to a send buffer of at least HEADER bytes.
                     h.encode(unsafe { std::slice::from_raw_parts_mut(p, HEADER) });
@@ -1011,12 +1336,21 @@ impl Worker {
                 // region is kept alive by its transfer.
                 match unsafe { self.copier.copy(Mem::Host(data as usize), src, len) } {
                     Ok(ticket) => {
-                        self.copies
-                            .push_back((ticket, AfterCopy::Post { op, slot, buf, len }));
+                        self.copies.push_back((
+                            ticket,
+                            AfterCopy::Post {
+                                op,
+                                slot,
+                                buf,
+                                len,
+                                token,
+                            },
+                        ));
                         Ok(true)
                     }
                     Err(e) => {
                         self.free_send.push(buf);
+                        self.awaiting_landed.remove(&token);
                         Err(e)
                     }
                 }
@@ -1025,8 +1359,16 @@ impl Worker {
     }
 
     /// Posts `op` (a send or a staged op) whose bytes are in send buffer `buf`. The buffer is
-    /// released on completion, or now if the op could not be posted.
-    fn post_from_send_buf(&mut self, op: Op, slot: u32, buf: u32, len: usize) -> Result<bool> {
+    /// released on completion, or now if the op could not be posted. A staged chunk with a
+    /// `token` completes when the owner answers `Landed`, not when the send completes.
+    fn post_from_send_buf(
+        &mut self,
+        op: Op,
+        slot: u32,
+        buf: u32,
+        len: usize,
+        token: u64,
+    ) -> Result<bool> {
         let d = op.domain;
         let dest = match self.peers.get(&op.peer).map(|p| &p.addrs) {
             Some(Ok(a)) => a[d],
@@ -1048,6 +1390,7 @@ impl Worker {
             } => {
                 let ctx = self.alloc_ctx(Tag::StagedWrite {
                     slot,
+                    lease: op.lease,
                     buf,
                     domain,
                     len,
@@ -1064,6 +1407,7 @@ impl Worker {
                         raddr,
                         rkey,
                         imm.map(u64::from),
+                        op.delivered,
                         ctx,
                     )
                 };
@@ -1072,9 +1416,11 @@ impl Worker {
             _ => {
                 let ctx = self.alloc_ctx(Tag::Send {
                     slot,
+                    lease: op.lease,
                     buf,
                     domain,
                     len,
+                    token,
                 });
                 // SAFETY: as above; the message is the header plus `len` bytes.
                 let r = unsafe { self.domains[d].post_send(p, HEADER + len, desc, dest, ctx) };
@@ -1106,25 +1452,37 @@ impl Worker {
             self.copier.recycle(ticket);
             progressed = true;
             match after {
-                AfterCopy::Post { op, slot, buf, len } => {
+                AfterCopy::Post {
+                    op,
+                    slot,
+                    buf,
+                    len,
+                    token,
+                } => {
                     if !self.is_live(slot) {
                         self.free_send.push(buf);
-                        self.op_done(slot, Ok(()));
+                        self.op_done(op, slot, Ok(()));
                         continue;
                     }
                     // Re-reserve the buffer: post_from_send_buf releases it on failure.
-                    match self.post_from_send_buf(op, slot, buf, len) {
+                    match self.post_from_send_buf(op, slot, buf, len, token) {
                         Ok(true) => {}
                         Ok(false) => {
-                            // Queue full: the buffer was released; redo the copy later.
+                            // Queue full: the buffer was released; redo the copy later (under
+                            // a new token).
+                            self.awaiting_landed.remove(&token);
                             self.pending[op.domain].push_back(Pending { op, slot });
                             self.n_pending += 1;
                         }
-                        Err(e) => self.op_done(slot, Err(e)),
+                        Err(e) => {
+                            self.awaiting_landed.remove(&token);
+                            self.op_done(op, slot, Err(e));
+                        }
                     }
                 }
                 AfterCopy::Nvlink {
                     slot,
+                    lease,
                     peer,
                     imm,
                     len,
@@ -1136,6 +1494,7 @@ impl Worker {
                                 // The peer's mailbox is full: try again on a later poll.
                                 let again = AfterCopy::Nvlink {
                                     slot,
+                                    lease,
                                     peer,
                                     imm: Some(imm),
                                     len,
@@ -1144,7 +1503,7 @@ impl Worker {
                                 break;
                             }
                             Err(e) => {
-                                self.op_done(slot, Err(e));
+                                self.done(slot, lease, None, Err(e));
                                 continue;
                             }
                         }
@@ -1152,15 +1511,23 @@ impl Worker {
                     let s = &self.shared.nvlink;
                     s.write_ops.fetch_add(1, Ordering::Relaxed);
                     s.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
-                    self.op_done(slot, Ok(()));
+                    self.done(slot, lease, None, Ok(()));
                 }
-                AfterCopy::Landed { domain, buf, imm } => {
+                AfterCopy::Landed {
+                    domain,
+                    buf,
+                    imm,
+                    region,
+                    writer,
+                    token,
+                } => {
                     if let Err(e) = self.post_recv(domain as usize, buf) {
                         self.shared.stats[domain as usize]
                             .errors
                             .fetch_add(1, Ordering::Relaxed);
                         eprintln!("stolon: cannot repost receive buffer: {e}");
                     }
+                    self.answer_landed(writer, token, region, true);
                     if let Some(imm) = imm {
                         if !self.fire_trigger(imm) {
                             self.shared.imm.arrive(imm);
@@ -1242,17 +1609,32 @@ impl Worker {
 
     fn copy_failed(&mut self, after: AfterCopy, e: Error) {
         match after {
-            AfterCopy::Nvlink { slot, .. } => self.op_done(slot, Err(e)),
-            AfterCopy::Post { slot, buf, .. } => {
+            AfterCopy::Nvlink { slot, lease, .. } => self.done(slot, lease, None, Err(e)),
+            AfterCopy::Post {
+                op,
+                slot,
+                buf,
+                token,
+                ..
+            } => {
                 self.free_send.push(buf);
-                self.op_done(slot, Err(e));
+                self.awaiting_landed.remove(&token);
+                self.op_done(op, slot, Err(e));
             }
-            AfterCopy::Landed { domain, buf, .. } => {
+            AfterCopy::Landed {
+                domain,
+                buf,
+                region,
+                writer,
+                token,
+                ..
+            } => {
                 self.shared.stats[domain as usize]
                     .errors
                     .fetch_add(1, Ordering::Relaxed);
                 eprintln!("stolon: staged copy into GPU memory failed: {e}");
                 let _ = self.post_recv(domain as usize, buf);
+                self.answer_landed(writer, token, region, false);
             }
         }
     }
@@ -1282,7 +1664,7 @@ impl Worker {
                 self.n_pending -= 1;
                 if !self.is_live(p.slot) {
                     // Its transfer already failed or timed out: drop the op.
-                    self.op_done(p.slot, Ok(()));
+                    self.op_done(p.op, p.slot, Ok(()));
                     progressed = true;
                     continue;
                 }
@@ -1295,7 +1677,7 @@ impl Worker {
                     }
                     Err(e) => {
                         progressed = true;
-                        self.op_done(p.slot, Err(e));
+                        self.op_done(p.op, p.slot, Err(e));
                     }
                 }
             }
@@ -1303,19 +1685,42 @@ impl Worker {
         progressed
     }
 
-    /// Whether ops of `slot` should still be posted: a triggered op (no transfer), or a transfer
-    /// that has not failed or timed out.
+    /// Whether ops of `slot` should still be posted: a triggered op or control message (no
+    /// transfer), or a transfer that has not failed or timed out.
     fn is_live(&self, slot: u32) -> bool {
         slot == TRIGGERED
+            || slot == CTRL
             || self
                 .active
                 .get(slot as usize)
                 .is_some_and(|a| a.as_ref().is_some_and(|a| !a.reported))
     }
 
-    /// Accounts one finished op of a transfer.
-    fn op_done(&mut self, slot: u32, result: Result<()>) {
-        if slot == TRIGGERED {
+    /// Accounts one finished op: releases what [`Self::post_or_queue`] counted, then the op's
+    /// share of its transfer.
+    fn op_done(&mut self, op: Op, slot: u32, result: Result<()>) {
+        let local = match op.kind {
+            OpKind::Write { region, .. } => Some(region),
+            _ => None,
+        };
+        self.done(slot, op.lease, local, result);
+    }
+
+    /// [`Self::op_done`] from the parts a completion keeps: the slot, the lease, the local
+    /// region a `Write` reads.
+    fn done(&mut self, slot: u32, lease: u32, local: Option<u64>, result: Result<()>) {
+        if let Some(region) = local {
+            if let Some(n) = self.local_inflight.get_mut(&region) {
+                *n -= 1;
+                if *n == 0 {
+                    self.local_inflight.remove(&region);
+                }
+            }
+        }
+        if lease != NO_LEASE {
+            self.release_lease(lease);
+        }
+        if slot == TRIGGERED || slot == CTRL {
             return;
         }
         let Some(Some(a)) = self.active.get_mut(slot as usize) else {
@@ -1390,28 +1795,46 @@ impl Worker {
             return;
         };
         match tag {
-            Tag::Transfer { slot, domain, len } => {
+            Tag::Transfer {
+                slot,
+                lease,
+                region,
+                domain,
+                len,
+            } => {
                 let s = &self.shared.stats[domain as usize];
                 s.write_ops.fetch_add(1, Ordering::Relaxed);
                 s.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
-                self.op_done(slot, Ok(()));
+                self.done(slot, lease, Some(region), Ok(()));
             }
-            Tag::Triggered { domain, len } => {
+            Tag::Triggered {
+                lease,
+                region,
+                domain,
+                len,
+            } => {
                 let s = &self.shared.stats[domain as usize];
                 s.write_ops.fetch_add(1, Ordering::Relaxed);
                 s.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
+                self.done(TRIGGERED, lease, Some(region), Ok(()));
             }
             Tag::Send {
                 slot,
+                lease,
                 buf,
                 domain,
                 len,
+                token,
             } => {
                 let s = &self.shared.stats[domain as usize];
                 s.messages_sent.fetch_add(1, Ordering::Relaxed);
                 s.bytes_sent.fetch_add(len as u64, Ordering::Relaxed);
                 self.free_send.push(buf);
-                self.op_done(slot, Ok(()));
+                // A delivered staged chunk is done when the owner says it landed (it is
+                // registered in `awaiting_landed` since it was posted).
+                if token == 0 || slot == CTRL {
+                    self.done(slot, lease, None, Ok(()));
+                }
             }
             Tag::Recv { domain, buf } => {
                 self.shared.stats[d]
@@ -1421,6 +1844,7 @@ impl Worker {
             }
             Tag::StagedWrite {
                 slot,
+                lease,
                 buf,
                 domain,
                 len,
@@ -1429,11 +1853,10 @@ impl Worker {
                 s.write_ops.fetch_add(1, Ordering::Relaxed);
                 s.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
                 self.free_send.push(buf);
-                self.op_done(slot, Ok(()));
+                self.done(slot, lease, None, Ok(()));
             }
             Tag::Free => {}
         }
-        let _ = flags;
     }
 
     /// A message arrived in receive buffer `buf` of `domain` (`len` as the provider reports it,
@@ -1447,6 +1870,22 @@ impl Worker {
             Some(h) if h.kind == KIND_USER => {
                 let msg = bytes[HEADER..HEADER + h.len as usize].to_vec();
                 self.shared.messages.push(msg);
+            }
+            Some(h) if h.kind == KIND_CTRL => {
+                let ctrl = Ctrl::decode(&bytes[HEADER..HEADER + h.len as usize]);
+                // The body is decoded: the buffer goes back before the answer is sent.
+                if let Err(e) = self.post_recv(domain as usize, buf) {
+                    eprintln!("stolon: cannot repost receive buffer: {e}");
+                }
+                match ctrl {
+                    Some(c) => self.on_ctrl(domain, h.writer, c),
+                    None => {
+                        self.shared.stats[domain as usize]
+                            .errors
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                return;
             }
             Some(h) if h.kind == KIND_STAGED => {
                 let dst = self
@@ -1469,22 +1908,29 @@ impl Worker {
                                 domain,
                                 buf,
                                 imm: h.imm,
+                                region: h.region,
+                                writer: h.writer,
+                                token: h.token,
                             };
                             self.copies.push_back((ticket, after));
                             return;
                         }
                         Err(e) => eprintln!("stolon: staged copy failed: {e}"),
                     }
+                    self.shared.stats[domain as usize]
+                        .errors
+                        .fetch_add(1, Ordering::Relaxed);
                 } else {
-                    eprintln!(
-                        "stolon: dropped a staged message for region {} [{}, +{}): not a \
-                         registered staged region or out of its bounds",
-                        h.region, h.offset, h.len
+                    self.refused(
+                        domain,
+                        h.region,
+                        &format!(
+                            "a staged chunk [{}, +{}) is not inside a registered staged region",
+                            h.offset, h.len
+                        ),
                     );
                 }
-                self.shared.stats[domain as usize]
-                    .errors
-                    .fetch_add(1, Ordering::Relaxed);
+                self.answer_landed(h.writer, h.token, h.region, false);
             }
             _ => {
                 self.shared.stats[domain as usize]
@@ -1510,10 +1956,42 @@ impl Worker {
         };
         let err = Error::TransferFailed(e.message);
         match tag {
-            Tag::Transfer { slot, .. } => self.op_done(slot, Err(err)),
-            Tag::Send { slot, buf, .. } | Tag::StagedWrite { slot, buf, .. } => {
+            Tag::Transfer {
+                slot,
+                lease,
+                region,
+                ..
+            } => self.done(slot, lease, Some(region), Err(err)),
+            Tag::Triggered { lease, region, .. } => {
+                self.done(TRIGGERED, lease, Some(region), Err(err))
+            }
+            Tag::Send {
+                slot: CTRL,
+                buf,
+                token,
+                ..
+            } => {
                 self.free_send.push(buf);
-                self.op_done(slot, Err(err));
+                self.ctrl_failed(u32::MAX, token, err);
+            }
+            Tag::Send {
+                slot,
+                lease,
+                buf,
+                token,
+                ..
+            } => {
+                self.free_send.push(buf);
+                // Done now, unless the owner's answer already completed it.
+                if token == 0 || self.awaiting_landed.remove(&token).is_some() {
+                    self.done(slot, lease, None, Err(err));
+                }
+            }
+            Tag::StagedWrite {
+                slot, lease, buf, ..
+            } => {
+                self.free_send.push(buf);
+                self.done(slot, lease, None, Err(err));
             }
             Tag::Recv { domain, buf } => {
                 // Canceled at shutdown, or a receive error: repost unless we are stopping.
@@ -1521,8 +1999,349 @@ impl Worker {
                     let _ = self.post_recv(domain as usize, buf);
                 }
             }
-            Tag::Triggered { .. } | Tag::Free => {}
+            Tag::Free => {}
         }
+    }
+
+    /// Queues a control message to `peer`; sent as soon as a send buffer is free.
+    fn send_ctrl(&mut self, peer: u32, msg: Ctrl) {
+        self.ctrl_out.push_back((peer, msg.encode(), None));
+        self.flush_ctrl();
+    }
+
+    /// Sends queued control messages while send buffers last; true if any left.
+    fn flush_ctrl(&mut self) -> bool {
+        let mut sent = false;
+        while let Some((peer, body, lease)) = self.ctrl_out.pop_front() {
+            let Some(buf) = self.free_send.pop() else {
+                self.ctrl_out.push_front((peer, body, lease));
+                break;
+            };
+            let p = self.send_buf(buf);
+            // SAFETY: p is a send buffer of HEADER + max_message bytes; control bodies are far
+            // below max_message (a descriptor and an address, or at most MAX_LANDED entries).
+            unsafe {
+                let mut h = Header::message(KIND_CTRL, body.len());
+                h.writer = self.shared.engine_id;
+                h.encode(std::slice::from_raw_parts_mut(p, HEADER));
+                std::ptr::copy_nonoverlapping(body.as_ptr(), p.add(HEADER), body.len());
+            }
+            let op = Op {
+                domain: 0,
+                peer,
+                kind: OpKind::Send,
+                lease: NO_LEASE,
+                delivered: false,
+            };
+            // A lease request's send carries the lease (+1) as its token, so a failed send
+            // fails the writes waiting for it.
+            let token = lease.map_or(0, |l| l as u64 + 1);
+            match self.post_from_send_buf(op, CTRL, buf, body.len(), token) {
+                Ok(true) => sent = true,
+                Ok(false) => {
+                    // The buffer was released; try again on the next loop.
+                    self.ctrl_out.push_front((peer, body, lease));
+                    break;
+                }
+                Err(e) => self.ctrl_failed(peer, token, e),
+            }
+        }
+        sent
+    }
+
+    /// A control message could not be sent: a lease request fails the writes waiting for it
+    /// (the next write asks again); anything else is logged.
+    fn ctrl_failed(&mut self, peer: u32, token: u64, e: Error) {
+        let Some(l) = token
+            .checked_sub(1)
+            .and_then(|i| self.leases.get_mut(i as usize))
+        else {
+            eprintln!("stolon: a control message to peer {peer} failed: {e}");
+            return;
+        };
+        if !matches!(l.state, LeaseState::Requested { .. }) {
+            return;
+        }
+        l.state = LeaseState::New;
+        for p in std::mem::take(&mut l.parked) {
+            self.op_done(p.op, p.slot, Err(e.clone()));
+        }
+    }
+
+    /// Queues the `Landed` answer for a staged chunk whose writer asked for one.
+    fn answer_landed(&mut self, writer: u64, token: u64, region: u64, ok: bool) {
+        if token == 0 {
+            return;
+        }
+        match self.peer_of_engine.get(&writer) {
+            Some(&peer) => self.landed_out.entry(peer).or_default().push((token, ok)),
+            None => eprintln!(
+                "stolon: cannot answer a staged chunk for region {region}: its writer holds no \
+                 lease here"
+            ),
+        }
+    }
+
+    /// Sends the `Landed` answers gathered in this loop, one message per writer.
+    fn flush_landed(&mut self) {
+        let out = std::mem::take(&mut self.landed_out);
+        for (peer, entries) in out {
+            for chunk in entries.chunks(MAX_LANDED) {
+                self.send_ctrl(
+                    peer,
+                    Ctrl::Landed {
+                        entries: chunk.to_vec(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Counts a write this engine refused (stats) and logs the first refusal per region.
+    fn refused(&mut self, domain: u8, region: u64, why: &str) {
+        self.shared.stats[domain as usize]
+            .rejected
+            .fetch_add(1, Ordering::Relaxed);
+        if self.logged_refusals.insert(region) {
+            eprintln!("stolon: refused a write into region {region}: {why} (logged once)");
+        }
+    }
+
+    /// A control message from the engine `from`.
+    fn on_ctrl(&mut self, domain: u8, from: u64, c: Ctrl) {
+        match c {
+            Ctrl::LeaseReq {
+                lease,
+                region,
+                desc,
+                writer,
+            } => {
+                let Ok(addr) = crate::desc::PeerAddr::from_bytes(&writer) else {
+                    self.refused(domain, region, "the writer's address does not decode");
+                    return;
+                };
+                let peer = self.shared.peer_id(&addr);
+                self.add_peer(peer, &addr);
+                self.peer_of_engine.insert(addr.engine_id, peer);
+                let verdict = match self.shared.published.lock().unwrap().get(&region) {
+                    None => Err(format!(
+                        "region {region} is not registered (unregistered, or never registered \
+                         by this engine)"
+                    )),
+                    Some(mine) if *mine != desc => Err(format!(
+                        "the descriptor does not match region {region}'s registration (its \
+                         length, keys or addresses differ)"
+                    )),
+                    Some(_) => Ok(()),
+                };
+                let answer = match verdict {
+                    Ok(()) => {
+                        self.holders.entry(region).or_default().insert(peer);
+                        Ctrl::LeaseOk { lease }
+                    }
+                    Err(reason) => {
+                        self.refused(domain, region, &reason);
+                        Ctrl::LeaseRefused { lease, reason }
+                    }
+                };
+                self.send_ctrl(peer, answer);
+            }
+            Ctrl::LeaseOk { lease } => self.lease_answered(lease, None),
+            Ctrl::LeaseRefused { lease, reason } => {
+                self.lease_answered(lease, Some(Error::Rejected(reason)))
+            }
+            Ctrl::Revoke { region } => {
+                let Some(peer) = self.shared.peer_of_engine(from) else {
+                    return;
+                };
+                let leases = self
+                    .leases_of
+                    .get(&(peer, region))
+                    .cloned()
+                    .unwrap_or_default();
+                for i in leases {
+                    let l = &mut self.leases[i as usize];
+                    if matches!(l.state, LeaseState::Closed(_)) {
+                        continue;
+                    }
+                    l.state = LeaseState::Revoking;
+                    let parked = std::mem::take(&mut l.parked);
+                    for p in parked {
+                        let e = Error::Rejected(format!("region {region} was unregistered"));
+                        self.op_done(p.op, p.slot, Err(e));
+                    }
+                    // With nothing in flight the answer goes now (release_lease sends it).
+                    self.maybe_ack_revoke(i);
+                }
+            }
+            Ctrl::RevokeAck { region } => {
+                let Some(&peer) = self.peer_of_engine.get(&from) else {
+                    return;
+                };
+                for r in self.revocations.iter_mut().filter(|r| r.id == region) {
+                    r.waiting.remove(&peer);
+                }
+            }
+            Ctrl::Landed { entries } => {
+                for (token, ok) in entries {
+                    let Some((slot, lease)) = self.awaiting_landed.remove(&token) else {
+                        continue;
+                    };
+                    let r = if ok {
+                        Ok(())
+                    } else {
+                        Err(Error::Rejected(
+                            "the owner refused a staged chunk (region unregistered or out of \
+                             range)"
+                                .into(),
+                        ))
+                    };
+                    self.done(slot, lease, None, r);
+                }
+            }
+        }
+    }
+
+    /// The owner answered lease `lease`: post what was parked, or fail it with `refusal`.
+    fn lease_answered(&mut self, lease: u32, refusal: Option<Error>) {
+        let Some(l) = self.leases.get_mut(lease as usize) else {
+            return;
+        };
+        if !matches!(l.state, LeaseState::Requested { .. } | LeaseState::New) {
+            return;
+        }
+        let parked = std::mem::take(&mut l.parked);
+        match refusal {
+            None => {
+                l.state = LeaseState::Granted;
+                for p in parked {
+                    self.post_or_queue_counted(p.op, p.slot);
+                }
+            }
+            Some(e) => {
+                l.state = LeaseState::Closed(e.clone());
+                for p in parked {
+                    self.op_done(p.op, p.slot, Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// One op of lease `lease` finished: a revoked lease answers once nothing is in flight.
+    fn release_lease(&mut self, lease: u32) {
+        let Some(l) = self.leases.get_mut(lease as usize) else {
+            return;
+        };
+        l.inflight = l.inflight.saturating_sub(1);
+        self.maybe_ack_revoke(lease);
+    }
+
+    /// Answers the owner's `Revoke` for lease `lease` once nothing of it is in flight, and
+    /// drops the NVLink mapping of the region (no copy can use it any more).
+    fn maybe_ack_revoke(&mut self, lease: u32) {
+        let l = &mut self.leases[lease as usize];
+        if !matches!(l.state, LeaseState::Revoking) || l.inflight > 0 {
+            return;
+        }
+        let (peer, region) = (l.peer, l.region);
+        l.state = LeaseState::Closed(Error::Rejected(format!(
+            "region {region} of the peer was unregistered"
+        )));
+        // Every lease on (peer, region) must be drained before the one answer.
+        let all_drained = self.leases_of[&(peer, region)]
+            .iter()
+            .all(|&i| !matches!(self.leases[i as usize].state, LeaseState::Revoking));
+        if !all_drained {
+            return;
+        }
+        if let Some(rg) = self.remote_gpu.remove(&(peer, region)) {
+            self.retire(rg);
+        }
+        self.send_ctrl(peer, Ctrl::RevokeAck { region });
+    }
+
+    /// Starts unregistering region `id`: no new lease, `Revoke` to every holder; the region is
+    /// closed by [`Self::finish_revocations`].
+    fn start_revocation(
+        &mut self,
+        id: u64,
+        owner: Option<Box<dyn std::any::Any + Send + Sync>>,
+        reply: Option<std::sync::mpsc::SyncSender<Result<()>>>,
+    ) {
+        self.shared.published.lock().unwrap().remove(&id);
+        if let Some(r) = self.revocations.iter_mut().find(|r| r.id == id) {
+            // Already being unregistered (explicitly, then dropped): close it once, then.
+            if owner.is_some() {
+                r.owner = owner;
+            }
+            r.replies.extend(reply);
+            return;
+        }
+        if !self.regions.contains_key(&id) && !self.staged_regions.contains_key(&id) {
+            // Already closed (an explicit unregister, then the drop): nothing can write it.
+            drop(owner);
+            if let Some(r) = reply {
+                let _ = r.send(Ok(()));
+            }
+            return;
+        }
+        let waiting = self.holders.remove(&id).unwrap_or_default();
+        for &peer in &waiting {
+            self.send_ctrl(peer, Ctrl::Revoke { region: id });
+        }
+        self.revocations.push(Revocation {
+            id,
+            waiting,
+            deadline: Instant::now() + self.cfg.revoke_timeout,
+            owner,
+            replies: reply.into_iter().collect(),
+        });
+        self.finish_revocations(Instant::now());
+    }
+
+    /// Closes the regions whose holders have all answered (or timed out) and that no local op
+    /// reads any more; staged regions also wait for copies into them to finish.
+    fn finish_revocations(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.revocations.len() {
+            let r = &self.revocations[i];
+            let answered = r.waiting.is_empty() || now >= r.deadline;
+            let unused = !self.local_inflight.contains_key(&r.id)
+                && !(self.staged_regions.contains_key(&r.id) && !self.copies.is_empty());
+            if !(answered && unused) {
+                i += 1;
+                continue;
+            }
+            let r = self.revocations.swap_remove(i);
+            if !r.waiting.is_empty() {
+                eprintln!(
+                    "stolon: unregistering region {}: {} lease holder(s) did not answer within \
+                     {:?}; closing it anyway",
+                    r.id,
+                    r.waiting.len(),
+                    self.cfg.revoke_timeout
+                );
+            }
+            let result = self.close_region(r.id);
+            drop(r.owner);
+            for reply in r.replies {
+                let _ = reply.send(result.clone());
+            }
+        }
+    }
+
+    /// Closes a region's registrations (every domain) and its staged entry.
+    fn close_region(&mut self, id: u64) -> Result<()> {
+        self.staged_regions.remove(&id);
+        let mut result = Ok(());
+        if let Some(mrs) = self.regions.remove(&id) {
+            for (d, mr) in mrs.into_iter().enumerate() {
+                if let Err(e) = self.domains[d].close_mr(mr) {
+                    result = Err(e);
+                }
+            }
+        }
+        result
     }
 
     /// Reads every watched counter; returns true if any changed.
@@ -1597,12 +2416,34 @@ impl Worker {
         }
         self.shared.imm.stop();
         self.shared.messages.stop();
-        // Close the endpoints first (cancelling what is posted), then the regions.
-        let regions: Vec<_> = self.regions.drain().collect();
+        // Endpoints first: once closed, nothing a peer sends can land and nothing posted can
+        // still read or write; then the registrations; then the memory of regions being
+        // unregistered, once no staged copy can touch it.
         let mut domains = std::mem::take(&mut self.domains);
-        for (_, mrs) in regions {
+        for (d, dom) in domains.iter_mut().enumerate() {
+            if let Err(e) = dom.close_endpoint() {
+                eprintln!("stolon: closing the endpoint of domain {d}: {e}");
+            }
+        }
+        for (id, mrs) in self.regions.drain() {
             for (d, mr) in mrs.into_iter().enumerate() {
-                domains[d].close_mr(mr);
+                if let Err(e) = domains[d].close_mr(mr) {
+                    eprintln!("stolon: closing region {id} on domain {d}: {e}");
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Some((ticket, _)) = self.copies.front() {
+            if matches!(ticket.is_done(), Ok(false)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_micros(50));
+                continue;
+            }
+            self.copies.pop_front();
+        }
+        for r in self.revocations.drain(..) {
+            drop(r.owner);
+            for reply in r.replies {
+                let _ = reply.send(Ok(()));
             }
         }
         domains.clear();

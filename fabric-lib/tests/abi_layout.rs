@@ -128,6 +128,14 @@ fn layouts_match_the_c_headers() {
     check!(c, e, fi_ops_msg.send);
     check!(c, e, fi_ops_rma.write);
     check!(c, e, fi_ops_rma.writedata);
+    check!(c, e, fi_ops_rma.writemsg);
+    check!(c, e, size fi_msg_rma);
+    check!(c, e, fi_msg_rma.addr);
+    check!(c, e, fi_msg_rma.rma_iov);
+    check!(c, e, fi_msg_rma.data);
+    check!(c, e, size fi_rma_iov);
+    check!(c, e, fi_rma_iov.key);
+    check!(c, e, fi_ops_fabric.trywait);
     check!(c, e, fid_ep.ops);
     check!(c, e, fid_ep.cm);
     check!(c, e, fid_ep.msg);
@@ -140,6 +148,10 @@ fn layouts_match_the_c_headers() {
     check!(c, e, fi_ops_mr.regattr);
     assert_eq!(c["FI_HMEM_CUDA"], fi::FI_HMEM_CUDA as usize);
     assert_eq!(c["FI_ENABLE"], fi::FI_ENABLE as usize);
+    assert_eq!(c["FI_GETWAIT"], fi::FI_GETWAIT as usize);
+    assert_eq!(c["FI_WAIT_FD"], fi::FI_WAIT_FD as usize);
+    assert_eq!(c["FI_DELIVERY_COMPLETE"], fi::FI_DELIVERY_COMPLETE as usize);
+    assert_eq!(c["FI_COMPLETION"], fi::FI_COMPLETION as usize);
     assert_eq!(c["FI_EAVAIL"], fi::FI_EAVAIL as usize);
     assert_eq!(c["FI_ENOKEY"], fi::FI_ENOKEY as usize);
     assert!(e.is_empty(), "layout mismatches:\n{}", e.join("\n"));

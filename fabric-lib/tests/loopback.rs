@@ -210,7 +210,7 @@ fn bad_requests_are_rejected_before_posting() {
         b.write(&src, 0, d, 0, 10, None, None, None),
         Err(Error::Unregistered(_))
     ));
-    a.unregister(&src);
+    a.unregister(&src).unwrap();
     assert!(matches!(
         a.write(&src, 0, d, 0, 10, None, None, None),
         Err(Error::Unregistered(_))

@@ -177,7 +177,7 @@ fn the_double_really_reorders() {
 }
 
 #[test]
-fn a_bad_key_is_an_error_completion_and_a_dead_peer_times_out() {
+fn a_bad_key_is_refused_by_the_owner_and_a_dead_peer_times_out() {
     let a = engine(1, 1);
     let b = engine(1, 2);
     let src = a
@@ -192,10 +192,9 @@ fn a_bad_key_is_an_error_completion_and_a_dead_peer_times_out() {
         .write(&src, 0, &desc, 0, 100, Some(1), None, None)
         .unwrap()
         .wait(T);
-    assert!(
-        matches!(r, Err(fabric_lib::Error::TransferFailed(_))),
-        "{r:?}"
-    );
+    // The owner compares the descriptor with its registration before anything is posted.
+    assert!(matches!(r, Err(fabric_lib::Error::Rejected(_))), "{r:?}");
+    assert!(bytes(&dst).iter().all(|&x| x == 0));
     let desc = dst.descriptor().clone();
     drop(dst);
     b.stop();

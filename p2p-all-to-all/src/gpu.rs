@@ -393,7 +393,7 @@ impl Remote {
             &self.headers_in,
             &self.headers_out,
         ] {
-            self.engine.unregister(r);
+            let _ = self.engine.unregister(r);
         }
     }
 }

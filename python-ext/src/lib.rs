@@ -28,6 +28,7 @@ fn to_py(e: fl::Error) -> PyErr {
         fl::Error::InvalidArgument(_) => "InvalidArgumentError",
         fl::Error::MessageTooLarge { .. } => "MessageTooLargeError",
         fl::Error::TransferFailed(_) => "TransferError",
+        fl::Error::Rejected(_) => "WriteRejectedError",
         fl::Error::Timeout(_) => "TransferTimeoutError",
         fl::Error::Stopped => "EngineStoppedError",
         _ => "StolonError",
@@ -48,6 +49,19 @@ pub(crate) fn stolon_err(name: &str, msg: String) -> PyErr {
             },
             Err(_) => PyValueError::new_err(msg),
         }
+    })
+}
+
+/// `completion=` of a call: None keeps the engine's default.
+fn completion(c: Option<&str>) -> PyResult<Option<fl::Completion>> {
+    c.map(fl::Completion::parse).transpose().map_err(to_py)
+}
+
+/// Applies a call's `completion=` to a prepared transfer.
+fn with_completion(p: fl::Prepared, c: Option<&str>) -> PyResult<fl::Prepared> {
+    Ok(match completion(c)? {
+        Some(c) => p.with_completion(c),
+        None => p,
     })
 }
 
@@ -603,7 +617,7 @@ impl TransferEngine {
                         min_shard_bytes=1048576, max_op_bytes=None, recv_buffers=64,
                         send_buffers=64, max_message_bytes=65536, worker_cpu=None,
                         spin_us=20000, max_sleep_us=500, cuda_device=None,
-                        nvlink=true))]
+                        nvlink=true, completion="delivered", revoke_timeout=5.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -622,6 +636,8 @@ impl TransferEngine {
         max_sleep_us: u64,
         cuda_device: Option<usize>,
         nvlink: bool,
+        completion: &str,
+        revoke_timeout: f64,
     ) -> PyResult<Self> {
         let n = domains
             .or(interfaces.as_ref().map(Vec::len))
@@ -653,6 +669,8 @@ impl TransferEngine {
         cfg.max_sleep = Duration::from_micros(max_sleep_us.max(1));
         cfg.cuda_device = cuda_device;
         cfg.nvlink = nvlink;
+        cfg.completion = fl::Completion::parse(completion).map_err(to_py)?;
+        cfg.revoke_timeout = dur(Some(revoke_timeout))?.unwrap();
         let engine = py
             .allow_threads(move || fl::TransferEngine::new(cfg))
             .map_err(to_py)?;
@@ -744,14 +762,17 @@ impl TransferEngine {
         })
     }
 
-    /// Revokes a region: later transfers using it raise UnregisteredMemoryError.
-    fn unregister(&self, region: &Bound<'_, MemoryRegion>) {
-        self.inner.unregister(self.region(region));
+    /// Revokes a region and returns once no peer can write it any more (see the stub).
+    fn unregister(&self, py: Python<'_>, region: &Bound<'_, MemoryRegion>) -> PyResult<()> {
+        let r = self.region(region).clone();
+        let engine = self.inner.clone();
+        py.allow_threads(move || engine.unregister(&r))
+            .map_err(to_py)
     }
 
     /// One-sided write of `length` bytes, optionally carrying immediate `imm`.
     #[pyo3(signature = (src, src_offset, dst, dst_offset, length, imm=None, *, sharding=None,
-                        pin_domain=None, timeout=None))]
+                        pin_domain=None, timeout=None, completion=None))]
     #[allow(clippy::too_many_arguments)]
     fn write(
         &self,
@@ -764,16 +785,18 @@ impl TransferEngine {
         sharding: Option<&str>,
         pin_domain: Option<usize>,
         timeout: Option<f64>,
+        completion: Option<&str>,
     ) -> PyResult<TransferFuture> {
         let p = self.prepare_write(
             src, src_offset, dst, dst_offset, length, imm, sharding, pin_domain, timeout,
+            completion,
         )?;
         self.submit(&p)
     }
 
     /// Like `write`, but returns a PreparedTransfer instead of submitting.
     #[pyo3(signature = (src, src_offset, dst, dst_offset, length, imm=None, *, sharding=None,
-                        pin_domain=None, timeout=None))]
+                        pin_domain=None, timeout=None, completion=None))]
     #[allow(clippy::too_many_arguments)]
     fn prepare_write(
         &self,
@@ -786,9 +809,11 @@ impl TransferEngine {
         sharding: Option<&str>,
         pin_domain: Option<usize>,
         timeout: Option<f64>,
+        completion: Option<&str>,
     ) -> PyResult<PreparedTransfer> {
         let s = self::sharding(sharding, pin_domain)?;
-        self.inner
+        let p = self
+            .inner
             .prepare_write(
                 self.region(src),
                 src_offset,
@@ -799,14 +824,14 @@ impl TransferEngine {
                 s,
                 dur(timeout)?,
             )
-            .map(PreparedTransfer::wrap)
-            .map_err(to_py)
+            .map_err(to_py)?;
+        with_completion(p, completion).map(PreparedTransfer::wrap)
     }
 
     /// Like `write_paged`, but returns a PreparedTransfer instead of submitting.
     #[pyo3(signature = (src, dst, page_bytes, src_pages, dst_pages, *, src_stride=None,
                         dst_stride=None, src_offset=0, dst_offset=0, imm=None, sharding=None,
-                        pin_domain=None, timeout=None))]
+                        pin_domain=None, timeout=None, completion=None))]
     #[allow(clippy::too_many_arguments)]
     fn prepare_paged(
         &self,
@@ -823,6 +848,7 @@ impl TransferEngine {
         sharding: Option<&str>,
         pin_domain: Option<usize>,
         timeout: Option<f64>,
+        completion: Option<&str>,
     ) -> PyResult<PreparedTransfer> {
         let spec = fl::PagedSpec {
             page_bytes,
@@ -834,10 +860,11 @@ impl TransferEngine {
             dst_offset,
         };
         let s = self::sharding(sharding, pin_domain)?;
-        self.inner
+        let p = self
+            .inner
             .prepare_paged(self.region(src), &dst.inner, &spec, imm, s, dur(timeout)?)
-            .map(PreparedTransfer::wrap)
-            .map_err(to_py)
+            .map_err(to_py)?;
+        with_completion(p, completion).map(PreparedTransfer::wrap)
     }
 
     /// Submits a PreparedTransfer (each can be used once).
@@ -932,15 +959,20 @@ impl TransferEngine {
     }
 
     /// Sends only an immediate to `peer`.
-    #[pyo3(signature = (peer, imm, *, timeout=None))]
+    #[pyo3(signature = (peer, imm, *, timeout=None, completion=None))]
     fn write_imm(
         &self,
         peer: &Address,
         imm: u32,
         timeout: Option<f64>,
+        completion: Option<&str>,
     ) -> PyResult<TransferFuture> {
+        let p = self
+            .inner
+            .prepare_write_imm(&peer.inner, imm, dur(timeout)?)
+            .map_err(to_py)?;
         self.inner
-            .write_imm(&peer.inner, imm, dur(timeout)?)
+            .submit(with_completion(p, completion)?)
             .map(|inner| TransferFuture { inner })
             .map_err(to_py)
     }
@@ -948,7 +980,7 @@ impl TransferEngine {
     /// Paged write: page src_pages[i] (at src_offset + index*src_stride) to page dst_pages[i].
     #[pyo3(signature = (src, dst, page_bytes, src_pages, dst_pages, *, src_stride=None,
                         dst_stride=None, src_offset=0, dst_offset=0, imm=None, sharding=None,
-                        pin_domain=None, timeout=None))]
+                        pin_domain=None, timeout=None, completion=None))]
     #[allow(clippy::too_many_arguments)]
     fn write_paged(
         &self,
@@ -965,10 +997,11 @@ impl TransferEngine {
         sharding: Option<&str>,
         pin_domain: Option<usize>,
         timeout: Option<f64>,
+        completion: Option<&str>,
     ) -> PyResult<TransferFuture> {
         let p = self.prepare_paged(
             src, dst, page_bytes, src_pages, dst_pages, src_stride, dst_stride, src_offset,
-            dst_offset, imm, sharding, pin_domain, timeout,
+            dst_offset, imm, sharding, pin_domain, timeout, completion,
         )?;
         self.submit(&p)
     }
@@ -976,7 +1009,9 @@ impl TransferEngine {
     /// Scatter from one region: items are (descriptor, src_offset, dst_offset, length).
     /// Distinct descriptors are distinct destinations; `imm_counts` follows their first
     /// appearance.
-    #[pyo3(signature = (src, items, imm=None, *, sharding=None, pin_domain=None, timeout=None))]
+    #[pyo3(signature = (src, items, imm=None, *, sharding=None, pin_domain=None, timeout=None,
+                        completion=None))]
+    #[allow(clippy::too_many_arguments)]
     fn scatter(
         &self,
         src: &Bound<'_, MemoryRegion>,
@@ -985,6 +1020,7 @@ impl TransferEngine {
         sharding: Option<&str>,
         pin_domain: Option<usize>,
         timeout: Option<f64>,
+        completion: Option<&str>,
     ) -> PyResult<TransferFuture> {
         let mut dsts: Vec<fl::MemDesc> = Vec::new();
         let mut its = Vec::with_capacity(items.len());
@@ -1005,8 +1041,12 @@ impl TransferEngine {
         }
         let refs: Vec<&fl::MemDesc> = dsts.iter().collect();
         let s = self::sharding(sharding, pin_domain)?;
+        let p = self
+            .inner
+            .prepare_scatter(self.region(src), &refs, &its, imm, s, dur(timeout)?)
+            .map_err(to_py)?;
         self.inner
-            .scatter(self.region(src), &refs, &its, imm, s, dur(timeout)?)
+            .submit(with_completion(p, completion)?)
             .map(|inner| TransferFuture { inner })
             .map_err(to_py)
     }
@@ -1241,6 +1281,7 @@ fn stats_dict<'py>(py: Python<'py>, s: &fl::StatsSnapshot) -> PyResult<Bound<'py
     d.set_item("bytes_sent", s.bytes_sent)?;
     d.set_item("messages_received", s.messages_received)?;
     d.set_item("imms_received", s.imms_received)?;
+    d.set_item("rejected", s.rejected)?;
     d.set_item("errors", s.errors)?;
     Ok(d)
 }

@@ -16,6 +16,7 @@ __all__ = [
     "InvalidArgumentError",
     "MessageTooLargeError",
     "TransferError",
+    "WriteRejectedError",
     "TransferTimeoutError",
     "EngineStoppedError",
     "CudaError",
@@ -76,6 +77,12 @@ class MessageTooLargeError(StolonError, ValueError):
 
 class TransferError(StolonError):
     """A transfer completed with an error from the fabric (dead peer, broken link)."""
+
+
+class WriteRejectedError(TransferError):
+    """The target refused the write: its region was unregistered or revoked, or the descriptor
+    does not match the registration (forged length, unknown key), or a staged chunk fell
+    outside it. Nothing was written; the connection and other transfers are unaffected."""
 
 
 class TransferTimeoutError(TransferError, TimeoutError):

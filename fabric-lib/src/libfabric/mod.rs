@@ -69,6 +69,9 @@ pub struct DomainAttrs {
     pub use_inject: bool,
     /// The provider registers GPU memory itself (FI_HMEM granted).
     pub hmem: bool,
+    /// The completion queue has a file descriptor the worker can sleep on (`FI_WAIT_FD` with
+    /// `fi_trywait`); false where the provider offers none (shm, udp in 1.17).
+    pub wait_fd: bool,
 }
 
 /// A registered memory region on one domain; closed through [`FabricDomain::close_mr`].
@@ -118,6 +121,8 @@ pub struct FabricDomain {
     av: *mut fi::fid_av,
     ep: *mut fi::fid_ep,
     name: Vec<u8>,
+    /// The CQ's wait object when it has one (`attrs.wait_fd`).
+    wait_fd: Option<std::os::fd::RawFd>,
     pub attrs: DomainAttrs,
 }
 
@@ -249,6 +254,7 @@ unsafe fn read_attrs(info: *const fi::fi_info) -> DomainAttrs {
             cq_data_size: d.cq_data_size,
             use_inject: inject_allowed(&cstr_or_empty(f.prov_name)),
             hmem: i.caps & fi::FI_HMEM != 0,
+            wait_fd: false,
         }
     }
 }
@@ -354,6 +360,7 @@ impl FabricDomain {
             av: ptr::null_mut(),
             ep: ptr::null_mut(),
             name: Vec::new(),
+            wait_fd: None,
             // SAFETY: info is the valid list head fi_getinfo returned.
             attrs: unsafe { read_attrs(info) },
         };
@@ -373,18 +380,8 @@ impl FabricDomain {
                 ((*(*dom.fabric).ops).domain)(dom.fabric, info, &mut dom.domain, ptr::null_mut());
             check(lib, "fi_domain", rc as isize)?;
 
-            let mut cq_attr = fi::fi_cq_attr {
-                size: (dom.attrs.tx_size + dom.attrs.rx_size).max(1024),
-                flags: 0,
-                format: fi::FI_CQ_FORMAT_DATA,
-                wait_obj: fi::FI_WAIT_NONE,
-                signaling_vector: 0,
-                wait_cond: 0,
-                wait_set: ptr::null_mut(),
-            };
+            dom.open_cq()?;
             let ops = &*(*dom.domain).ops;
-            let rc = (ops.cq_open)(dom.domain, &mut cq_attr, &mut dom.cq, ptr::null_mut());
-            check(lib, "fi_cq_open", rc as isize)?;
 
             let mut av_attr = fi::fi_av_attr {
                 type_: fi::FI_AV_TABLE,
@@ -423,6 +420,83 @@ impl FabricDomain {
             dom.name = buf;
         }
         Ok(dom)
+    }
+
+    /// Opens the completion queue: with a file-descriptor wait object where the provider gives
+    /// one (so an idle worker sleeps until traffic arrives), else without (the worker polls).
+    /// `STOLON_WAIT_FD=0` forces the latter.
+    fn open_cq(&mut self) -> Result<()> {
+        let want_fd = std::env::var("STOLON_WAIT_FD").map_or(true, |v| v != "0");
+        let size = (self.attrs.tx_size + self.attrs.rx_size).max(1024);
+        let open = |dom: &mut Self, wait_obj| {
+            let mut cq_attr = fi::fi_cq_attr {
+                size,
+                flags: 0,
+                format: fi::FI_CQ_FORMAT_DATA,
+                wait_obj,
+                signaling_vector: 0,
+                wait_cond: 0,
+                wait_set: ptr::null_mut(),
+            };
+            // SAFETY: the domain is open; cq_attr lives across the call; dom.cq receives the CQ.
+            unsafe {
+                let ops = &*(*dom.domain).ops;
+                (ops.cq_open)(dom.domain, &mut cq_attr, &mut dom.cq, ptr::null_mut())
+            }
+        };
+        if want_fd && open(self, fi::FI_WAIT_FD) == 0 {
+            let mut fd: std::os::fd::RawFd = -1;
+            // SAFETY: the CQ is open; FI_GETWAIT writes one int (the descriptor) for FI_WAIT_FD.
+            let rc = unsafe {
+                let cq_fid = &mut (*self.cq).fid as *mut fi::fid;
+                ((*(*cq_fid).ops).control)(cq_fid, fi::FI_GETWAIT, (&mut fd as *mut i32).cast())
+            };
+            if rc == 0 && fd >= 0 {
+                self.wait_fd = Some(fd);
+                self.attrs.wait_fd = true;
+                return Ok(());
+            }
+            // No usable descriptor (udp;ofi_rxd): a CQ without a wait object instead.
+            // SAFETY: the CQ was just opened, nothing is bound to it yet; closed once.
+            unsafe {
+                let cq_fid = &mut (*self.cq).fid as *mut fi::fid;
+                ((*(*cq_fid).ops).close)(cq_fid);
+            }
+            self.cq = ptr::null_mut();
+        }
+        let rc = open(self, fi::FI_WAIT_NONE);
+        check(self.lib, "fi_cq_open", rc as isize)
+    }
+
+    /// The CQ's wait descriptor, if it has one.
+    pub fn wait_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.wait_fd
+    }
+
+    /// `fi_trywait` on the CQ: true when the worker may sleep on [`Self::wait_fd`] (nothing is
+    /// pending and the descriptor will signal new events), false when it must poll first.
+    pub fn trywait(&mut self) -> bool {
+        if self.wait_fd.is_none() {
+            return false;
+        }
+        // SAFETY: fabric and CQ are open; the array holds one valid fid for the call.
+        let rc = unsafe {
+            let mut fid = &mut (*self.cq).fid as *mut fi::fid;
+            ((*(*self.fabric).ops).trywait)(self.fabric, &mut fid, 1)
+        };
+        rc == 0
+    }
+
+    /// Closes the endpoint (cancelling what is posted) ahead of the registrations and the other
+    /// objects, which [`Drop`] closes. Idempotent.
+    pub fn close_endpoint(&mut self) -> Result<()> {
+        if self.ep.is_null() {
+            return Ok(());
+        }
+        // SAFETY: ep is the live endpoint of this domain; nulled so it is closed once.
+        let rc = unsafe { ((*(*self.ep).fid.ops).close)(&mut (*self.ep).fid) };
+        self.ep = ptr::null_mut();
+        check(self.lib, "fi_close(endpoint)", rc as isize)
     }
 
     /// This endpoint's address, to be given to peers.
@@ -619,11 +693,10 @@ impl FabricDomain {
     }
 
     /// Closes a registered region.
-    pub fn close_mr(&mut self, mr: Mr) {
+    pub fn close_mr(&mut self, mr: Mr) -> Result<()> {
         // SAFETY: mr.raw is a live MR of this domain; it is consumed so it is closed once.
-        unsafe {
-            ((*(*mr.raw).fid.ops).close)(&mut (*mr.raw).fid);
-        }
+        let rc = unsafe { ((*(*mr.raw).fid.ops).close)(&mut (*mr.raw).fid) };
+        check(self.lib, "fi_close(mr)", rc as isize)
     }
 
     fn post_result(&self, call: &'static str, rc: isize) -> Result<Posted> {
@@ -638,7 +711,10 @@ impl FabricDomain {
         }
     }
 
-    /// Posts an RMA write, with remote CQ data when `data` is given.
+    /// Posts an RMA write, with remote CQ data when `data` is given. With `delivered` the
+    /// completion is `FI_DELIVERY_COMPLETE`: it is reported only once the target has placed
+    /// the bytes (checked on tcp, net, shm and udp with a stopped target); without it the
+    /// provider's default, which on tcp and shm means only that the source may be reused.
     ///
     /// # Safety
     /// `buf..buf+len` must stay valid and registered (with `desc`) until the completion for
@@ -655,8 +731,40 @@ impl FabricDomain {
         raddr: u64,
         key: u64,
         data: Option<u64>,
+        delivered: bool,
         ctx: *mut c_void,
     ) -> Result<Posted> {
+        if delivered {
+            let iov = libc::iovec {
+                iov_base: buf as *mut c_void,
+                iov_len: len,
+            };
+            let mut desc = desc;
+            let rma_iov = fi::fi_rma_iov {
+                addr: raddr,
+                len,
+                key,
+            };
+            let msg = fi::fi_msg_rma {
+                msg_iov: &iov,
+                desc: &mut desc,
+                iov_count: 1,
+                addr: dest,
+                rma_iov: &rma_iov,
+                rma_iov_count: 1,
+                context: ctx,
+                data: data.unwrap_or(0),
+            };
+            let mut flags = fi::FI_COMPLETION | fi::FI_DELIVERY_COMPLETE;
+            if data.is_some() {
+                flags |= fi::FI_REMOTE_CQ_DATA;
+            }
+            // SAFETY: the endpoint is enabled; msg and what it points to live across the call
+            // (the provider copies the descriptors); the caller upholds the buffer and
+            // context contracts.
+            let rc = unsafe { ((*(*self.ep).rma).writemsg)(self.ep, &msg, flags) };
+            return self.post_result("fi_writemsg", rc);
+        }
         // SAFETY: the endpoint is enabled; the caller upholds the buffer and context contracts.
         let rc = unsafe {
             let rma = &*(*self.ep).rma;

@@ -36,6 +36,8 @@ pub const FI_TRANSMIT: u64 = FI_SEND;
 pub const FI_REMOTE_READ: u64 = 1 << 12;
 pub const FI_REMOTE_WRITE: u64 = 1 << 13;
 pub const FI_REMOTE_CQ_DATA: u64 = 1 << 17;
+pub const FI_COMPLETION: u64 = 1 << 24;
+pub const FI_DELIVERY_COMPLETE: u64 = 1 << 28;
 pub const FI_HMEM: u64 = 1 << 47;
 pub const FI_SOURCE: u64 = 1 << 57;
 // Mode bits.
@@ -55,6 +57,9 @@ pub const FI_AV_TABLE: c_int = 2;
 pub const FI_THREAD_DOMAIN: c_int = 3;
 pub const FI_CQ_FORMAT_DATA: c_int = 3;
 pub const FI_WAIT_NONE: c_int = 0;
+pub const FI_WAIT_FD: c_int = 3;
+/// `fi_control` command that returns a CQ's wait object (a file descriptor for FI_WAIT_FD).
+pub const FI_GETWAIT: c_int = 5;
 /// `fi_control` command that enables an endpoint.
 pub const FI_ENABLE: c_int = 6;
 
@@ -198,7 +203,7 @@ pub struct fi_ops_fabric {
     pub passive_ep: Opaque,
     pub eq_open: Opaque,
     pub wait_open: Opaque,
-    pub trywait: Opaque,
+    pub trywait: unsafe extern "C" fn(*mut fid_fabric, *mut *mut fid, c_int) -> c_int,
 }
 
 #[repr(C)]
@@ -531,6 +536,27 @@ pub struct fi_ops_msg {
     pub injectdata: Opaque,
 }
 
+/// One remote range of an RMA operation.
+#[repr(C)]
+pub struct fi_rma_iov {
+    pub addr: u64,
+    pub len: usize,
+    pub key: u64,
+}
+
+/// `fi_writemsg`'s description of a write.
+#[repr(C)]
+pub struct fi_msg_rma {
+    pub msg_iov: *const libc::iovec,
+    pub desc: *mut *mut c_void,
+    pub iov_count: usize,
+    pub addr: fi_addr_t,
+    pub rma_iov: *const fi_rma_iov,
+    pub rma_iov_count: usize,
+    pub context: *mut c_void,
+    pub data: u64,
+}
+
 #[repr(C)]
 pub struct fi_ops_rma {
     pub size: usize,
@@ -548,7 +574,7 @@ pub struct fi_ops_rma {
         *mut c_void,
     ) -> isize,
     pub writev: Opaque,
-    pub writemsg: Opaque,
+    pub writemsg: unsafe extern "C" fn(*mut fid_ep, *const fi_msg_rma, u64) -> isize,
     pub inject:
         unsafe extern "C" fn(*mut fid_ep, *const c_void, usize, fi_addr_t, u64, u64) -> isize,
     #[allow(clippy::type_complexity)]

@@ -647,6 +647,7 @@ impl VerbsRcDomain {
             cq_data_size: 4,
             use_inject: false,
             hmem: spec.hmem,
+            wait_fd: false,
         };
         Ok(VerbsRcDomain {
             dev,
