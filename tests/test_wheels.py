@@ -41,7 +41,10 @@ def test_imported_from_the_wheel():
         pytest.skip("STOLON_EXPECT_WHEEL not set (scripts/test.sh sets it for the wheel)")
     here = pathlib.Path(stolon.__file__).resolve()
     assert REPO / "python" not in here.parents, here
-    assert "site-packages" in here.parts, here
+    # Installed from a wheel: a dist-info beside the package whose RECORD lists the library.
+    records = list(here.parent.parent.glob("stolon-*.dist-info/RECORD"))
+    assert len(records) == 1, here
+    assert "stolon/_native.abi3.so," in records[0].read_text()
 
 
 @needs_builds
