@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Sets up (scripts/setup.sh), then runs the whole test suite: cargo test, then pytest.
+# Sets up (scripts/setup.sh), then runs the whole test suite: cargo test, then pytest against
+# the x86_64 release wheel (scripts/wheels.sh) installed into a fresh venv, not the editable
+# build. STOLON_TEST_EDITABLE=1 runs pytest in .venv (the editable build) instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -9,8 +11,25 @@ NVCC="$(.venv/bin/python -c 'import nvidia, os; print(next(p for d in nvidia.__p
 export NVCC STOLON_REQUIRE_KERNELS=1
 echo "== cargo test"
 cargo test --workspace --exclude stolon-python
+unset NVCC STOLON_REQUIRE_KERNELS
+PYDEPS=(pytest hypothesis numpy pytest-timeout ruff mypy typing_extensions ml_dtypes)
 # torch (used on the CPU) for the KV-cache end-to-end test's small transformer; GPU tests skip
 # without GPUs. The wheel from PyPI brings its CUDA libraries (a few GB), needed to import it.
-.venv/bin/python -m pip install -q "torch==2.11.*"
-echo "== pytest"
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+TORCH="torch==2.11.*"
+if [ "${STOLON_TEST_EDITABLE:-0}" = 1 ]; then
+  .venv/bin/python -m pip install -q "$TORCH"
+  echo "== pytest (editable build in .venv)"
+  exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+fi
+echo "== wheel"
+scripts/wheels.sh x86_64
+version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)"
+whl="$(ls -t dist/stolon-"$version"-cp39-abi3-manylinux_2_28_x86_64.whl | head -1)"
+rm -rf .venv-wheeltest
+python3 -m venv .venv-wheeltest
+.venv-wheeltest/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv-wheeltest/bin/python -m pip install -q "$whl" "${PYDEPS[@]}" "$TORCH"
+echo "== pytest (installed $whl)"
+# The tests assert that stolon comes from the wheel and that it carries both kernel builds.
+export STOLON_EXPECT_WHEEL=1 STOLON_EXPECT_MOE_KERNELS=cuda12,cuda13
+.venv-wheeltest/bin/python -m pytest -q -p no:cacheprovider "$@"
