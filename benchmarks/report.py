@@ -34,7 +34,10 @@ use::
      "baselines": [{"series": "iperf3", "gbit_per_s": 20.2}]}   # size_bytes optional
 
 Generic rows are tabulated as series, size and every metric (``*_per_s``, ``*_us``, ``*_s``,
-``fraction*``); plotted as one line per series against ``size_bytes`` for the first metric in
+``*_pct``, ``fraction*``; p99 too for ``*_us`` spreads, and ``verified`` where rows have it),
+one table per value of the rows' optional ``table`` key, then the baselines, then an optional
+``targets`` list (``{"target", "sense", "bound", "measured", "met"}``) as a met / not met
+table; plotted as one line per series against ``size_bytes`` for the first metric in
 ``PLOT_METRICS`` present, baselines without a size as horizontal lines. Values may be numbers
 or benchmeta.spread() dicts (median plotted, p10-p90 as error bars).
 """
@@ -393,18 +396,25 @@ def gpu_check_table(name: str, d: Dict[str, Any]) -> str:
 
 
 def _metrics(r: Dict[str, Any]) -> List[str]:
-    keep = ("_per_s", "_us", "_s", "gbps")
+    keep = ("_per_s", "_us", "_s", "gbps", "_pct")
     return [
         k for k in r if (k.endswith(keep) or k.startswith("fraction")) and med(r[k]) is not None
     ]
 
 
-def generic_table(name: str, d: Dict[str, Any]) -> str:
-    rows = list(d.get("rows") or []) + [dict(b, baseline=True) for b in d.get("baselines") or []]
+def _generic_rows(rows: List[Dict[str, Any]]) -> str:
     metrics: List[str] = []
     for r in rows:
         metrics += [k for k in _metrics(r) if k not in metrics]
-    head = ["series", "size"] + [m + " (median, p10-p90)" for m in metrics]
+    p99 = {m for m in metrics if any(_q(r.get(m), "p99") is not None for r in rows)}
+    p99 &= {m for m in metrics if m.endswith("_us")}
+    checked = any("verified" in r for r in rows)
+    head = ["series", "size"] + [
+        m + (" (median, p10-p90; p99)" if m in p99 else "") for m in metrics
+    ]
+    head = [h if "(" in h or not any(isinstance(r.get(h), dict) for r in rows)
+            else h + " (median, p10-p90)" for h in head]  # fmt: skip
+    head += ["verified"] if checked else []
     out = []
     for r in rows:
         label = str(r.get("series") or r.get("op") or r.get("path") or "")
@@ -415,10 +425,47 @@ def generic_table(name: str, d: Dict[str, Any]) -> str:
             v = r.get(m)
             c = fmt(med(v), 2)
             if _q(v, "p10") is not None:
-                c += f" ({fmt(_q(v, 'p10'), 2)}-{fmt(_q(v, 'p90'), 2)})"
+                c += f" ({fmt(_q(v, 'p10'), 2)}-{fmt(_q(v, 'p90'), 2)}"
+                c += f"; {fmt(_q(v, 'p99'), 2)})" if m in p99 else ")"
             cells.append(c)
+        if checked:
+            cells.append("" if "verified" not in r else "yes" if r["verified"] else "**no**")
         out.append(cells)
-    return "\n".join([header(name, d), "", table(head, out)])
+    return table(head, out)
+
+
+def _targets_table(targets: List[Dict[str, Any]]) -> str:
+    out = []
+    for t in targets:
+        met = t.get("met")
+        m = t.get("measured")
+        out.append([
+            str(t.get("target", "")),
+            f"{t.get('sense', '')} {fmt(t.get('bound'), 2)}",
+            fmt(m, 3 if isinstance(m, (int, float)) and abs(m) < 10 else 1),
+            "met" if met else "**not met**" if met is False else "not measured",
+        ])  # fmt: skip
+    return table(["target", "bound", "measured", "result"], out)
+
+
+def generic_table(name: str, d: Dict[str, Any]) -> str:
+    """Rows grouped by their ``table`` key (else all together), one table per group; then the
+    baselines; then ``targets`` (``[{"target", "sense", "bound", "measured", "met"}]``)."""
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for r in d.get("rows") or []:
+        groups.setdefault(str(r.get("table") or ""), []).append(r)
+    base = [dict(b, baseline=True) for b in d.get("baselines") or []]
+    if base and list(groups) == [""]:
+        groups[""] += base
+    elif base:
+        groups["baselines"] = base
+    parts = [header(name, d)]
+    for title, rows in groups.items():
+        parts += ["", f"**{title}**", ""] if title else [""]
+        parts.append(_generic_rows(rows))
+    if d.get("targets"):
+        parts += ["", "**targets**", "", _targets_table(d["targets"])]
+    return "\n".join(parts)
 
 
 TABLES: Dict[str, Callable[[str, Dict[str, Any]], str]] = {
@@ -585,16 +632,22 @@ def plot_generic(ax_list, files):
             ax.errorbar(xs, ys, yerr=[[y - lo for y, lo in zip(ys, los)],
                                       [hi - y for y, hi in zip(ys, his)]],
                         fmt="o-", capsize=2, label=f"{key} ({_short(name)})")  # fmt: skip
+        sized: Dict[str, List[Tuple[float, float]]] = {}
         for b in d.get("baselines") or []:
             v = med(b.get(metric))
             if v is None:
                 continue
             lab = f"{b.get('series', 'baseline')} (baseline)"
             if b.get("size_bytes") is not None:
-                ax.plot([b["size_bytes"]], [v], "k*", label=lab)
+                sized.setdefault(lab, []).append((b["size_bytes"], v))
             else:
                 ax.axhline(v, linestyle="--", color="gray", label=lab)
+        for lab, pts in sized.items():
+            ax.plot(*zip(*sorted(pts)), "k*--", label=lab)
     ax.set_xscale("log", base=2)
+    vals = [y for line in ax.get_lines() for y in line.get_ydata() if y > 0]
+    if vals and max(vals) / min(vals) > 30:
+        ax.set_yscale("log")
     ax.set_xlabel("size, bytes")
     ax.set_ylabel(metric.replace("_", " "))
 
