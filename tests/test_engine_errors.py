@@ -486,7 +486,9 @@ def killed_peer_scenario(provider: str, small_writes: bool, max_op_bytes: int = 
     pytest down). SIGKILLs the receiver while writes are in flight and checks that the parent's
     futures finish, that the engine stays usable and that a new peer then receives correctly."""
     big = 32 * MiB
-    extra = {"max_op_bytes": max_op_bytes} if max_op_bytes else {}
+    # The shm workaround needs injected operations: small ones, completing locally (a delivered
+    # write waits for the target's response, which a dead peer never sends).
+    extra = {"max_op_bytes": max_op_bytes, "completion": "local"} if max_op_bytes else {}
     eng = make_engine(provider, 2, timeout=ENGINE_TIMEOUT, min_shard_bytes=64 * KiB, **extra)
     peers = []
     try:
@@ -592,8 +594,9 @@ def test_peer_killed_with_small_writes_in_flight(provider: str) -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("small_writes", [False, True])
 def test_shm_with_injected_operations_survives_a_killed_peer(small_writes: bool) -> None:
-    """The shm workaround: with every operation at most 4 KiB (injected, no response from the
-    target), a peer killed mid-transfer leaves the engine working, as on tcp."""
+    """The shm workaround: with every operation at most 4 KiB and local completion (injected, no
+    response from the target), a peer killed mid-transfer leaves the engine working, as on
+    tcp."""
     require_provider("shm")
     run_isolated(
         "test_engine_errors", "killed_peer_scenario", "shm", small_writes, 4096, timeout=100

@@ -15,6 +15,8 @@
 //!   until each of its writes there has completed (delivered), drops any NVLink mapping of it, and
 //!   answers `RevokeAck`. The owner closes the registration, releases the memory and returns from
 //!   `unregister()` only then (or after the revoke timeout, for a holder that never answers).
+//! - `Bye`: a stopping engine tells every peer it knows, which fail what they have for it at
+//!   once (instead of at their transfers' deadlines).
 //! - `Landed` acknowledges staged messages: the owner sends it once a staged chunk sits in the
 //!   destination's (GPU) memory, or was refused, so a delivered staged write completes only then.
 //!
@@ -44,6 +46,8 @@ pub(crate) enum Ctrl {
     RevokeAck { region: u64 },
     /// Owner -> writer: staged chunks `token` landed (true) or were refused (false).
     Landed { entries: Vec<(u64, bool)> },
+    /// An engine that is stopping, to every peer it knows: fail what you have for me now.
+    Bye,
 }
 
 const LEASE_REQ: u8 = 1;
@@ -52,6 +56,7 @@ const LEASE_REFUSED: u8 = 3;
 const REVOKE: u8 = 4;
 const REVOKE_ACK: u8 = 5;
 const LANDED: u8 = 6;
+const BYE: u8 = 7;
 
 /// Most `Landed` entries in one message (9 bytes each, far below a message buffer).
 pub(crate) const MAX_LANDED: usize = 1024;
@@ -101,6 +106,7 @@ impl Ctrl {
                     out.push(*ok as u8);
                 }
             }
+            Ctrl::Bye => out.push(BYE),
         }
         out
     }
@@ -139,6 +145,7 @@ impl Ctrl {
                 }
                 Ctrl::Landed { entries }
             }
+            BYE => Ctrl::Bye,
             _ => return None,
         };
         (r.at == b.len()).then_some(c)
@@ -192,6 +199,7 @@ mod tests {
             Ctrl::Landed {
                 entries: vec![(1, true), (u64::MAX, false)],
             },
+            Ctrl::Bye,
         ]
     }
 

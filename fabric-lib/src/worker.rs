@@ -257,6 +257,8 @@ struct Active {
     /// The transfer's whole allowance, for the error message.
     timeout: Duration,
     reported: bool,
+    /// The peers its ops go to (a peer's `Bye` fails the transfer at once).
+    peers: Vec<u32>,
     _keep: Vec<Arc<RegionInner>>,
     payload: Option<Vec<u8>>,
 }
@@ -293,6 +295,15 @@ struct Lease {
     inflight: usize,
 }
 
+/// A control message waiting to be sent.
+struct CtrlOut {
+    peer: u32,
+    body: Vec<u8>,
+    /// The lease a request is for (a failed send fails the writes waiting for it).
+    lease: Option<u32>,
+    since: Instant,
+}
+
 /// A region being unregistered, closed once `finish_revocations` finds it safe.
 struct Revocation {
     id: u64,
@@ -309,6 +320,53 @@ struct PeerEntry {
     /// The peer's NVLink mailbox name, and the mailbox once opened.
     mailbox_name: Option<String>,
     mailbox: Option<crate::nvlink::Mailbox>,
+    /// The peer's doorbell (see [`Doorbell`]); None once ringing it failed (another host).
+    bell: Option<std::os::unix::net::SocketAddr>,
+    last_ring: Option<Instant>,
+}
+
+/// A same-host doorbell: an abstract Unix datagram socket named after the engine, for the
+/// providers whose completion queue has no wait descriptor (shm; udp and net between processes
+/// of one host). A peer rings it when it posts to this engine (at most once a millisecond), so
+/// an idle worker sleeps until traffic instead of napping. The worker spins for `spin` after a
+/// ring, which covers the writes that follow without a ring each.
+struct Doorbell {
+    sock: std::os::unix::net::UnixDatagram,
+}
+
+impl Doorbell {
+    fn name(engine_id: u64) -> String {
+        format!("stolon-bell-{engine_id:016x}")
+    }
+
+    fn addr(engine_id: u64) -> Option<std::os::unix::net::SocketAddr> {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(Self::name(engine_id)).ok()
+    }
+
+    fn bind(engine_id: u64) -> Option<Self> {
+        let sock = std::os::unix::net::UnixDatagram::bind_addr(&Self::addr(engine_id)?).ok()?;
+        sock.set_nonblocking(true).ok()?;
+        Some(Doorbell { sock })
+    }
+
+    /// Empties the socket; true if anything had rung.
+    fn drain(&self) -> bool {
+        let mut b = [0u8; 16];
+        let mut rang = false;
+        while self.sock.recv(&mut b).is_ok() {
+            rang = true;
+        }
+        rang
+    }
+}
+
+/// Why the worker woke up.
+enum Woke {
+    Request(Request),
+    /// Its doorbell rang or a completion queue's descriptor fired: traffic is arriving.
+    Rung,
+    Timeout,
 }
 
 /// How a peer's GPU region is reached over NVLink.
@@ -431,8 +489,8 @@ pub(crate) struct Worker {
     peer_of_engine: HashMap<u64, u32>,
     /// Regions being unregistered.
     revocations: Vec<Revocation>,
-    /// Control messages waiting for a send buffer: (peer, body, the lease a request is for).
-    ctrl_out: VecDeque<(u32, Vec<u8>, Option<u32>)>,
+    /// Control messages waiting to be sent.
+    ctrl_out: VecDeque<CtrlOut>,
     /// `Landed` entries to send, per peer, flushed once per loop.
     landed_out: HashMap<u32, Vec<(u64, bool)>>,
     /// Delivered staged chunks waiting for the owner's `Landed`: token -> (slot, lease).
@@ -442,6 +500,10 @@ pub(crate) struct Worker {
     local_inflight: HashMap<u64, usize>,
     /// Regions whose refusals were logged (once each).
     logged_refusals: HashSet<u64>,
+    /// Peers that said `Bye`: ops to them fail at once.
+    gone: HashSet<u32>,
+    /// This engine's doorbell, where some domain has no wait descriptor.
+    doorbell: Option<Doorbell>,
     /// Completion entries reused by every poll.
     cq_entries: Vec<fi::fi_cq_data_entry>,
 }
@@ -532,9 +594,14 @@ impl Worker {
             next_token: 1,
             local_inflight: HashMap::new(),
             logged_refusals: HashSet::new(),
+            gone: HashSet::new(),
+            doorbell: None,
             cq_entries: cq_entry_buffer(64),
             cfg,
         };
+        if w.domains.iter().any(|d| d.wait_fd().is_none()) {
+            w.doorbell = Doorbell::bind(w.shared.engine_id);
+        }
         let ptr = w.msg_mem.as_ptr() as usize;
         let keys = w.register(INTERNAL_REGION, ptr, msg_len)?;
         let mut addrs = Vec::with_capacity(nd);
@@ -739,13 +806,17 @@ impl Worker {
             } else if now.duration_since(last_busy) > self.cfg.spin && self.watches.is_empty() {
                 // Idle (watched counters are polled instead: they are the low-latency path).
                 match self.sleep(nap) {
-                    Some(Request::Stop) => break,
-                    Some(req) => {
+                    Woke::Request(Request::Stop) => break,
+                    Woke::Request(req) => {
                         self.handle(req);
                         last_busy = Instant::now();
                         nap = Duration::from_micros(20);
                     }
-                    None => {
+                    Woke::Rung => {
+                        last_busy = Instant::now();
+                        nap = Duration::from_micros(20);
+                    }
+                    Woke::Timeout => {
                         let cap = if self.shared.imm.has_waiters() {
                             self.cfg.max_sleep.min(Duration::from_micros(50))
                         } else {
@@ -766,8 +837,21 @@ impl Worker {
     /// microseconds unless dead; bounded by the revoke timeout) and control messages leave, so
     /// no peer is left sending an answer to an endpoint that is closing.
     fn drain_before_stop(&mut self) {
+        // Every peer hears `Bye`, so its transfers here fail now rather than at their deadline.
+        let known: Vec<u32> = self
+            .peers
+            .iter()
+            .filter(|(id, p)| p.addrs.is_ok() && !self.gone.contains(id))
+            .map(|(&id, _)| id)
+            .collect();
+        for peer in known {
+            self.send_ctrl(peer, Ctrl::Bye);
+        }
         let deadline = Instant::now() + self.cfg.revoke_timeout;
-        while (!self.revocations.is_empty() || !self.ctrl_out.is_empty())
+        // A short grace for the goodbyes (their sends completing), more for revocations.
+        let bye_deadline = Instant::now() + Duration::from_millis(200);
+        let all_sent = |w: &Self| w.ctrl_out.is_empty() && w.free_send.len() == w.cfg.send_buffers;
+        while (!self.revocations.is_empty() || (!all_sent(self) && Instant::now() < bye_deadline))
             && Instant::now() < deadline
         {
             for d in 0..self.domains.len() {
@@ -785,35 +869,38 @@ impl Worker {
         }
     }
 
-    /// Sleeps until a request arrives or, where every domain has a wait descriptor and nothing
-    /// else needs polling (staged copies, the NVLink mailbox, queued ops), until traffic
-    /// arrives: `fi_trywait`, then `ppoll` on the CQ descriptors and the request doorbell. Where
-    /// some domain has none (shm, udp), it naps for `nap` instead. Returns a request taken
-    /// while going to sleep.
-    fn sleep(&mut self, nap: Duration) -> Option<Request> {
+    /// Sleeps until a request arrives or, where nothing needs polling (staged copies, the
+    /// NVLink mailbox, queued ops, and, on domains without a wait descriptor, transfers waiting
+    /// for completions), until traffic arrives: `fi_trywait`, then `ppoll` on the CQ
+    /// descriptors, the doorbell and the request eventfd. Otherwise it naps for `nap`.
+    fn sleep(&mut self, nap: Duration) -> Woke {
         let waker = &self.shared.waker;
         waker.sleeping.store(true, Ordering::SeqCst);
-        // A request sent before the flag was set did not ring the doorbell: look once more.
+        // A request sent before the flag was set did not ring the eventfd: look once more.
         if let Ok(req) = self.rx.try_recv() {
             waker.sleeping.store(false, Ordering::SeqCst);
-            return Some(req);
+            return Woke::Request(req);
         }
+        let all_fds = self.domains.iter().all(|d| d.wait_fd().is_some());
+        let quiet = self.active.iter().all(Option::is_none) && self.awaiting_landed.is_empty();
         let blocking = self.copies.is_empty()
             && self.mailbox.is_none()
             && self.n_pending == 0
             && self.ctrl_out.is_empty()
-            && self.domains.iter().all(|d| d.wait_fd().is_some());
+            && (all_fds || (self.doorbell.is_some() && quiet));
         let timeout = if blocking {
-            // Every domain must agree that nothing is pending, else poll again.
-            if !self.domains.iter_mut().all(|d| d.trywait()) {
+            // Every domain with a descriptor must agree that nothing is pending.
+            if !self
+                .domains
+                .iter_mut()
+                .filter(|d| d.wait_fd().is_some())
+                .all(|d| d.trywait())
+            {
                 waker.sleeping.store(false, Ordering::SeqCst);
-                return None;
+                return Woke::Timeout;
             }
             // Deadlines, expiring waits and revocations are checked at this pace.
-            if self.active.iter().any(Option::is_some)
-                || !self.revocations.is_empty()
-                || self.shared.imm.has_waiters()
-            {
+            if !quiet || !self.revocations.is_empty() || self.shared.imm.has_waiters() {
                 Duration::from_millis(5)
             } else {
                 Duration::from_millis(100)
@@ -821,16 +908,24 @@ impl Worker {
         } else {
             nap
         };
-        let mut fds = Vec::with_capacity(1 + self.domains.len());
+        let mut fds = Vec::with_capacity(2 + self.domains.len());
         fds.push(libc::pollfd {
             fd: waker.fd,
             events: libc::POLLIN,
             revents: 0,
         });
+        if let Some(b) = &self.doorbell {
+            use std::os::fd::AsRawFd;
+            fds.push(libc::pollfd {
+                fd: b.sock.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
         if blocking {
-            for d in &self.domains {
+            for fd in self.domains.iter().filter_map(|d| d.wait_fd()) {
                 fds.push(libc::pollfd {
-                    fd: d.wait_fd().expect("checked above"),
+                    fd,
                     events: libc::POLLIN,
                     revents: 0,
                 });
@@ -854,7 +949,45 @@ impl Worker {
         if fds[0].revents != 0 {
             waker.drain();
         }
-        self.rx.try_recv().ok()
+        if let Ok(req) = self.rx.try_recv() {
+            return Woke::Request(req);
+        }
+        // Traffic on a completion queue (plain writes make no completion here, but the target
+        // must keep progressing them) or the doorbell: spin for a while, as after any work.
+        let bell = usize::from(self.doorbell.is_some());
+        let traffic = fds[1 + bell..].iter().any(|f| f.revents != 0);
+        let rung =
+            bell == 1 && fds[1].revents != 0 && self.doorbell.as_ref().is_some_and(|b| b.drain());
+        if traffic || rung {
+            Woke::Rung
+        } else {
+            Woke::Timeout
+        }
+    }
+
+    /// An op was posted to `peer` on domain `d`: where the peer's provider has no wait
+    /// descriptor, ring its doorbell (at most once a millisecond) so it wakes to progress it.
+    fn ring(&mut self, peer: u32, d: usize) {
+        if self.domains[d].wait_fd().is_some() {
+            return;
+        }
+        let (Some(bell), Some(p)) = (&self.doorbell, self.peers.get_mut(&peer)) else {
+            return;
+        };
+        let Some(addr) = &p.bell else {
+            return;
+        };
+        let now = Instant::now();
+        if p.last_ring
+            .is_some_and(|t| now.duration_since(t) < Duration::from_millis(1))
+        {
+            return;
+        }
+        p.last_ring = Some(now);
+        if bell.sock.send_to_addr(&[1], addr).is_err() {
+            // No such engine on this host (a remote peer): it progresses on its own naps.
+            p.bell = None;
+        }
     }
 
     fn handle(&mut self, req: Request) {
@@ -995,6 +1128,8 @@ impl Worker {
             id,
             PeerEntry {
                 addrs,
+                bell: Doorbell::addr(addr.engine_id),
+                last_ring: None,
                 mailbox_name,
                 mailbox: None,
             },
@@ -1021,12 +1156,16 @@ impl Worker {
                 (self.active.len() - 1) as u32
             }
         };
+        let mut peers: Vec<u32> = ops.iter().map(|o| o.peer).collect();
+        peers.sort_unstable();
+        peers.dedup();
         self.active[slot as usize] = Some(Active {
             remaining: ops.len(),
             state,
             deadline,
             timeout,
             reported: false,
+            peers,
             _keep: keep,
             payload,
         });
@@ -1106,8 +1245,12 @@ impl Worker {
             writer: self.shared.addr_bytes.get().cloned().unwrap_or_default(),
         };
         let peer = l.peer;
-        self.ctrl_out
-            .push_back((peer, msg.encode(), Some(op.lease)));
+        self.ctrl_out.push_back(CtrlOut {
+            peer,
+            body: msg.encode(),
+            lease: Some(op.lease),
+            since: now,
+        });
         self.flush_ctrl();
         Ok(false)
     }
@@ -1115,6 +1258,9 @@ impl Worker {
     /// Returns Ok(true) when posted (or parked until its lease is answered), Ok(false) when it
     /// must be retried.
     fn try_post(&mut self, op: Op, slot: u32) -> Result<bool> {
+        if self.gone.contains(&op.peer) {
+            return Err(peer_stopped(op.peer));
+        }
         if !self.lease_gate(op, slot)? {
             return Ok(true);
         }
@@ -1156,6 +1302,7 @@ impl Worker {
                             let s = &self.shared.stats[d];
                             s.write_ops.fetch_add(1, Ordering::Relaxed);
                             s.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
+                            self.ring(op.peer, d);
                             self.op_done(op, slot, Ok(()));
                             Ok(true)
                         }
@@ -1201,7 +1348,7 @@ impl Worker {
                         ctx,
                     )
                 };
-                self.finish_post(d, ctx, r)
+                self.finish_post(op.peer, d, ctx, r)
             }
             OpKind::Send => {
                 let Some(buf) = self.free_send.pop() else {
@@ -1411,7 +1558,7 @@ impl Worker {
                         ctx,
                     )
                 };
-                self.finish_post(d, ctx, r)
+                self.finish_post(op.peer, d, ctx, r)
             }
             _ => {
                 let ctx = self.alloc_ctx(Tag::Send {
@@ -1424,7 +1571,7 @@ impl Worker {
                 });
                 // SAFETY: as above; the message is the header plus `len` bytes.
                 let r = unsafe { self.domains[d].post_send(p, HEADER + len, desc, dest, ctx) };
-                self.finish_post(d, ctx, r)
+                self.finish_post(op.peer, d, ctx, r)
             }
         };
         if !matches!(r, Ok(true)) {
@@ -1639,9 +1786,18 @@ impl Worker {
         }
     }
 
-    fn finish_post(&mut self, d: usize, ctx: *mut c_void, r: Result<Posted>) -> Result<bool> {
+    fn finish_post(
+        &mut self,
+        peer: u32,
+        d: usize,
+        ctx: *mut c_void,
+        r: Result<Posted>,
+    ) -> Result<bool> {
         match r {
-            Ok(Posted::Yes) => Ok(true),
+            Ok(Posted::Yes) => {
+                self.ring(peer, d);
+                Ok(true)
+            }
             other => {
                 // The op was not posted, so libfabric holds no reference to ctx.
                 self.take_ctx(ctx);
@@ -2005,45 +2161,67 @@ impl Worker {
 
     /// Queues a control message to `peer`; sent as soon as a send buffer is free.
     fn send_ctrl(&mut self, peer: u32, msg: Ctrl) {
-        self.ctrl_out.push_back((peer, msg.encode(), None));
+        self.ctrl_out.push_back(CtrlOut {
+            peer,
+            body: msg.encode(),
+            lease: None,
+            since: Instant::now(),
+        });
         self.flush_ctrl();
     }
 
-    /// Sends queued control messages while send buffers last; true if any left.
+    /// Sends queued control messages while send buffers last; true if any was sent. A message
+    /// its peer's queue refuses ("again") waits behind the others, not in front of them (a dead
+    /// peer must not hold up the answers to live ones), and is dropped after the revoke
+    /// timeout; messages to peers that said `Bye` are dropped.
     fn flush_ctrl(&mut self) -> bool {
         let mut sent = false;
-        while let Some((peer, body, lease)) = self.ctrl_out.pop_front() {
+        for _ in 0..self.ctrl_out.len() {
+            let Some(m) = self.ctrl_out.pop_front() else {
+                break;
+            };
+            let token = m.lease.map_or(0, |l| l as u64 + 1);
+            if self.gone.contains(&m.peer) {
+                self.ctrl_failed(m.peer, token, peer_stopped(m.peer));
+                continue;
+            }
             let Some(buf) = self.free_send.pop() else {
-                self.ctrl_out.push_front((peer, body, lease));
+                self.ctrl_out.push_front(m);
                 break;
             };
             let p = self.send_buf(buf);
             // SAFETY: p is a send buffer of HEADER + max_message bytes; control bodies are far
             // below max_message (a descriptor and an address, or at most MAX_LANDED entries).
             unsafe {
-                let mut h = Header::message(KIND_CTRL, body.len());
+                let mut h = Header::message(KIND_CTRL, m.body.len());
                 h.writer = self.shared.engine_id;
                 h.encode(std::slice::from_raw_parts_mut(p, HEADER));
-                std::ptr::copy_nonoverlapping(body.as_ptr(), p.add(HEADER), body.len());
+                std::ptr::copy_nonoverlapping(m.body.as_ptr(), p.add(HEADER), m.body.len());
             }
             let op = Op {
                 domain: 0,
-                peer,
+                peer: m.peer,
                 kind: OpKind::Send,
                 lease: NO_LEASE,
                 delivered: false,
             };
             // A lease request's send carries the lease (+1) as its token, so a failed send
             // fails the writes waiting for it.
-            let token = lease.map_or(0, |l| l as u64 + 1);
-            match self.post_from_send_buf(op, CTRL, buf, body.len(), token) {
+            match self.post_from_send_buf(op, CTRL, buf, m.body.len(), token) {
                 Ok(true) => sent = true,
-                Ok(false) => {
-                    // The buffer was released; try again on the next loop.
-                    self.ctrl_out.push_front((peer, body, lease));
-                    break;
+                Ok(false) if m.since.elapsed() < self.cfg.revoke_timeout => {
+                    // The buffer was released; try again after the others.
+                    self.ctrl_out.push_back(m);
                 }
-                Err(e) => self.ctrl_failed(peer, token, e),
+                Ok(false) => self.ctrl_failed(
+                    m.peer,
+                    token,
+                    Error::TransferFailed(format!(
+                        "peer {} took no message for {:?}",
+                        m.peer, self.cfg.revoke_timeout
+                    )),
+                ),
+                Err(e) => self.ctrl_failed(m.peer, token, e),
             }
         }
         sent
@@ -2182,6 +2360,11 @@ impl Worker {
                     r.waiting.remove(&peer);
                 }
             }
+            Ctrl::Bye => {
+                if let Some(peer) = self.shared.peer_of_engine(from) {
+                    self.peer_gone(peer);
+                }
+            }
             Ctrl::Landed { entries } => {
                 for (token, ok) in entries {
                     let Some((slot, lease)) = self.awaiting_landed.remove(&token) else {
@@ -2199,6 +2382,38 @@ impl Worker {
                     self.done(slot, lease, None, r);
                 }
             }
+        }
+    }
+
+    /// Peer `peer` stopped (it said `Bye`): its leases close, transfers to it fail now, no
+    /// revocation waits for it.
+    fn peer_gone(&mut self, peer: u32) {
+        self.gone.insert(peer);
+        let err = peer_stopped(peer);
+        let leases: Vec<u32> = self
+            .leases_of
+            .iter()
+            .filter(|((p, _), _)| *p == peer)
+            .flat_map(|(_, v)| v.iter().copied())
+            .collect();
+        for i in leases {
+            let l = &mut self.leases[i as usize];
+            l.state = LeaseState::Closed(err.clone());
+            for p in std::mem::take(&mut l.parked) {
+                self.op_done(p.op, p.slot, Err(err.clone()));
+            }
+        }
+        for a in self.active.iter_mut().flatten() {
+            if !a.reported && a.peers.contains(&peer) {
+                a.reported = true;
+                a.state.complete(Err(err.clone()));
+            }
+        }
+        for h in self.holders.values_mut() {
+            h.remove(&peer);
+        }
+        for r in &mut self.revocations {
+            r.waiting.remove(&peer);
         }
     }
 
@@ -2451,6 +2666,11 @@ impl Worker {
         self.pending.clear();
         self.n_pending = 0;
     }
+}
+
+/// The error of transfers to a peer that stopped.
+fn peer_stopped(peer: u32) -> Error {
+    Error::TransferFailed(format!("peer {peer} stopped its engine"))
 }
 
 fn cq_entry_buffer(n: usize) -> Vec<fi::fi_cq_data_entry> {
