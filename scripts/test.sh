@@ -12,7 +12,7 @@ export NVCC STOLON_REQUIRE_KERNELS=1
 echo "== cargo test"
 cargo test --workspace --exclude stolon-python
 unset NVCC STOLON_REQUIRE_KERNELS
-PYDEPS=(pytest hypothesis numpy pytest-timeout ruff mypy typing_extensions ml_dtypes)
+PYDEPS=(pytest hypothesis numpy pytest-timeout ruff mypy typing_extensions ml_dtypes matplotlib)
 # torch (used on the CPU) for the KV-cache end-to-end test's small transformer; GPU tests skip
 # without GPUs. The wheel from PyPI brings its CUDA libraries (a few GB), needed to import it.
 TORCH="torch==2.11.*"

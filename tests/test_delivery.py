@@ -345,7 +345,9 @@ def test_stopping_a_receiver_while_peers_stream_into_it_in_one_process() -> None
         dst = b.register(mem)
         flag = threading.Event()
         errors: list = []
-        th = threading.Thread(target=_stream_until_error, args=(a, src, dst.descriptor, flag, errors))
+        th = threading.Thread(
+            target=_stream_until_error, args=(a, src, dst.descriptor, flag, errors)
+        )
         th.start()
         time.sleep(0.01)
         b.stop()

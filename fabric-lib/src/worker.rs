@@ -2521,8 +2521,9 @@ impl Worker {
         while i < self.revocations.len() {
             let r = &self.revocations[i];
             let answered = r.waiting.is_empty() || now >= r.deadline;
-            let unused = !self.local_inflight.contains_key(&r.id)
-                && !(self.staged_regions.contains_key(&r.id) && !self.copies.is_empty());
+            // No local write reads it, and no staged copy can still be writing into it.
+            let copying = self.staged_regions.contains_key(&r.id) && !self.copies.is_empty();
+            let unused = !self.local_inflight.contains_key(&r.id) && !copying;
             if !(answered && unused) {
                 i += 1;
                 continue;

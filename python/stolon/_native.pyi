@@ -1,6 +1,6 @@
 """Type stubs for the native module (checked against the built module by mypy.stubtest)."""
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, final
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union, final
 
 from typing_extensions import disjoint_base
 
@@ -208,6 +208,10 @@ class PreparedTransfer:
 
 _ScatterItem = Tuple[MemoryDescriptor, int, int, int]
 
+# What a transfer's success means: "delivered" (the default: every byte is in the
+# destination's memory) or "local" (only that the source may be reused).
+_Completion = Literal["delivered", "local"]
+
 @disjoint_base
 class TransferEngine:
     def __new__(
@@ -228,6 +232,8 @@ class TransferEngine:
         max_sleep_us: int = 500,
         cuda_device: Optional[int] = None,
         nvlink: bool = True,
+        completion: _Completion = "delivered",
+        revoke_timeout: float = 5.0,
     ) -> TransferEngine: ...
     @property
     def address(self) -> Address: ...
@@ -258,6 +264,7 @@ class TransferEngine:
         sharding: Optional[str] = None,
         pin_domain: Optional[int] = None,
         timeout: Optional[float] = None,
+        completion: Optional[_Completion] = None,
     ) -> TransferFuture: ...
     def prepare_write(
         self,
@@ -271,6 +278,7 @@ class TransferEngine:
         sharding: Optional[str] = None,
         pin_domain: Optional[int] = None,
         timeout: Optional[float] = None,
+        completion: Optional[_Completion] = None,
     ) -> PreparedTransfer: ...
     def prepare_paged(
         self,
@@ -288,6 +296,7 @@ class TransferEngine:
         sharding: Optional[str] = None,
         pin_domain: Optional[int] = None,
         timeout: Optional[float] = None,
+        completion: Optional[_Completion] = None,
     ) -> PreparedTransfer: ...
     def submit(self, prepared: PreparedTransfer) -> TransferFuture: ...
     def watch(
@@ -306,7 +315,12 @@ class TransferEngine:
         timeout: Optional[float] = None,
     ) -> None: ...
     def write_imm(
-        self, peer: Address, imm: int, *, timeout: Optional[float] = None
+        self,
+        peer: Address,
+        imm: int,
+        *,
+        timeout: Optional[float] = None,
+        completion: Optional[_Completion] = None,
     ) -> TransferFuture: ...
     def write_paged(
         self,
@@ -324,6 +338,7 @@ class TransferEngine:
         sharding: Optional[str] = None,
         pin_domain: Optional[int] = None,
         timeout: Optional[float] = None,
+        completion: Optional[_Completion] = None,
     ) -> TransferFuture: ...
     def scatter(
         self,
@@ -334,6 +349,7 @@ class TransferEngine:
         sharding: Optional[str] = None,
         pin_domain: Optional[int] = None,
         timeout: Optional[float] = None,
+        completion: Optional[_Completion] = None,
     ) -> TransferFuture: ...
     def send(
         self, peer: Address, data: bytes, *, timeout: Optional[float] = None
