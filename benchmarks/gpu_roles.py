@@ -121,6 +121,24 @@ def receiver(cfg: Dict[str, Any], conn) -> None:
             elif op == "unregister":
                 eng.unregister(r)
                 conn.send(("ok", None))
+            elif op == "victim":
+                # A second GPU region, for the revocation check.
+                victim = torch.zeros(cfg["size"], dtype=torch.uint8, device=dst.device)
+                vr = eng.register(victim)
+                conn.send(("ok", (vr.descriptor.to_bytes(), victim.data_ptr())))
+            elif op == "revoke_victim":
+                # Unregister (returns once no writer can write it), free it, let the caching
+                # allocator hand the memory to a new tensor, and paint that with a canary.
+                old_ptr = victim.data_ptr()
+                eng.unregister(vr)
+                del vr, victim
+                fresh = torch.empty(cfg["size"], dtype=torch.uint8, device=dst.device)
+                fresh.fill_(0xCC)
+                torch.cuda.synchronize()
+                conn.send(("ok", fresh.data_ptr() == old_ptr))
+            elif op == "check_fresh":
+                torch.cuda.synchronize()
+                conn.send(("ok", bool((fresh == 0xCC).all().item())))
             elif op == "stats":
                 conn.send(("ok", (eng.stats(), eng.nvlink_stats())))
             elif op == "stop":

@@ -287,6 +287,39 @@ def test_fi_hmem_provider_takes_gpu_memory_directly() -> None:
         )
 
 
+@needs_gpu
+@pytest.mark.timeout(300)
+def test_nvlink_region_revoked_by_unregister_stays_untouched_after_reuse() -> None:
+    """Two processes on one GPU take the CUDA IPC path. Once the owner's unregister() returns,
+    the writer's writes through the old descriptor fail with WriteRejectedError, and the
+    memory, handed by torch's caching allocator to a new tensor, keeps its canary."""
+    roles = _roles()
+    size = 8 * MiB
+    dev = NGPU - 1
+    rx = roles.Remote({"device": dev, "size": size, "nvlink": True})
+    try:
+        torch.cuda.set_device(0)
+        eng = roles.engine(0, True)
+        with eng:
+            src = torch.full((size,), 0x5A, dtype=torch.uint8, device="cuda:0")
+            region = eng.register(src)
+            raw, _ptr = rx.call("victim")
+            desc = stolon.MemoryDescriptor.from_bytes(raw)
+            assert eng.path(region, desc) == "nvlink"
+            eng.write(region, 0, desc, 0, size, imm=3).wait(60)
+            reused = rx.call("revoke_victim")
+            with pytest.raises(stolon.WriteRejectedError):
+                eng.write(region, 0, desc, 0, size, imm=4).wait(60)
+            for _ in range(20):  # and later ones too
+                with pytest.raises(stolon.WriteRejectedError):
+                    eng.write(region, 0, desc, 0, 4096).wait(60)
+            torch.cuda.synchronize()
+            assert rx.call("check_fresh"), "bytes landed in memory reused after unregister()"
+            print(f"memory reused by the allocator at the same address: {reused}")
+    finally:
+        rx.close()
+
+
 def test_gpu_tests_are_collected_even_without_gpus() -> None:
     # This module is importable everywhere torch is; the GPU cases skip with a reason.
     assert os.path.basename(__file__) == "test_gpu.py"
