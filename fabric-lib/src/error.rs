@@ -3,8 +3,10 @@
 use std::time::Duration;
 
 /// Everything that can go wrong in the engine.
+///
+/// Not `#[non_exhaustive]`: the Python bindings convert it with one exhaustive `match`, so a new
+/// variant does not compile until it is given its exception class.
 #[derive(Debug, Clone, thiserror::Error)]
-#[non_exhaustive]
 pub enum Error {
     /// libfabric (or another native library) could not be loaded.
     #[error("{0}")]
@@ -55,7 +57,11 @@ pub enum Error {
     /// A wait ran past its deadline.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
-    /// A CUDA call failed, or CUDA is not usable here.
+    /// A CUDA driver call failed, or CUDA is not usable here (no driver, no GPU, a forked
+    /// child: [`stolon_cuda::Error::is_unavailable`]); the driver's error is kept as the source.
+    #[error("CUDA: {0}")]
+    CudaDriver(#[from] stolon_cuda::Error),
+    /// A CUDA precondition of the engine is not met (e.g. NVLink without `cuda_device`).
     #[error("CUDA: {0}")]
     Cuda(String),
     /// The engine was stopped.

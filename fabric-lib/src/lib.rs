@@ -40,6 +40,7 @@
 pub mod callbacks;
 pub mod desc;
 mod domain;
+pub mod domain_types;
 pub mod engine;
 pub mod error;
 pub mod imm;
@@ -48,6 +49,7 @@ pub mod libfabric;
 pub mod nvlink;
 pub mod reorder;
 pub mod shard;
+mod shared;
 mod staging;
 pub mod sys;
 pub mod transfer;

@@ -13,7 +13,7 @@ use std::ffi::CString;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::desc::{GpuDesc, NvlinkAddr};
-use crate::engine::{Path, RegionMem};
+use crate::domain_types::{Path, RegionMem};
 use crate::error::{Error, Result};
 
 /// How an NVLink writer maps the destination.

@@ -111,11 +111,11 @@ impl ShardParams {
         }
         if min_shard < MIN_SHARD_FLOOR {
             return Err(Error::Config(format!(
-                "min_shard must be >= {MIN_SHARD_FLOOR}"
+                "min_shard_bytes={min_shard} is below the minimum of {MIN_SHARD_FLOOR} (64 KiB)"
             )));
         }
         if max_op < SHARD_ALIGN {
-            return Err(Error::Config(format!("max_op must be >= {SHARD_ALIGN}")));
+            return Err(Error::Config(format!("max_op_bytes={max_op} is below the minimum of {SHARD_ALIGN}")));
         }
         Ok(ShardParams {
             domains,

@@ -135,7 +135,7 @@ impl Ticket {
 }
 
 pub(crate) fn cuda_err(e: stolon_cuda::Error) -> Error {
-    Error::Cuda(e.to_string())
+    Error::CudaDriver(e)
 }
 
 /// Memory a staged copy reads or writes.

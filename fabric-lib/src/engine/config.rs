@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+pub use crate::domain_types::is_socket_provider;
 use crate::libfabric::DomainSpec;
 use crate::shard::Sharding;
 use crate::transfer::Completion;
@@ -80,10 +81,4 @@ impl EngineConfig {
         }
         cfg
     }
-}
-
-/// Whether `provider` runs over IP sockets (and so takes a source address).
-pub fn is_socket_provider(provider: &str) -> bool {
-    let p = provider.split(';').next().unwrap_or("");
-    matches!(p, "tcp" | "net" | "udp" | "sockets")
 }

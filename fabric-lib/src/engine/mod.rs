@@ -27,22 +27,21 @@ use crate::worker::{Op, OpKind, Request, TransferReq, Trigger, Worker, WorkerCon
 mod config;
 mod gpu;
 mod region;
-mod shared;
 mod submit;
 
+pub use crate::shared::{DomainStats, StatsSnapshot};
+pub(crate) use crate::shared::{MessageCallback, MessageQueue, PeerTable, Shared, Waker};
 pub use config::{is_socket_provider, EngineConfig};
 use gpu::Share;
 pub use region::{MemoryRegion, Path, RegionMem};
 pub(crate) use region::{RegionInner, STAGED_HOST_DEVICE};
-pub use shared::{DomainStats, StatsSnapshot};
-pub(crate) use shared::{MessageCallback, MessageQueue, PeerTable, Shared, Waker};
 
 /// A validated, planned transfer that has not been submitted yet (see the `prepare_*` methods).
 /// Submit it with [`TransferEngine::submit`], or hand it to a watcher that submits it when a
 /// progress counter reaches its step.
 pub struct Prepared {
     ops: Vec<Op>,
-    keep: Vec<Arc<RegionInner>>,
+    keep: Vec<crate::worker::KeepAlive>,
     payload: Option<Vec<u8>>,
     imm_counts: Vec<usize>,
     timeout: Duration,

@@ -7,6 +7,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use crate::desc::MemDesc;
+pub use crate::domain_types::{Path, RegionMem};
 use crate::vmm_share::FdServer;
 use crate::worker::Request;
 
@@ -39,31 +40,6 @@ pub(crate) struct RegionInner {
     pub(super) owner: Option<Box<dyn Any + Send + Sync>>,
 }
 
-/// How a transfer's bytes travel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Path {
-    /// RMA writes between registered host memory.
-    Fabric,
-    /// Through pinned staging buffers (GPU memory over providers without GPU support).
-    Staged,
-    /// CUDA IPC copies between GPUs of one host, immediates through the peer's mailbox.
-    Nvlink,
-}
-
-/// What kind of memory a local region is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RegionMem {
-    /// Host memory registered with every domain.
-    Host,
-    /// GPU memory (device ordinal); moved through staging buffers over the fabric.
-    Gpu(u32),
-    /// GPU memory registered with every domain (providers with FI_HMEM): plain RMA.
-    GpuDirect(u32),
-    /// Host memory that peers write through the staging protocol, as they would GPU memory.
-    /// A test hook: it lets the protocol run on machines without a GPU.
-    StagedHost,
-}
-
 /// `GpuDesc::device` value that marks a staged host region.
 pub(crate) const STAGED_HOST_DEVICE: u32 = u32::MAX;
 
@@ -83,6 +59,11 @@ impl Drop for RegionInner {
 }
 
 impl MemoryRegion {
+    /// What a transfer holds to keep this region (and its memory) alive until its ops finish.
+    pub(crate) fn keep_alive(&self) -> crate::worker::KeepAlive {
+        self.inner.clone()
+    }
+
     /// What a peer needs to write here.
     pub fn descriptor(&self) -> &MemDesc {
         &self.inner.desc

@@ -81,7 +81,7 @@ impl TransferEngine {
     pub(super) fn prepared(
         &self,
         ops: Vec<Op>,
-        keep: Vec<Arc<RegionInner>>,
+        keep: Vec<crate::worker::KeepAlive>,
         payload: Option<Vec<u8>>,
         imm_counts: Vec<usize>,
         timeout: Option<Duration>,
@@ -174,7 +174,7 @@ impl TransferEngine {
         )?;
         let counts = vec![if imm.is_some() { plans.len() } else { 0 }];
         let ops = self.write_ops(&plans, src, &[dst], &[route], imm);
-        Ok(self.prepared(ops, vec![src.inner.clone()], None, counts, timeout))
+        Ok(self.prepared(ops, vec![src.keep_alive()], None, counts, timeout))
     }
 
     /// Immediates a receiver gets from [`Self::write`] of `len` bytes with an immediate;
@@ -263,7 +263,7 @@ impl TransferEngine {
             .plan_paged(sharding, self.rotation(), spec)?;
         let counts = vec![if imm.is_some() { plans.len() } else { 0 }];
         let ops = self.write_ops(&plans, src, &[dst], &[route], imm);
-        Ok(self.prepared(ops, vec![src.inner.clone()], None, counts, timeout))
+        Ok(self.prepared(ops, vec![src.keep_alive()], None, counts, timeout))
     }
 
     /// Immediates a receiver gets from a paged write of `pages` pages of `page_bytes`.
@@ -329,7 +329,7 @@ impl TransferEngine {
             }
         }
         let ops = self.write_ops(&plans, src, dsts, &routes, imm);
-        Ok(self.prepared(ops, vec![src.inner.clone()], None, counts, timeout))
+        Ok(self.prepared(ops, vec![src.keep_alive()], None, counts, timeout))
     }
 
     /// Sends a message to `peer`'s receive pool.
@@ -423,7 +423,7 @@ impl TransferEngine {
             imm,
             times,
             ops,
-            _keep: vec![src.inner.clone()],
+            _keep: vec![src.keep_alive()],
         };
         self.ask_worker(|reply| Request::Trigger(Box::new(trigger), reply))
     }

@@ -8,71 +8,9 @@
 use std::ffi::{c_void, CStr, CString};
 use std::ptr;
 
+pub use crate::domain_types::{CqError, DomainAttrs, DomainSpec, Posted};
 use crate::error::{Error, Result};
 use crate::sys::libfabric::{self as fi, LibFabric};
-
-/// Which provider and interface a domain uses.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DomainSpec {
-    /// libfabric provider name: `tcp` (`tcp;ofi_rxm`), `net`, `shm`, `udp` (`udp;ofi_rxd`), `efa`,
-    /// `verbs` (`verbs;ofi_rxm`), or any full provider string.
-    pub provider: String,
-    /// libfabric domain name (for socket providers the interface, e.g. `lo`, `eth0`).
-    pub interface: Option<String>,
-    /// Source address to bind (for socket providers an IP address of the interface).
-    pub node: Option<String>,
-    /// Ask for FI_HMEM (GPU memory registration); falls back to a host-only endpoint when the
-    /// provider cannot do it.
-    pub hmem: bool,
-}
-
-impl DomainSpec {
-    /// A spec for `provider` on its default interface.
-    pub fn new(provider: &str) -> Self {
-        DomainSpec {
-            provider: provider.to_string(),
-            interface: None,
-            node: None,
-            hmem: false,
-        }
-    }
-
-    /// The full libfabric provider string for a short name.
-    pub fn provider_string(&self) -> String {
-        match self.provider.as_str() {
-            "tcp" => "tcp;ofi_rxm".to_string(),
-            "udp" => "udp;ofi_rxd".to_string(),
-            "verbs" => "verbs;ofi_rxm".to_string(),
-            other => other.to_string(),
-        }
-    }
-}
-
-/// What the provider granted, read back from `fi_getinfo`.
-#[derive(Debug, Clone)]
-pub struct DomainAttrs {
-    pub provider: String,
-    pub fabric: String,
-    pub domain: String,
-    /// Remote addresses are absolute virtual addresses (`FI_MR_VIRT_ADDR` kept) rather than offsets.
-    pub virt_addr: bool,
-    /// The provider picks memory keys (`FI_MR_PROV_KEY` kept).
-    pub prov_key: bool,
-    /// Local buffers need a registration descriptor (`FI_MR_LOCAL` kept).
-    pub mr_local: bool,
-    pub max_msg_size: usize,
-    pub inject_size: usize,
-    pub tx_size: usize,
-    pub rx_size: usize,
-    pub cq_data_size: usize,
-    /// Small writes use `fi_inject_write*` (see [`inject_allowed`]).
-    pub use_inject: bool,
-    /// The provider registers GPU memory itself (FI_HMEM granted).
-    pub hmem: bool,
-    /// The completion queue has a file descriptor the worker can sleep on (`FI_WAIT_FD` with
-    /// `fi_trywait`); false where the provider offers none (shm, udp in 1.17).
-    pub wait_fd: bool,
-}
 
 /// A registered memory region on one domain; closed through [`FabricDomain::close_mr`].
 #[derive(Debug)]
@@ -92,23 +30,6 @@ impl Mr {
         // SAFETY: as in `key`.
         unsafe { (*self.raw).mem_desc }
     }
-}
-
-/// Outcome of posting an operation.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Posted {
-    /// Queued; a completion will follow.
-    Yes,
-    /// The queue is full or the peer is not yet connected: progress the CQ and retry.
-    Again,
-}
-
-/// A failed completion.
-#[derive(Debug)]
-pub struct CqError {
-    pub op_context: *mut c_void,
-    pub err: i32,
-    pub message: String,
 }
 
 /// One endpoint with its own fabric, domain, CQ and AV.
@@ -299,7 +220,9 @@ fn getinfo(
                 // Socket providers in 1.17 ignore the domain-name hint: bind the interface's own
                 // address instead, so `interface` really selects the interface.
                 let iface_node = match (&spec.interface, &spec.node) {
-                    (Some(iface), None) if crate::engine::is_socket_provider(&spec.provider) => {
+                    (Some(iface), None)
+                        if crate::domain_types::is_socket_provider(&spec.provider) =>
+                    {
                         Some(interface_ipv4(iface)?)
                     }
                     _ => None,

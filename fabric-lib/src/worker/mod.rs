@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use crate::desc::PeerAddr;
 use crate::domain::{Domain, MrHandle};
-use crate::engine::{RegionInner, Shared};
 use crate::error::{Error, Result};
 use crate::lease::{Ctrl, MAX_LANDED, NO_LEASE};
 use crate::libfabric::{CqError, Posted};
+use crate::shared::Shared;
 use crate::staging::{Copier, Header, Mem, Ticket, HEADER, KIND_CTRL, KIND_STAGED, KIND_USER};
 use crate::sys::libfabric::{self as fi, fi_addr_t};
 use crate::transfer::TransferState;
@@ -31,6 +31,9 @@ mod watch;
 
 use control::{CtrlOut, Lease, LeaseState, Revocation};
 use idle::{Doorbell, Woke};
+
+/// What keeps a transfer's local regions (and their memory) alive until its ops finish.
+pub(crate) type KeepAlive = Arc<dyn std::any::Any + Send + Sync>;
 
 /// Transfer slot of ops fired by a trigger: nobody waits for them.
 const TRIGGERED: u32 = u32::MAX;
@@ -99,7 +102,7 @@ pub(crate) struct TransferReq {
     pub deadline: Instant,
     pub timeout: Duration,
     /// Keeps the local regions (and the memory they cover) alive until every op has completed.
-    pub keep: Vec<Arc<RegionInner>>,
+    pub keep: Vec<KeepAlive>,
     pub payload: Option<Vec<u8>>,
 }
 
@@ -108,7 +111,7 @@ pub(crate) struct Trigger {
     pub times: u64,
     pub ops: Vec<Op>,
     /// Keeps the source region alive while the trigger is armed.
-    pub _keep: Vec<Arc<RegionInner>>,
+    pub _keep: Vec<KeepAlive>,
 }
 
 /// A watched 64-bit counter and the transfers it releases step by step.
@@ -268,7 +271,7 @@ struct Active {
     reported: bool,
     /// The peers its ops go to (a peer's `Bye` fails the transfer at once).
     peers: Vec<u32>,
-    _keep: Vec<Arc<RegionInner>>,
+    _keep: Vec<KeepAlive>,
     payload: Option<Vec<u8>>,
 }
 
