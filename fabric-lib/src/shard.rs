@@ -115,7 +115,9 @@ impl ShardParams {
             )));
         }
         if max_op < SHARD_ALIGN {
-            return Err(Error::Config(format!("max_op_bytes={max_op} is below the minimum of {SHARD_ALIGN}")));
+            return Err(Error::Config(format!(
+                "max_op_bytes={max_op} is below the minimum of {SHARD_ALIGN}"
+            )));
         }
         Ok(ShardParams {
             domains,

@@ -621,8 +621,10 @@ pub struct LibFabric {
         unsafe extern "C" fn(*mut fi_fabric_attr, *mut *mut fid_fabric, *mut c_void) -> c_int,
     pub strerror: unsafe extern "C" fn(c_int) -> *const c_char,
     pub version: unsafe extern "C" fn() -> u32,
-    /// Where the library was loaded from.
+    /// Where the library was loaded from (as given to the loader: a path or a soname).
     pub path: String,
+    /// The file the loader resolved `path` to (absolute, symlinks resolved), when it can tell.
+    pub file: Option<String>,
     _lib: libloading::Library,
 }
 
@@ -630,10 +632,21 @@ pub struct LibFabric {
 #[derive(Debug, Clone)]
 pub struct LoadError {
     pub tried: Vec<(String, String)>,
+    /// The only path tried was `$STOLON_LIBFABRIC` (which disables the search).
+    pub explicit: bool,
 }
 
 impl std::fmt::Display for LoadError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.explicit {
+            if let Some((path, why)) = self.tried.first() {
+                return write!(
+                    f,
+                    "libfabric could not be loaded from STOLON_LIBFABRIC={path}: {why} (fix or \
+                     unset STOLON_LIBFABRIC to use the default search)"
+                );
+            }
+        }
         write!(f, "libfabric could not be loaded; tried:")?;
         for (path, why) in &self.tried {
             write!(f, " [{path}: {why}]")?;
@@ -642,12 +655,21 @@ impl std::fmt::Display for LoadError {
     }
 }
 
-/// Candidate library paths, in the order they are tried.
+/// `$STOLON_LIBFABRIC` when set (and not empty): the one library to load, no fallback.
+fn explicit_path() -> Option<String> {
+    std::env::var_os("STOLON_LIBFABRIC")
+        .filter(|p| !p.is_empty())
+        .map(|p| PathBuf::from(p).to_string_lossy().into_owned())
+}
+
+/// Candidate library paths, in the order they are tried: `$STOLON_LIBFABRIC` alone when set
+/// (a library the user named that cannot be loaded is an error, never replaced by another),
+/// else the EFA installation's, then the system's.
 pub fn candidate_paths() -> Vec<String> {
-    let mut paths = Vec::new();
-    if let Some(p) = std::env::var_os("STOLON_LIBFABRIC") {
-        paths.push(PathBuf::from(p).to_string_lossy().into_owned());
+    if let Some(p) = explicit_path() {
+        return vec![p];
     }
+    let mut paths = Vec::new();
     for p in [
         "/opt/amazon/efa/lib/libfabric.so.1",
         "/opt/amazon/efa/lib64/libfabric.so.1",
@@ -724,6 +746,7 @@ fn load() -> Result<LibFabric, LoadError> {
                 continue;
             }
         };
+        let file = resolved_file(getinfo as *const c_void);
         return Ok(LibFabric {
             getinfo,
             freeinfo,
@@ -732,10 +755,37 @@ fn load() -> Result<LibFabric, LoadError> {
             strerror,
             version,
             path,
+            file,
             _lib: lib,
         });
     }
-    Err(LoadError { tried })
+    Err(LoadError {
+        tried,
+        explicit: explicit_path().is_some(),
+    })
+}
+
+/// The file of the loaded object that contains `sym` (absolute, symlinks resolved).
+fn resolved_file(sym: *const c_void) -> Option<String> {
+    let mut info = std::mem::MaybeUninit::<libc::Dl_info>::zeroed();
+    // SAFETY: `sym` is the address of a function of a library this process has loaded (and
+    // keeps loaded); dladdr only fills `info`, whose strings belong to the loader and are copied
+    // out below while the library is still loaded.
+    let found = unsafe { libc::dladdr(sym, info.as_mut_ptr()) };
+    if found == 0 {
+        return None;
+    }
+    // SAFETY: dladdr returned non-zero, so it initialised `info`.
+    let info = unsafe { info.assume_init() };
+    if info.dli_fname.is_null() {
+        return None;
+    }
+    // SAFETY: dli_fname is a NUL-terminated string owned by the loader (checked non-null).
+    let name = unsafe { CStr::from_ptr(info.dli_fname) }
+        .to_string_lossy()
+        .into_owned();
+    let path = std::fs::canonicalize(&name).ok()?;
+    Some(path.to_string_lossy().into_owned())
 }
 
 /// The process-wide libfabric, loaded on first use.

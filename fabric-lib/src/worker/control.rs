@@ -16,6 +16,8 @@ pub(super) enum LeaseState {
     Granted,
     /// The owner revoked it: no new op; `RevokeAck` once nothing is in flight.
     Revoking,
+    /// Revoked and answered: every op fails.
+    Revoked,
     /// Refused or revoked: every op fails with this.
     Closed(Error),
 }
@@ -72,6 +74,12 @@ impl Worker {
             LeaseState::Revoking => {
                 return Err(Error::Rejected(format!(
                     "region {} of the peer is being unregistered",
+                    l.region
+                )))
+            }
+            LeaseState::Revoked => {
+                return Err(Error::Rejected(format!(
+                    "region {} of the peer was unregistered",
                     l.region
                 )))
             }
@@ -281,7 +289,7 @@ impl Worker {
                     .unwrap_or_default();
                 for i in leases {
                     let l = &mut self.leases[i as usize];
-                    if matches!(l.state, LeaseState::Closed(_)) {
+                    if matches!(l.state, LeaseState::Closed(_) | LeaseState::Revoked) {
                         continue;
                     }
                     l.state = LeaseState::Revoking;
@@ -292,6 +300,18 @@ impl Worker {
                     }
                     // With nothing in flight the answer goes now (release_lease sends it).
                     self.maybe_ack_revoke(i);
+                }
+                // Nothing of ours can reach the region (no lease, or all closed): say so now.
+                let draining = self.leases_of.get(&(peer, region)).is_some_and(|v| {
+                    v.iter()
+                        .any(|&i| matches!(self.leases[i as usize].state, LeaseState::Revoking))
+                });
+                let answered = self.leases_of.get(&(peer, region)).is_some_and(|v| {
+                    v.iter()
+                        .any(|&i| matches!(self.leases[i as usize].state, LeaseState::Revoked))
+                });
+                if !draining && !answered {
+                    self.send_ctrl(peer, Ctrl::RevokeAck { region });
                 }
             }
             Ctrl::RevokeAck { region } => {
@@ -401,9 +421,7 @@ impl Worker {
             return;
         }
         let (peer, region) = (l.peer, l.region);
-        l.state = LeaseState::Closed(Error::Rejected(format!(
-            "region {region} of the peer was unregistered"
-        )));
+        l.state = LeaseState::Revoked;
         // Every lease on (peer, region) must be drained before the one answer.
         let all_drained = self.leases_of[&(peer, region)]
             .iter()

@@ -53,7 +53,13 @@ impl Worker {
     /// microseconds unless dead; bounded by the revoke timeout) and control messages leave, so
     /// no peer is left sending an answer to an endpoint that is closing.
     pub(super) fn drain_before_stop(&mut self) {
-        // Every peer hears `Bye`, so its transfers here fail now rather than at their deadline.
+        // Revocations in progress first: their holders must still be able to answer.
+        let deadline = Instant::now() + self.cfg.revoke_timeout;
+        while !self.revocations.is_empty() && Instant::now() < deadline {
+            self.progress_once();
+        }
+        // Then every peer hears `Bye`, so its transfers here fail now rather than at their
+        // deadline; a short grace for those sends to complete.
         let known: Vec<u32> = self
             .peers
             .iter()
@@ -63,26 +69,29 @@ impl Worker {
         for peer in known {
             self.send_ctrl(peer, Ctrl::Bye);
         }
-        let deadline = Instant::now() + self.cfg.revoke_timeout;
-        // A short grace for the goodbyes (their sends completing), more for revocations.
         let bye_deadline = Instant::now() + Duration::from_millis(200);
-        let all_sent = |w: &Self| w.ctrl_out.is_empty() && w.free_send.len() == w.cfg.send_buffers;
-        while (!self.revocations.is_empty() || (!all_sent(self) && Instant::now() < bye_deadline))
-            && Instant::now() < deadline
+        while !(self.ctrl_out.is_empty() && self.free_send.len() == self.cfg.send_buffers)
+            && Instant::now() < bye_deadline
         {
-            for d in 0..self.domains.len() {
-                self.poll_domain(d);
-            }
-            if !self.copies.is_empty() {
-                self.poll_copies();
-            }
-            if !self.landed_out.is_empty() {
-                self.flush_landed();
-            }
-            self.flush_ctrl();
-            self.finish_revocations(Instant::now());
-            std::thread::yield_now();
+            self.progress_once();
         }
+    }
+
+    /// One round of progress while stopping: completions, copies, control messages,
+    /// revocations.
+    fn progress_once(&mut self) {
+        for d in 0..self.domains.len() {
+            self.poll_domain(d);
+        }
+        if !self.copies.is_empty() {
+            self.poll_copies();
+        }
+        if !self.landed_out.is_empty() {
+            self.flush_landed();
+        }
+        self.flush_ctrl();
+        self.finish_revocations(Instant::now());
+        std::thread::yield_now();
     }
 
     /// Sleeps until a request arrives or, where nothing needs polling (staged copies, the
