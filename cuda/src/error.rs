@@ -5,8 +5,9 @@ use std::time::Duration;
 use crate::sys;
 
 /// Everything that can go wrong in stolon-cuda.
+///
+/// Not `#[non_exhaustive]`: the Python bindings convert it with one exhaustive `match`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[non_exhaustive]
 pub enum Error {
     /// `libcuda.so.1` could not be loaded (no NVIDIA driver on this machine); names every path
     /// tried and why each failed.

@@ -593,8 +593,9 @@ impl std::fmt::Display for KernelError {
 }
 
 /// Everything that can go wrong.
+///
+/// Not `#[non_exhaustive]`: the Python bindings convert it with one exhaustive `match`.
 #[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
 pub enum Error {
     /// A bad argument; nothing was launched.
     #[error("invalid argument: {0}")]

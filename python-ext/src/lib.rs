@@ -5,52 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+mod errors;
 mod moe;
 
+use errors::{ints, invalid, to_py, Int};
 use fabric_lib as fl;
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::sync::GILOnceCell;
-use pyo3::types::{PyBytes, PyDict, PyList, PyTuple, PyType};
-
-/// Converts an engine error into the matching `stolon.errors` class (defined once, in Python).
-fn to_py(e: fl::Error) -> PyErr {
-    let name = match &e {
-        fl::Error::LibraryNotFound(_) => "LibraryNotFoundError",
-        fl::Error::ProviderNotFound { .. } => "ProviderNotFoundError",
-        fl::Error::RdmaUnavailable(_) => "RdmaUnavailableError",
-        fl::Error::Fabric { .. } => "FabricError",
-        fl::Error::Config(_) => "ConfigError",
-        fl::Error::OutOfBounds(_) => "OutOfBoundsError",
-        fl::Error::Unregistered(_) => "UnregisteredMemoryError",
-        fl::Error::DomainMismatch(_) => "DomainMismatchError",
-        fl::Error::Decode { .. } => "DecodeError",
-        fl::Error::InvalidArgument(_) => "InvalidArgumentError",
-        fl::Error::MessageTooLarge { .. } => "MessageTooLargeError",
-        fl::Error::TransferFailed(_) => "TransferError",
-        fl::Error::Rejected(_) => "WriteRejectedError",
-        fl::Error::Timeout(_) => "TransferTimeoutError",
-        fl::Error::Stopped => "EngineStoppedError",
-        _ => "StolonError",
-    };
-    stolon_err(name, e.to_string())
-}
-
-/// An instance of the `stolon.errors` class `name` carrying `msg` (a ValueError if the module
-/// cannot be imported).
-pub(crate) fn stolon_err(name: &str, msg: String) -> PyErr {
-    Python::with_gil(|py| {
-        static ERRORS: GILOnceCell<Py<PyModule>> = GILOnceCell::new();
-        let module = ERRORS.get_or_try_init(py, || py.import("stolon.errors").map(|m| m.unbind()));
-        match module.and_then(|m| m.bind(py).getattr(name)) {
-            Ok(cls) => match cls.call1((msg.clone(),)) {
-                Ok(inst) => PyErr::from_value(inst),
-                Err(err) => err,
-            },
-            Err(_) => PyValueError::new_err(msg),
-        }
-    })
-}
+use pyo3::types::{PyBytes, PyDict, PyList, PyMemoryView, PyTuple, PyType};
 
 /// `completion=` of a call: None keeps the engine's default.
 fn completion(c: Option<&str>) -> PyResult<Option<fl::Completion>> {
@@ -71,9 +32,7 @@ fn dur(seconds: Option<f64>) -> PyResult<Option<Duration>> {
         // Anything beyond ~31 years means "practically forever" (and keeps Instant + timeout from
         // overflowing).
         Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s.min(1e9)))),
-        Some(s) => Err(to_py(fl::Error::InvalidArgument(format!(
-            "bad timeout {s}"
-        )))),
+        Some(s) => Err(invalid(format!("bad timeout {s}"))),
     }
 }
 
@@ -82,10 +41,30 @@ fn sharding(s: Option<&str>, pin: Option<usize>) -> PyResult<Option<fl::Sharding
         (_, Some(d)) => Ok(Some(fl::Sharding::Pinned(d))),
         (None, None) => Ok(None),
         (Some("round_robin"), None) => Ok(Some(fl::Sharding::RoundRobin)),
-        (Some(other), None) => Err(to_py(fl::Error::InvalidArgument(format!(
+        (Some(other), None) => Err(invalid(format!(
             "sharding {other:?}: use 'round_robin' or pin_domain=N"
-        )))),
+        ))),
     }
+}
+
+/// Runs `f` on the bytes of any bytes-like object (bytes, bytearray, memoryview, a numpy
+/// array...); anything else is an InvalidArgumentError.
+fn with_bytes<R>(data: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> R) -> PyResult<R> {
+    if let Ok(b) = data.downcast::<PyBytes>() {
+        return Ok(f(b.as_bytes()));
+    }
+    let view = PyMemoryView::from(data).map_err(|_| {
+        let ty = data
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_default();
+        invalid(format!(
+            "expected a bytes-like object (bytes, bytearray, memoryview), got {ty}"
+        ))
+    })?;
+    let copy = view.call_method0("tobytes")?;
+    Ok(f(copy.downcast::<PyBytes>()?.as_bytes()))
 }
 
 /// An engine's address: what a peer needs to reach it. Serializes to bytes and text.
@@ -98,8 +77,8 @@ struct Address {
 #[pymethods]
 impl Address {
     #[staticmethod]
-    fn from_bytes(data: &[u8]) -> PyResult<Self> {
-        fl::PeerAddr::from_bytes(data)
+    fn from_bytes(data: &Bound<'_, PyAny>) -> PyResult<Self> {
+        with_bytes(data, |b| fl::PeerAddr::from_bytes(b))?
             .map(|inner| Address { inner })
             .map_err(to_py)
     }
@@ -165,8 +144,8 @@ struct MemoryDescriptor {
 #[pymethods]
 impl MemoryDescriptor {
     #[staticmethod]
-    fn from_bytes(data: &[u8]) -> PyResult<Self> {
-        fl::MemDesc::from_bytes(data)
+    fn from_bytes(data: &Bound<'_, PyAny>) -> PyResult<Self> {
+        with_bytes(data, |b| fl::MemDesc::from_bytes(b))?
             .map(|inner| MemoryDescriptor { inner })
             .map_err(to_py)
     }
@@ -307,7 +286,7 @@ impl TransferFuture {
     /// The error if it failed, None if it succeeded; raises if not finished.
     fn exception(&self, py: Python<'_>) -> PyResult<PyObject> {
         match self.inner.result() {
-            None => Err(PyValueError::new_err("transfer has not finished")),
+            None => Err(invalid("transfer has not finished")),
             Some(Ok(())) => Ok(py.None()),
             Some(Err(e)) => Ok(to_py(e).into_value(py).into_any()),
         }
@@ -326,15 +305,6 @@ impl TransferFuture {
     fn imm_count(&self) -> usize {
         self.inner.imm_count()
     }
-}
-
-pub(crate) fn cuda_err(e: stolon_cuda::Error) -> PyErr {
-    let cls = if e.is_unavailable() {
-        "CudaUnavailableError"
-    } else {
-        "CudaError"
-    };
-    stolon_err(cls, e.to_string())
 }
 
 enum CounterMem {
@@ -370,9 +340,9 @@ impl HostCounter {
     fn cuda(&self) -> PyResult<&stolon_cuda::HostCounter> {
         match &*self.mem {
             CounterMem::Cuda(c) => Ok(c),
-            CounterMem::Host(_) => Err(to_py(fl::Error::InvalidArgument(
-                "this counter is in plain host memory; create it with device=N for GPU use".into(),
-            ))),
+            CounterMem::Host(_) => Err(invalid(
+                "this counter is in plain host memory; create it with device=N for GPU use",
+            )),
         }
     }
     fn stream(&self, stream: usize) -> PyResult<stolon_cuda::Stream> {
@@ -393,14 +363,16 @@ unsafe impl Sync for CounterMem {}
 #[pymethods]
 impl HostCounter {
     #[new]
-    #[pyo3(signature = (device=None, value=0))]
-    fn new(device: Option<usize>, value: u64) -> PyResult<Self> {
+    #[pyo3(signature = (device=None, value=Int(0)), text_signature = "(device=None, value=0)")]
+    fn new(device: Option<Int<usize>>, value: Int<u64>) -> PyResult<Self> {
+        let device = device.map(|i| i.0);
+        let value = value.0;
         let mem = match device {
             None => CounterMem::Host(Box::new(std::sync::atomic::AtomicU64::new(value))),
             Some(d) => {
-                let dev = stolon_cuda::Device::get(d).map_err(cuda_err)?;
-                let ctx = dev.primary_context().map_err(cuda_err)?;
-                let c = stolon_cuda::HostCounter::new(&ctx).map_err(cuda_err)?;
+                let dev = stolon_cuda::Device::get(d).map_err(to_py)?;
+                let ctx = dev.primary_context().map_err(to_py)?;
+                let c = stolon_cuda::HostCounter::new(&ctx).map_err(to_py)?;
                 c.store(value);
                 CounterMem::Cuda(c)
             }
@@ -416,13 +388,15 @@ impl HostCounter {
         self.atomic().load(std::sync::atomic::Ordering::Acquire)
     }
     /// Sets the value (from the CPU).
-    fn set(&self, value: u64) {
+    fn set(&self, value: Int<u64>) {
+        let value = value.0;
         self.atomic()
             .store(value, std::sync::atomic::Ordering::Release)
     }
     /// Adds `delta` (from the CPU); returns the new value.
-    #[pyo3(signature = (delta=1))]
-    fn add(&self, delta: u64) -> u64 {
+    #[pyo3(signature = (delta=Int(1)), text_signature = "($self, delta=1)")]
+    fn add(&self, delta: Int<u64>) -> u64 {
+        let delta = delta.0;
         self.atomic()
             .fetch_add(delta, std::sync::atomic::Ordering::AcqRel)
             + delta
@@ -445,18 +419,22 @@ impl HostCounter {
     /// Enqueues "set the counter to `value`" on a CUDA stream (`cuStreamWriteValue64`; works
     /// inside CUDA-graph capture). `stream` is a raw CUstream, e.g.
     /// `torch.cuda.current_stream().cuda_stream`.
-    #[pyo3(signature = (value, stream=0))]
-    fn write_from_stream(&self, value: u64, stream: usize) -> PyResult<()> {
+    #[pyo3(signature = (value, stream=Int(0)), text_signature = "($self, value, stream=0)")]
+    fn write_from_stream(&self, value: Int<u64>, stream: Int<usize>) -> PyResult<()> {
+        let value = value.0;
+        let stream = stream.0;
         let s = self.stream(stream)?;
         // SAFETY: the device address belongs to this counter, alive as long as self; the write
         // is queued, and the counter memory is kept by the engine/watch owners when shared.
         unsafe { stolon_cuda::stream_write_value64(&s, self.cuda()?.device_ptr(), value) }
-            .map_err(cuda_err)
+            .map_err(to_py)
     }
     /// Makes later work on `stream` wait until the counter is >= `value`
     /// (`cuStreamWaitValue64`).
-    #[pyo3(signature = (value, stream=0))]
-    fn wait_on_stream(&self, value: u64, stream: usize) -> PyResult<()> {
+    #[pyo3(signature = (value, stream=Int(0)), text_signature = "($self, value, stream=0)")]
+    fn wait_on_stream(&self, value: Int<u64>, stream: Int<usize>) -> PyResult<()> {
+        let value = value.0;
+        let stream = stream.0;
         let c = self.cuda()?;
         wait_value_on_stream(c.context(), stream, c.device_ptr(), value)
     }
@@ -489,7 +467,7 @@ fn wait_value_on_stream(
             stolon_cuda::WaitCondition::GreaterOrEqual,
         )
     }
-    .map_err(cuda_err)
+    .map_err(to_py)
 }
 
 /// A 64-bit flag in GPU memory that the CPU sets through GDRCopy (a BAR mapping), for GPU work
@@ -506,15 +484,12 @@ struct GpuFlag {
 #[pymethods]
 impl GpuFlag {
     #[new]
-    fn new(device: usize) -> PyResult<Self> {
-        let dev = stolon_cuda::Device::get(device).map_err(cuda_err)?;
-        let ctx = dev.primary_context().map_err(cuda_err)?;
-        let flag = stolon_cuda::GpuFlag::new(&ctx).map_err(|e| match e {
-            stolon_cuda::Error::Unsupported { .. } => {
-                stolon_err("CudaUnavailableError", e.to_string())
-            }
-            e => cuda_err(e),
-        })?;
+    fn new(device: Int<usize>) -> PyResult<Self> {
+        let device = device.0;
+        let dev = stolon_cuda::Device::get(device).map_err(to_py)?;
+        let ctx = dev.primary_context().map_err(to_py)?;
+        // Without GDRCopy: `Unsupported`, a CudaUnavailableError.
+        let flag = stolon_cuda::GpuFlag::new(&ctx).map_err(to_py)?;
         Ok(GpuFlag {
             flag: Arc::new(flag),
             ctx,
@@ -532,7 +507,8 @@ impl GpuFlag {
         self.flag.load()
     }
     /// Sets the value from the CPU (store, then a fence that drains write combining).
-    fn set(&self, value: u64) {
+    fn set(&self, value: Int<u64>) {
+        let value = value.0;
         self.flag.store(value)
     }
     /// Device address of the flag, for kernels.
@@ -546,8 +522,10 @@ impl GpuFlag {
         self.device
     }
     /// Makes later work on `stream` wait until the flag is >= `value` (`cuStreamWaitValue64`).
-    #[pyo3(signature = (value, stream=0))]
-    fn wait_on_stream(&self, value: u64, stream: usize) -> PyResult<()> {
+    #[pyo3(signature = (value, stream=Int(0)), text_signature = "($self, value, stream=0)")]
+    fn wait_on_stream(&self, value: Int<u64>, stream: Int<usize>) -> PyResult<()> {
+        let value = value.0;
+        let stream = stream.0;
         wait_value_on_stream(&self.ctx, stream, self.flag.device_ptr(), value)
     }
     fn __repr__(&self) -> String {
@@ -571,11 +549,11 @@ impl PreparedTransfer {
         }
     }
     fn take(&self) -> PyResult<fl::Prepared> {
-        self.inner.lock().unwrap().take().ok_or_else(|| {
-            to_py(fl::Error::InvalidArgument(
-                "this prepared transfer was already used".into(),
-            ))
-        })
+        self.inner
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| invalid("this prepared transfer was already used"))
     }
 }
 
@@ -614,31 +592,46 @@ impl TransferEngine {
 impl TransferEngine {
     #[new]
     #[pyo3(signature = (provider="tcp", domains=None, *, interfaces=None, nodes=None, timeout=30.0,
-                        min_shard_bytes=1048576, max_op_bytes=None, recv_buffers=64,
-                        send_buffers=64, max_message_bytes=65536, worker_cpu=None,
-                        spin_us=20000, max_sleep_us=500, cuda_device=None,
-                        nvlink=true, completion="delivered", revoke_timeout=5.0))]
+                        min_shard_bytes=Int(1048576), max_op_bytes=None, recv_buffers=Int(64),
+                        send_buffers=Int(64), max_message_bytes=Int(65536), worker_cpu=None,
+                        spin_us=Int(20000), max_sleep_us=Int(500), cuda_device=None,
+                        nvlink=true, completion="delivered", revoke_timeout=5.0),
+           text_signature = "(provider=\"tcp\", domains=None, *, interfaces=None, nodes=None, \
+                             timeout=30.0, min_shard_bytes=1048576, max_op_bytes=None, \
+                             recv_buffers=64, send_buffers=64, max_message_bytes=65536, \
+                             worker_cpu=None, spin_us=20000, max_sleep_us=500, cuda_device=None, \
+                             nvlink=True, completion=\"delivered\", revoke_timeout=5.0)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         provider: &str,
-        domains: Option<usize>,
+        domains: Option<Int<usize>>,
         interfaces: Option<Vec<String>>,
         nodes: Option<Vec<String>>,
         timeout: f64,
-        min_shard_bytes: u64,
-        max_op_bytes: Option<u64>,
-        recv_buffers: usize,
-        send_buffers: usize,
-        max_message_bytes: usize,
-        worker_cpu: Option<usize>,
-        spin_us: u64,
-        max_sleep_us: u64,
-        cuda_device: Option<usize>,
+        min_shard_bytes: Int<u64>,
+        max_op_bytes: Option<Int<u64>>,
+        recv_buffers: Int<usize>,
+        send_buffers: Int<usize>,
+        max_message_bytes: Int<usize>,
+        worker_cpu: Option<Int<usize>>,
+        spin_us: Int<u64>,
+        max_sleep_us: Int<u64>,
+        cuda_device: Option<Int<usize>>,
         nvlink: bool,
         completion: &str,
         revoke_timeout: f64,
     ) -> PyResult<Self> {
+        let domains = domains.map(|i| i.0);
+        let min_shard_bytes = min_shard_bytes.0;
+        let max_op_bytes = max_op_bytes.map(|i| i.0);
+        let recv_buffers = recv_buffers.0;
+        let send_buffers = send_buffers.0;
+        let max_message_bytes = max_message_bytes.0;
+        let worker_cpu = worker_cpu.map(|i| i.0);
+        let spin_us = spin_us.0;
+        let max_sleep_us = max_sleep_us.0;
+        let cuda_device = cuda_device.map(|i| i.0);
         let n = domains
             .or(interfaces.as_ref().map(Vec::len))
             .or(nodes.as_ref().map(Vec::len))
@@ -707,10 +700,12 @@ impl TransferEngine {
     fn register_ptr(
         &self,
         py: Python<'_>,
-        ptr: usize,
-        length: u64,
+        ptr: Int<usize>,
+        length: Int<u64>,
         owner: Option<PyObject>,
     ) -> PyResult<MemoryRegion> {
+        let ptr = ptr.0;
+        let length = length.0;
         let owner = boxed_owner(owner);
         let engine = self.inner.clone();
         // SAFETY: the Python layer passes the address of a buffer exported by `owner` (which
@@ -728,10 +723,12 @@ impl TransferEngine {
     fn register_gpu_ptr(
         &self,
         py: Python<'_>,
-        ptr: u64,
-        length: u64,
+        ptr: Int<u64>,
+        length: Int<u64>,
         owner: Option<PyObject>,
     ) -> PyResult<MemoryRegion> {
+        let ptr = ptr.0;
+        let length = length.0;
         let owner = boxed_owner(owner);
         let engine = self.inner.clone();
         // SAFETY: the Python layer passes a tensor's data pointer and size with the tensor as
@@ -748,10 +745,12 @@ impl TransferEngine {
     fn register_staged_host_ptr(
         &self,
         py: Python<'_>,
-        ptr: usize,
-        length: u64,
+        ptr: Int<usize>,
+        length: Int<u64>,
         owner: Option<PyObject>,
     ) -> PyResult<MemoryRegion> {
+        let ptr = ptr.0;
+        let length = length.0;
         let owner = boxed_owner(owner);
         let engine = self.inner.clone();
         // SAFETY: as for register_ptr.
@@ -777,13 +776,13 @@ impl TransferEngine {
     fn write(
         &self,
         src: &Bound<'_, MemoryRegion>,
-        src_offset: u64,
+        src_offset: Int<u64>,
         dst: &MemoryDescriptor,
-        dst_offset: u64,
-        length: u64,
-        imm: Option<u32>,
+        dst_offset: Int<u64>,
+        length: Int<u64>,
+        imm: Option<Int<u32>>,
         sharding: Option<&str>,
-        pin_domain: Option<usize>,
+        pin_domain: Option<Int<usize>>,
         timeout: Option<f64>,
         completion: Option<&str>,
     ) -> PyResult<TransferFuture> {
@@ -801,16 +800,21 @@ impl TransferEngine {
     fn prepare_write(
         &self,
         src: &Bound<'_, MemoryRegion>,
-        src_offset: u64,
+        src_offset: Int<u64>,
         dst: &MemoryDescriptor,
-        dst_offset: u64,
-        length: u64,
-        imm: Option<u32>,
+        dst_offset: Int<u64>,
+        length: Int<u64>,
+        imm: Option<Int<u32>>,
         sharding: Option<&str>,
-        pin_domain: Option<usize>,
+        pin_domain: Option<Int<usize>>,
         timeout: Option<f64>,
         completion: Option<&str>,
     ) -> PyResult<PreparedTransfer> {
+        let src_offset = src_offset.0;
+        let dst_offset = dst_offset.0;
+        let length = length.0;
+        let imm = imm.map(|i| i.0);
+        let pin_domain = pin_domain.map(|i| i.0);
         let s = self::sharding(sharding, pin_domain)?;
         let p = self
             .inner
@@ -830,26 +834,38 @@ impl TransferEngine {
 
     /// Like `write_paged`, but returns a PreparedTransfer instead of submitting.
     #[pyo3(signature = (src, dst, page_bytes, src_pages, dst_pages, *, src_stride=None,
-                        dst_stride=None, src_offset=0, dst_offset=0, imm=None, sharding=None,
-                        pin_domain=None, timeout=None, completion=None))]
+                        dst_stride=None, src_offset=Int(0), dst_offset=Int(0), imm=None, sharding=None,
+                        pin_domain=None, timeout=None, completion=None),
+           text_signature = "($self, src, dst, page_bytes, src_pages, dst_pages, *, src_stride=None, \
+                             dst_stride=None, src_offset=0, dst_offset=0, imm=None, sharding=None, \
+                             pin_domain=None, timeout=None, completion=None)")]
     #[allow(clippy::too_many_arguments)]
     fn prepare_paged(
         &self,
         src: &Bound<'_, MemoryRegion>,
         dst: &MemoryDescriptor,
-        page_bytes: u64,
-        src_pages: Vec<u32>,
-        dst_pages: Vec<u32>,
-        src_stride: Option<u64>,
-        dst_stride: Option<u64>,
-        src_offset: u64,
-        dst_offset: u64,
-        imm: Option<u32>,
+        page_bytes: Int<u64>,
+        src_pages: Vec<Int<u32>>,
+        dst_pages: Vec<Int<u32>>,
+        src_stride: Option<Int<u64>>,
+        dst_stride: Option<Int<u64>>,
+        src_offset: Int<u64>,
+        dst_offset: Int<u64>,
+        imm: Option<Int<u32>>,
         sharding: Option<&str>,
-        pin_domain: Option<usize>,
+        pin_domain: Option<Int<usize>>,
         timeout: Option<f64>,
         completion: Option<&str>,
     ) -> PyResult<PreparedTransfer> {
+        let page_bytes = page_bytes.0;
+        let src_pages = ints(src_pages);
+        let dst_pages = ints(dst_pages);
+        let src_stride = src_stride.map(|i| i.0);
+        let dst_stride = dst_stride.map(|i| i.0);
+        let src_offset = src_offset.0;
+        let dst_offset = dst_offset.0;
+        let imm = imm.map(|i| i.0);
+        let pin_domain = pin_domain.map(|i| i.0);
         let spec = fl::PagedSpec {
             page_bytes,
             src_pages,
@@ -915,22 +931,27 @@ impl TransferEngine {
     }
 
     /// Removes a watch; steps not yet released fail with EngineStoppedError.
-    fn unwatch(&self, watch_id: u64) -> PyResult<()> {
+    fn unwatch(&self, watch_id: Int<u64>) -> PyResult<()> {
+        let watch_id = watch_id.0;
         self.inner.unwatch(watch_id).map_err(to_py)
     }
 
     /// Once `imm` has arrived `count` times (consuming them), the worker stores `value` into
     /// `counter` immediately: a `HostCounter` (GPU-visible when it has a device) or a `GpuFlag`
     /// (in GPU memory, through GDRCopy); u64::MAX is stored if `timeout` passes first.
-    #[pyo3(signature = (imm, count, counter, value=1, timeout=None))]
+    #[pyo3(signature = (imm, count, counter, value=Int(1), timeout=None),
+           text_signature = "($self, imm, count, counter, value=1, timeout=None)")]
     fn expect_imm_flag(
         &self,
-        imm: u32,
-        count: u64,
+        imm: Int<u32>,
+        count: Int<u64>,
         counter: &Bound<'_, PyAny>,
-        value: u64,
+        value: Int<u64>,
         timeout: Option<f64>,
     ) -> PyResult<()> {
+        let imm = imm.0;
+        let count = count.0;
+        let value = value.0;
         let (ptr, owner): (usize, Box<dyn std::any::Any + Send + Sync>) =
             if let Ok(c) = counter.downcast::<HostCounter>() {
                 let c = c.get();
@@ -939,9 +960,7 @@ impl TransferEngine {
                 let f = f.get();
                 (f.flag.host_ptr() as usize, Box::new(f.flag.clone()))
             } else {
-                return Err(to_py(fl::Error::InvalidArgument(
-                    "counter must be a HostCounter or a GpuFlag".into(),
-                )));
+                return Err(invalid("counter must be a HostCounter or a GpuFlag"));
             };
         // SAFETY: as in `watch`: the owner keeps the flag's memory (and mapping) alive until
         // the store ran.
@@ -963,10 +982,11 @@ impl TransferEngine {
     fn write_imm(
         &self,
         peer: &Address,
-        imm: u32,
+        imm: Int<u32>,
         timeout: Option<f64>,
         completion: Option<&str>,
     ) -> PyResult<TransferFuture> {
+        let imm = imm.0;
         let p = self
             .inner
             .prepare_write_imm(&peer.inner, imm, dur(timeout)?)
@@ -979,23 +999,26 @@ impl TransferEngine {
 
     /// Paged write: page src_pages[i] (at src_offset + index*src_stride) to page dst_pages[i].
     #[pyo3(signature = (src, dst, page_bytes, src_pages, dst_pages, *, src_stride=None,
-                        dst_stride=None, src_offset=0, dst_offset=0, imm=None, sharding=None,
-                        pin_domain=None, timeout=None, completion=None))]
+                        dst_stride=None, src_offset=Int(0), dst_offset=Int(0), imm=None, sharding=None,
+                        pin_domain=None, timeout=None, completion=None),
+           text_signature = "($self, src, dst, page_bytes, src_pages, dst_pages, *, src_stride=None, \
+                             dst_stride=None, src_offset=0, dst_offset=0, imm=None, sharding=None, \
+                             pin_domain=None, timeout=None, completion=None)")]
     #[allow(clippy::too_many_arguments)]
     fn write_paged(
         &self,
         src: &Bound<'_, MemoryRegion>,
         dst: &MemoryDescriptor,
-        page_bytes: u64,
-        src_pages: Vec<u32>,
-        dst_pages: Vec<u32>,
-        src_stride: Option<u64>,
-        dst_stride: Option<u64>,
-        src_offset: u64,
-        dst_offset: u64,
-        imm: Option<u32>,
+        page_bytes: Int<u64>,
+        src_pages: Vec<Int<u32>>,
+        dst_pages: Vec<Int<u32>>,
+        src_stride: Option<Int<u64>>,
+        dst_stride: Option<Int<u64>>,
+        src_offset: Int<u64>,
+        dst_offset: Int<u64>,
+        imm: Option<Int<u32>>,
         sharding: Option<&str>,
-        pin_domain: Option<usize>,
+        pin_domain: Option<Int<usize>>,
         timeout: Option<f64>,
         completion: Option<&str>,
     ) -> PyResult<TransferFuture> {
@@ -1015,13 +1038,15 @@ impl TransferEngine {
     fn scatter(
         &self,
         src: &Bound<'_, MemoryRegion>,
-        items: Vec<(MemoryDescriptor, u64, u64, u64)>,
-        imm: Option<u32>,
+        items: Vec<(MemoryDescriptor, Int<u64>, Int<u64>, Int<u64>)>,
+        imm: Option<Int<u32>>,
         sharding: Option<&str>,
-        pin_domain: Option<usize>,
+        pin_domain: Option<Int<usize>>,
         timeout: Option<f64>,
         completion: Option<&str>,
     ) -> PyResult<TransferFuture> {
+        let imm = imm.map(|i| i.0);
+        let pin_domain = pin_domain.map(|i| i.0);
         let mut dsts: Vec<fl::MemDesc> = Vec::new();
         let mut its = Vec::with_capacity(items.len());
         for (d, src_off, dst_off, len) in items {
@@ -1034,9 +1059,9 @@ impl TransferEngine {
             };
             its.push(fl::ScatterItem {
                 dst: idx,
-                src_off,
-                dst_off,
-                len,
+                src_off: src_off.0,
+                dst_off: dst_off.0,
+                len: len.0,
             });
         }
         let refs: Vec<&fl::MemDesc> = dsts.iter().collect();
@@ -1091,9 +1116,10 @@ impl TransferEngine {
         &self,
         py: Python<'_>,
         peers: Vec<Address>,
-        imm: u32,
+        imm: Int<u32>,
         timeout: Option<f64>,
     ) -> PyResult<()> {
+        let imm = imm.0;
         let t = dur(timeout)?.unwrap_or(self.inner.config().timeout);
         let addrs: Vec<fl::PeerAddr> = peers.into_iter().map(|a| a.inner).collect();
         let engine = self.inner.clone();
@@ -1102,13 +1128,22 @@ impl TransferEngine {
     }
 
     /// Arrivals of `imm` counted and not yet consumed.
-    fn imm_count(&self, imm: u32) -> u64 {
+    fn imm_count(&self, imm: Int<u32>) -> u64 {
+        let imm = imm.0;
         self.inner.imm_counter().count(imm)
     }
 
     /// Blocks until `imm` has arrived `count` times, then consumes them.
     #[pyo3(signature = (imm, count, timeout=None))]
-    fn wait_imm(&self, py: Python<'_>, imm: u32, count: u64, timeout: Option<f64>) -> PyResult<()> {
+    fn wait_imm(
+        &self,
+        py: Python<'_>,
+        imm: Int<u32>,
+        count: Int<u64>,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        let imm = imm.0;
+        let count = count.0;
         let t = dur(timeout)?.unwrap_or(self.inner.config().timeout);
         let engine = self.inner.clone();
         py.allow_threads(move || engine.imm_counter().wait(imm, count, t))
@@ -1120,11 +1155,13 @@ impl TransferEngine {
     #[pyo3(signature = (imm, count, callback, timeout=None))]
     fn expect_imm(
         &self,
-        imm: u32,
-        count: u64,
+        imm: Int<u32>,
+        count: Int<u64>,
         callback: Py<PyAny>,
         timeout: Option<f64>,
     ) -> PyResult<()> {
+        let imm = imm.0;
+        let count = count.0;
         let t = dur(timeout)?;
         self.inner
             .imm_counter()
@@ -1137,11 +1174,13 @@ impl TransferEngine {
     #[pyo3(signature = (length, *, sharding=None, pin_domain=None, staged=false))]
     fn imm_count_write(
         &self,
-        length: u64,
+        length: Int<u64>,
         sharding: Option<&str>,
-        pin_domain: Option<usize>,
+        pin_domain: Option<Int<usize>>,
         staged: bool,
     ) -> PyResult<usize> {
+        let length = length.0;
+        let pin_domain = pin_domain.map(|i| i.0);
         Ok(self
             .inner
             .imm_count_write(length, self::sharding(sharding, pin_domain)?, staged))
@@ -1149,7 +1188,9 @@ impl TransferEngine {
 
     /// Immediates a receiver gets from a paged write of `pages` pages.
     #[pyo3(signature = (pages, page_bytes, *, staged=false))]
-    fn imm_count_paged(&self, pages: usize, page_bytes: u64, staged: bool) -> usize {
+    fn imm_count_paged(&self, pages: Int<usize>, page_bytes: Int<u64>, staged: bool) -> usize {
+        let pages = pages.0;
+        let page_bytes = page_bytes.0;
         self.inner.imm_count_paged(pages, page_bytes, staged)
     }
 
@@ -1158,11 +1199,13 @@ impl TransferEngine {
     #[pyo3(signature = (length, *, sharding=None, pin_domain=None, staged=false))]
     fn imm_count_scatter_item(
         &self,
-        length: u64,
+        length: Int<u64>,
         sharding: Option<&str>,
-        pin_domain: Option<usize>,
+        pin_domain: Option<Int<usize>>,
         staged: bool,
     ) -> PyResult<usize> {
+        let length = length.0;
+        let pin_domain = pin_domain.map(|i| i.0);
         let p = if staged {
             self.inner.staged_shard_params()
         } else {
@@ -1178,15 +1221,21 @@ impl TransferEngine {
     #[allow(clippy::too_many_arguments)]
     fn trigger_write(
         &self,
-        imm: u32,
-        times: u64,
+        imm: Int<u32>,
+        times: Int<u64>,
         src: &Bound<'_, MemoryRegion>,
-        src_offset: u64,
+        src_offset: Int<u64>,
         dst: &MemoryDescriptor,
-        dst_offset: u64,
-        length: u64,
-        reply_imm: Option<u32>,
+        dst_offset: Int<u64>,
+        length: Int<u64>,
+        reply_imm: Option<Int<u32>>,
     ) -> PyResult<()> {
+        let imm = imm.0;
+        let times = times.0;
+        let src_offset = src_offset.0;
+        let dst_offset = dst_offset.0;
+        let length = length.0;
+        let reply_imm = reply_imm.map(|i| i.0);
         self.inner
             .trigger_write(
                 imm,
@@ -1231,10 +1280,12 @@ impl TransferEngine {
         &self,
         src: &Bound<'_, MemoryRegion>,
         dst: &MemoryDescriptor,
-        length: u64,
+        length: Int<u64>,
         sharding: Option<&str>,
-        pin_domain: Option<usize>,
+        pin_domain: Option<Int<usize>>,
     ) -> PyResult<usize> {
+        let length = length.0;
+        let pin_domain = pin_domain.map(|i| i.0);
         let s = self::sharding(sharding, pin_domain)?;
         Ok(self
             .inner
@@ -1336,6 +1387,7 @@ fn libfabric_info<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         fl::sys::libfabric::lib().map_err(|e| to_py(fl::Error::LibraryNotFound(e.to_string())))?;
     let d = PyDict::new(py);
     d.set_item("path", &lib.path)?;
+    d.set_item("file", lib.file.as_deref())?;
     let (maj, min) = lib.runtime_version();
     d.set_item("version", format!("{maj}.{min}"))?;
     d.set_item(
@@ -1378,5 +1430,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_info, m)?)?;
     m.add_function(wrap_pyfunction!(libfabric_info, m)?)?;
     m.add_function(wrap_pyfunction!(list_providers, m)?)?;
+    m.add_function(wrap_pyfunction!(errors::_error_classes, m)?)?;
     Ok(())
 }

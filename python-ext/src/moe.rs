@@ -9,20 +9,7 @@ use p2p_all_to_all as a2a;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-use crate::{cuda_err, stolon_err};
-
-fn to_py(e: a2a::Error) -> PyErr {
-    let name = match &e {
-        a2a::Error::InvalidArgument(_) => "InvalidArgumentError",
-        a2a::Error::Cuda(c) => return cuda_err(c.clone()),
-        a2a::Error::NoKernels | a2a::Error::KernelBuild(_) => "CudaUnavailableError",
-        a2a::Error::Handshake(_) | a2a::Error::Proxy(_) => "AllToAllError",
-        a2a::Error::Kernel(k) if k.code == 1 => "AllToAllTimeoutError",
-        a2a::Error::Timeout(_) => "AllToAllTimeoutError",
-        _ => "AllToAllError",
-    };
-    stolon_err(name, e.to_string())
-}
+use crate::errors::{invalid, raise, to_py, Class};
 
 /// One rank's MoE all-to-all (see `stolon.moe.AllToAll`, which wraps it).
 #[pyclass(module = "stolon._native", name = "MoeAllToAll")]
@@ -34,7 +21,7 @@ impl MoeAllToAll {
     fn get(&self) -> PyResult<&a2a::AllToAll> {
         self.inner
             .as_ref()
-            .ok_or_else(|| stolon_err("AllToAllError", "the all-to-all was closed".to_string()))
+            .ok_or_else(|| raise(Class::AllToAll, "the all-to-all was closed"))
     }
 
     fn stream(&self, stream: usize) -> PyResult<stolon_cuda::Stream> {
@@ -82,10 +69,9 @@ impl MoeAllToAll {
                     Some((a.trim().parse::<u32>().ok()?, b.trim().parse::<u32>().ok()?))
                 });
                 let Some(ver) = parsed else {
-                    return Err(stolon_err(
-                        "InvalidArgumentError",
-                        format!("driver must look like \"12.4\", got {v:?}"),
-                    ));
+                    return Err(invalid(format!(
+                        "driver must look like \"12.4\", got {v:?}"
+                    )));
                 };
                 let forced = a2a::kernels::forced_from_env();
                 a2a::kernels::select(a2a::kernels::BUILDS, ver, forced.as_deref())
@@ -117,10 +103,9 @@ impl MoeAllToAll {
         engine: Option<PyRef<'_, crate::TransferEngine>>,
     ) -> PyResult<Self> {
         if !(timeout.is_finite() && timeout > 0.0) {
-            return Err(stolon_err(
-                "InvalidArgumentError",
-                format!("timeout must be a positive number of seconds, got {timeout}"),
-            ));
+            return Err(invalid(format!(
+                "timeout must be a positive number of seconds, got {timeout}"
+            )));
         }
         let cfg = a2a::Config {
             rank,
@@ -154,7 +139,7 @@ impl MoeAllToAll {
         let a = self
             .inner
             .as_mut()
-            .ok_or_else(|| stolon_err("AllToAllError", "the all-to-all was closed".to_string()))?;
+            .ok_or_else(|| raise(Class::AllToAll, "the all-to-all was closed"))?;
         py.allow_threads(|| a.connect(&handles)).map_err(to_py)
     }
 
@@ -376,7 +361,7 @@ impl MoeAllToAll {
         let a = self
             .inner
             .as_mut()
-            .ok_or_else(|| stolon_err("AllToAllError", "the all-to-all was closed".to_string()))?;
+            .ok_or_else(|| raise(Class::AllToAll, "the all-to-all was closed"))?;
         let t = Duration::from_secs_f64(timeout.max(0.0));
         py.allow_threads(|| a.release_peers(t)).map_err(to_py)
     }

@@ -2,7 +2,7 @@
 
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union, final
 
-from typing_extensions import disjoint_base
+from typing_extensions import Buffer, Self, disjoint_base
 
 __all__ = [
     "Address",
@@ -17,12 +17,16 @@ __all__ = [
     "TransferFuture",
     "libfabric_info",
     "list_providers",
+    "_error_classes",
 ]
+
+def _error_classes() -> List[str]:
+    """Names of every stolon.errors class the native module raises."""
 
 @final
 class Address:
     @staticmethod
-    def from_bytes(data: bytes) -> Address: ...
+    def from_bytes(data: Buffer) -> Address: ...
     @staticmethod
     def from_text(text: str) -> Address: ...
     def to_bytes(self) -> bytes: ...
@@ -39,7 +43,7 @@ class Address:
 @final
 class MemoryDescriptor:
     @staticmethod
-    def from_bytes(data: bytes) -> MemoryDescriptor: ...
+    def from_bytes(data: Buffer) -> MemoryDescriptor: ...
     @staticmethod
     def from_text(text: str) -> MemoryDescriptor: ...
     def to_bytes(self) -> bytes: ...
@@ -214,6 +218,14 @@ _Completion = Literal["delivered", "local"]
 
 @disjoint_base
 class TransferEngine:
+    """One domain group driven by one worker thread.
+
+    ``min_shard_bytes``: a single write is split over the domains only into shards of at least
+    this many bytes; it must be >= 65536 (64 KiB), else ConfigError. ``max_op_bytes``: the
+    largest single operation (default: the providers' limit), >= 4096. ``domains``: 1-16.
+    Integer arguments out of range for their type raise InvalidArgumentError.
+    """
+
     def __new__(
         cls,
         provider: str = "tcp",
@@ -409,7 +421,7 @@ class TransferEngine:
         pin_domain: Optional[int] = None,
     ) -> int: ...
     def stop(self) -> None: ...
-    def __enter__(self) -> TransferEngine: ...
+    def __enter__(self) -> Self: ...
     def __exit__(self, _t: Any = None, _v: Any = None, _tb: Any = None) -> None: ...
 
 def libfabric_info() -> Dict[str, Any]: ...

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, List, Optional
 
 from . import _native
 from ._memory import buffer_address, cuda_tensor
@@ -23,7 +22,7 @@ __all__ = [
 SOCKET_PROVIDERS = ("tcp", "net", "udp", "sockets")
 
 
-def loopback_nodes(provider: str, domains: int) -> Optional[list]:
+def loopback_nodes(provider: str, domains: int) -> Optional[List[str]]:
     """`nodes=` that keep socket providers on 127.0.0.1 (None for the others)."""
     if provider.split(";")[0] in SOCKET_PROVIDERS:
         return ["127.0.0.1"] * domains
@@ -36,6 +35,12 @@ class TransferEngine(_native.TransferEngine):
     ``TransferEngine(provider="tcp", domains=2)`` opens two ``tcp;ofi_rxm`` endpoints. Writes
     are one-sided and may carry a 32-bit immediate; receivers count immediates
     (:meth:`wait_imm`), senders wait on the returned :class:`TransferFuture`.
+
+    A single write is split over the domains only into shards of at least ``min_shard_bytes``
+    (default 1 MiB; at least 65536, else :class:`~stolon.errors.ConfigError`).
+    ``max_op_bytes`` (default: the providers' limit; at least 4096) caps one operation.
+    Integer arguments out of range (negative, or too large for their type) raise
+    :class:`~stolon.errors.InvalidArgumentError`.
     """
 
     def register(
@@ -61,46 +66,3 @@ class TransferEngine(_native.TransferEngine):
         if staged:
             return self.register_staged_host_ptr(ptr, nbytes, owner)
         return self.register_ptr(ptr, nbytes, owner)
-
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _typed_range_errors(fn: _F) -> _F:
-    """Turns PyO3's OverflowError for an integer out of range (a negative offset, an immediate
-    above 2**32-1) into stolon.InvalidArgumentError, so `except stolon.StolonError` sees it."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except OverflowError as e:
-            msg = f"{fn.__name__}: integer argument out of range ({e})"
-            raise InvalidArgumentError(msg) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-for _name in (
-    "write",
-    "write_imm",
-    "write_paged",
-    "scatter",
-    "send",
-    "prepare_write",
-    "prepare_paged",
-    "trigger_write",
-    "wait_imm",
-    "expect_imm",
-    "expect_imm_flag",
-    "imm_count",
-    "imm_count_write",
-    "imm_count_paged",
-    "imm_count_scatter_item",
-    "imm_count_for",
-    "barrier",
-    "register_ptr",
-    "register_gpu_ptr",
-    "register_staged_host_ptr",
-):
-    setattr(TransferEngine, _name, _typed_range_errors(getattr(_native.TransferEngine, _name)))
