@@ -24,7 +24,14 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_stubs_match_the_whole_package() -> None:
-    r = _run("mypy.stubtest", "stolon", "--allowlist", "stubtest_allowlist.txt")
+    r = _run(
+        "mypy.stubtest",
+        "stolon",
+        "--mypy-config-file",
+        "pyproject.toml",
+        "--allowlist",
+        "stubtest_allowlist.txt",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 

@@ -23,6 +23,13 @@ __all__ = [
     "CudaUnavailableError",
     "AllToAllError",
     "AllToAllTimeoutError",
+    "LayoutError",
+    "PlanError",
+    "ProtocolError",
+    "KVStreamError",
+    "RequestCancelledError",
+    "PrefillTimeoutError",
+    "WeightTransferError",
 ]
 
 
@@ -110,3 +117,34 @@ class AllToAllError(StolonError):
 
 class AllToAllTimeoutError(AllToAllError, TimeoutError):
     """An all-to-all kernel waited past its deadline for a peer (dead, or out of step)."""
+
+
+class LayoutError(StolonError, ValueError):
+    """A layout cannot describe valid memory: a KV-cache layout or page table
+    (:mod:`stolon.kvcache`), or a weight layout (unknown parameter, overlapping placement, bad
+    dtype; :mod:`stolon.weights`)."""
+
+
+class PlanError(StolonError, AssertionError):
+    """A weight-transfer plan does not cover its destinations exactly once (raised by the
+    verifiers of :mod:`stolon.weights`)."""
+
+
+class ProtocolError(StolonError, ValueError):
+    """Bytes that are not a valid message of the KV-cache control protocol version."""
+
+
+class KVStreamError(StolonError):
+    """A KV-cache stream failed (bad grant, mismatched counts, protocol violation)."""
+
+
+class RequestCancelledError(KVStreamError):
+    """The request was cancelled (by either side) before it completed."""
+
+
+class PrefillTimeoutError(TransferTimeoutError):
+    """The decode side's wait ran out: the prefill worker is slow, stuck or dead."""
+
+
+class WeightTransferError(StolonError):
+    """A weight update is inconsistent (plan mismatch, wrong stamps, wrong immediate counts)."""

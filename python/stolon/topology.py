@@ -38,7 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from fractions import Fraction
-from typing import Any
+from typing import Any, Callable
 
 __all__ = [
     "EFA_DEVICE_IDS",
@@ -594,6 +594,18 @@ class Topology:
         assigned: list[list[int]] = [[] for _ in gpus]
         nic_key = [_pci_sort_key(n.address) for n in nics]
         gpu_key = [_pci_sort_key(g.address) for g in gpus]
+
+        # Sort keys over NIC indices for GPU gi (made per GPU, so no lambda captures a loop
+        # variable).
+        def least_loaded(gi: int) -> Callable[[int], tuple[Any, ...]]:
+            return lambda ni: (load[ni], dist[gi][ni], demand[ni], nic_key[ni])
+
+        def nearest(gi: int) -> Callable[[int], tuple[Any, ...]]:
+            return lambda ni: (dist[gi][ni], demand[ni], nic_key[ni])
+
+        def nearest_first(gi: int) -> Callable[[int], tuple[Any, ...]]:
+            return lambda ni: (dist[gi][ni], nic_key[ni])
+
         for _ in range(max_nics_per_gpu):
             hungry = [gi for gi in gi_all if len(assigned[gi]) < quota[gi]]
             if not hungry:
@@ -603,10 +615,7 @@ class Topology:
                 options = [ni for ni in candidates[gi] if ni not in assigned[gi]]
                 if not options:
                     continue
-                pick = min(
-                    options,
-                    key=lambda ni, gi=gi: (load[ni], dist[gi][ni], demand[ni], nic_key[ni]),
-                )
+                pick = min(options, key=least_loaded(gi))
                 assigned[gi].append(pick)
                 load[pick] += 1
 
@@ -622,14 +631,14 @@ class Topology:
                     idle = [nj for nj in ni_all if load[nj] == 0 and dist[gi][nj] <= dist[gi][ni]]
                     if not idle:
                         continue
-                    nj = min(idle, key=lambda nj, gi=gi: (dist[gi][nj], demand[nj], nic_key[nj]))
+                    nj = min(idle, key=nearest(gi))
                     assigned[gi][pos] = nj
                     load[ni] -= 1
                     load[nj] += 1
                     changed = True
 
         for gi, g in enumerate(gpus):
-            chosen = sorted(assigned[gi], key=lambda ni, gi=gi: (dist[gi][ni], nic_key[ni]))
+            chosen = sorted(assigned[gi], key=nearest_first(gi))
             result[g.address] = [nics[ni] for ni in chosen]
         return result
 

@@ -27,14 +27,12 @@ import itertools
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
+from ..errors import LayoutError
+
 __all__ = ["KVCacheLayout", "LayoutError", "PagedWrite", "LAYER_MAJOR", "PAGE_MAJOR"]
 
 LAYER_MAJOR = "layer_major"
 PAGE_MAJOR = "page_major"
-
-
-class LayoutError(ValueError):
-    """A layout or a page table that cannot describe a valid paged KV cache."""
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Tuple, Union
 
+from ..errors import ProtocolError
+
 __all__ = [
     "VERSION",
     "UNKNOWN",
@@ -50,10 +52,6 @@ _CANCEL = struct.Struct("<QBI")
 
 T_PAGES, T_DONE, T_CANCEL = 1, 2, 3
 _MAX_PAGES = 1 << 20
-
-
-class ProtocolError(ValueError):
-    """Bytes that are not a valid message of this protocol version."""
 
 
 @dataclass(frozen=True)

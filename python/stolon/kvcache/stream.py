@@ -32,7 +32,14 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 import numpy as np
 
 from .._native import Address, HostCounter, MemoryDescriptor, PreparedTransfer
-from ..errors import EngineStoppedError, StolonError, TransferTimeoutError
+from ..errors import (
+    EngineStoppedError,
+    KVStreamError,
+    PrefillTimeoutError,
+    RequestCancelledError,
+    StolonError,
+    TransferTimeoutError,
+)
 from . import protocol as proto
 from .layout import KVCacheLayout, LayoutError
 
@@ -50,18 +57,6 @@ __all__ = [
 TAIL_HEADER = struct.Struct("<4sQIiI4x")
 """Tail slot header: magic ``b"KVT1"``, request id, token count, first token, payload length."""
 _TAIL_MAGIC = b"KVT1"
-
-
-class KVStreamError(StolonError):
-    """A KV-cache stream failed (bad grant, mismatched counts, protocol violation)."""
-
-
-class RequestCancelledError(KVStreamError):
-    """The request was cancelled (by either side) before it completed."""
-
-
-class PrefillTimeoutError(TransferTimeoutError):
-    """The decode side's wait ran out: the prefill worker is slow, stuck or dead."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +78,7 @@ def _registered(engine: Any, obj: Any, need: int, what: str, staged: bool = Fals
 
 def _cuda_device(obj: Any) -> Optional[int]:
     """The CUDA device index of a torch tensor on a GPU, else None (torch is not imported)."""
-    dev = getattr(obj, "device", None)
+    dev: Any = getattr(obj, "device", None)
     if getattr(dev, "type", None) == "cuda":
         return int(dev.index or 0)
     return None

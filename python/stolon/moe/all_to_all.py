@@ -294,7 +294,7 @@ class AllToAll:
         x_scales: Optional[torch.Tensor],
         num_tokens: Any,
         check_routing: bool,
-    ) -> tuple[Any, ...]:
+    ) -> tuple[int, int, int, int, int, bool, int, int, int, Optional[int], int]:
         """Checks a dispatch's inputs; the native arguments after the stream. Keeps the
         tensors referenced until the next step."""
         torch = self._torch

@@ -33,11 +33,11 @@ import base64
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import StolonError
+from ..errors import WeightTransferError
 from .convert import amax_by_block, grid_shape, quantize, scale_from_amax
 from .layout import ITEMSIZE, numpy_dtype
 from .plan import PACK_ROWS_BELOW, WeightPlan
@@ -69,10 +69,6 @@ _ALIGN = 64
 def imm_for(kind: int, version: int) -> int:
     """The 32-bit immediate of ``kind`` for update ``version``."""
     return (kind << 28) | (version & _VERSION_MASK)
-
-
-class WeightTransferError(StolonError):
-    """A weight update is inconsistent (plan mismatch, wrong stamps, wrong immediate counts)."""
 
 
 def _align(n: int, a: int = _ALIGN) -> int:
@@ -175,9 +171,7 @@ def unpack_slot(layout: SlotLayout, slot: np.ndarray, version: int = -1) -> Weig
     if not isinstance(slot, np.ndarray):  # a torch tensor (GPU slots): torch dtypes
         from .gpu import torch_dtype
 
-        def dtype_of(name: str) -> Any:
-            return torch_dtype(name)
-
+        dtype_of: Callable[[str], Any] = torch_dtype
         f32: Any = torch_dtype("float32")
     else:
         dtype_of, f32 = numpy_dtype, np.float32

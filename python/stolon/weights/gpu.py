@@ -222,7 +222,7 @@ class TorchProgram(_Program):
 
     def local_amax(self) -> None:
         for p, rows in self.rows_by_param.items():
-            g = self.amax[p]
+            g: Any = self.amax[p]  # a torch tensor here (numpy in the CPU program)
             g.zero_()
             for row in rows:
                 for piece in _split(row, _CHUNK):
@@ -255,7 +255,7 @@ class TorchProgram(_Program):
 
     def finish_scales(self) -> None:
         for p, off in self.scale_off.items():
-            g = self.amax[p]
+            g: Any = self.amax[p]
             self.scale_out[off : off + g.numel()] = _scales(g)
 
     def fill(self, batch: _Batch) -> None:
@@ -265,7 +265,7 @@ class TorchProgram(_Program):
             src = self._view(lb, so, ln, cnt, sst)
             d_dt = infer.dtype(infer.params[p].name)
             n = ln * cnt * ITEMSIZE[d_dt]
-            out = self.staging[sbase : sbase + n]
+            out: Any = self.staging[sbase : sbase + n]
             if p in self.fp8:
                 off = self.scale_off[p]
                 sc = self.scale_out[off + self._tiles(p, d, do, ln, cnt, dst)]

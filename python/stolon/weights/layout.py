@@ -30,6 +30,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..errors import LayoutError
+
 __all__ = [
     "BF16",
     "FP8",
@@ -66,10 +68,6 @@ ITEMSIZE: Dict[str, int] = {
     "float8_e4m3fn": 1,
     "uint8": 1,
 }
-
-
-class LayoutError(ValueError):
-    """A layout is inconsistent (unknown parameter, overlapping placement, bad dtype, ...)."""
 
 
 def numpy_dtype(dtype: str) -> np.dtype:

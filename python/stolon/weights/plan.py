@@ -35,6 +35,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import PlanError
 from .layout import (
     ITEMSIZE,
     InferenceLayout,
@@ -47,10 +48,6 @@ from .layout import (
 __all__ = ["PlanError", "RangeTable", "WeightPlan", "build_plan", "check_tiling", "CostModel"]
 
 
-class PlanError(AssertionError):
-    """A plan does not cover its destinations exactly once (raised by the verifiers)."""
-
-
 #: A range whose runs are shorter than this (bytes, at the destination) and land back to back
 #: there goes through the sender's staging buffer even without a conversion: packing its runs
 #: costs a local copy, and saves one network write per run (a column shard of a row-major
@@ -58,7 +55,7 @@ class PlanError(AssertionError):
 PACK_ROWS_BELOW = 64 << 10
 
 
-_COLUMNS = (
+_COLUMNS: Tuple[Tuple[str, type], ...] = (
     ("param", np.int32),
     ("src_rank", np.int32),
     ("src_buf", np.int32),
@@ -104,7 +101,9 @@ class RangeTable:
         """Concatenates column dicts and sorts."""
         if not parts:
             return cls.empty()
-        cols = {n: np.concatenate([p[n] for p in parts]).astype(t, copy=False) for n, t in _COLUMNS}
+        cols: Dict[str, np.ndarray] = {
+            n: np.concatenate([p[n] for p in parts]).astype(t, copy=False) for n, t in _COLUMNS
+        }
         order = np.lexsort((cols["dst_off"], cols["param"], cols["dst_rank"], cols["src_rank"]))
         return cls(**{n: c[order] for n, c in cols.items()})
 
