@@ -78,7 +78,7 @@ struct Address {
 impl Address {
     #[staticmethod]
     fn from_bytes(data: &Bound<'_, PyAny>) -> PyResult<Self> {
-        with_bytes(data, |b| fl::PeerAddr::from_bytes(b))?
+        with_bytes(data, fl::PeerAddr::from_bytes)?
             .map(|inner| Address { inner })
             .map_err(to_py)
     }
@@ -145,7 +145,7 @@ struct MemoryDescriptor {
 impl MemoryDescriptor {
     #[staticmethod]
     fn from_bytes(data: &Bound<'_, PyAny>) -> PyResult<Self> {
-        with_bytes(data, |b| fl::MemDesc::from_bytes(b))?
+        with_bytes(data, fl::MemDesc::from_bytes)?
             .map(|inner| MemoryDescriptor { inner })
             .map_err(to_py)
     }
@@ -575,6 +575,9 @@ impl PreparedTransfer {
         self.inner.lock().unwrap().is_none()
     }
 }
+
+/// One `scatter` item as Python passes it: (descriptor, src_offset, dst_offset, length).
+type ScatterItemArg = (MemoryDescriptor, Int<u64>, Int<u64>, Int<u64>);
 
 /// The transfer engine: one domain group (1..16 NIC endpoints) driven by one worker thread.
 #[pyclass(module = "stolon._native", frozen, subclass)]
@@ -1038,7 +1041,7 @@ impl TransferEngine {
     fn scatter(
         &self,
         src: &Bound<'_, MemoryRegion>,
-        items: Vec<(MemoryDescriptor, Int<u64>, Int<u64>, Int<u64>)>,
+        items: Vec<ScatterItemArg>,
         imm: Option<Int<u32>>,
         sharding: Option<&str>,
         pin_domain: Option<Int<usize>>,
