@@ -9,9 +9,19 @@ export PATH="$HOME/.cargo/bin:$PATH"
 # The same nvcc setup.sh installed, so cargo test builds the MoE kernels too.
 NVCC="$(.venv/bin/python -c 'import nvidia, os; print(next(p for d in nvidia.__path__ for p in [os.path.join(d, "cu13", "bin", "nvcc")] if os.path.isfile(p)))')"
 export NVCC STOLON_REQUIRE_KERNELS=1
+# The CUDA headers from the same packages, for the driver ABI test (cuda/tests/abi_layout.rs),
+# which then must run instead of printing SKIP.
+STOLON_CUDA_INCLUDE="$(dirname "$(dirname "$NVCC")")/include"
+export STOLON_CUDA_INCLUDE
+echo "== lint"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/python -m mypy -p stolon
 echo "== cargo test"
 cargo test --workspace --exclude stolon-python
-unset NVCC STOLON_REQUIRE_KERNELS
+unset NVCC STOLON_REQUIRE_KERNELS STOLON_CUDA_INCLUDE
 PYDEPS=(pytest hypothesis numpy pytest-timeout ruff mypy typing_extensions ml_dtypes matplotlib)
 # torch (used on the CPU) for the KV-cache end-to-end test's small transformer; GPU tests skip
 # without GPUs. The wheel from PyPI brings its CUDA libraries (a few GB), needed to import it.

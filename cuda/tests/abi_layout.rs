@@ -6,9 +6,11 @@
 //! - the value of every constant used.
 //!
 //! The header is found through `$STOLON_CUDA_INCLUDE` (the include directory, or `cuda.h`
-//! itself), else in Python's site-packages (`nvidia/cu13/include/cuda.h`, from
+//! itself; scripts/test.sh sets it to the venv's), else in the repository's `.venv`, else in
+//! Python's site-packages (`nvidia/cu13/include/cuda.h`, from
 //! `pip install nvidia-cuda-runtime==13.0.*`). Without a header or a C compiler the test prints
-//! SKIP and passes. No GPU or driver is needed: the C program only prints compile-time facts.
+//! SKIP and passes, unless `$STOLON_CUDA_INCLUDE` is set: then a missing header or compiler
+//! fails it. No GPU or driver is needed: the C program only prints compile-time facts.
 
 use std::collections::HashMap;
 use std::mem::{offset_of, size_of};
@@ -37,8 +39,14 @@ fn python_paths() -> Vec<PathBuf> {
             }
         }
     }
-    if let Some(venv) = std::env::var_os("VIRTUAL_ENV") {
-        if let Ok(rd) = std::fs::read_dir(Path::new(&venv).join("lib")) {
+    // The active venv, and the repository's own (scripts/setup.sh installs the headers there).
+    let repo_venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv");
+    let venvs = std::env::var_os("VIRTUAL_ENV")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([repo_venv]);
+    for venv in venvs {
+        if let Ok(rd) = std::fs::read_dir(venv.join("lib")) {
             out.extend(rd.flatten().map(|e| e.path().join("site-packages")));
         }
     }
@@ -455,8 +463,10 @@ fn run_c(include: &Path, name: &str, program: &str) -> Option<HashMap<String, St
 
 #[test]
 fn driver_abi_matches_cuda_h() {
+    let required = std::env::var_os("STOLON_CUDA_INCLUDE").is_some();
     let include = match find_include_dir() {
         Ok(d) => d,
+        Err(why) if required => panic!("{why}"),
         Err(why) => {
             eprintln!("SKIP: {why}");
             return;
@@ -464,6 +474,10 @@ fn driver_abi_matches_cuda_h() {
     };
     eprintln!("checking against {}", include.join("cuda.h").display());
     let Some(c) = run_c(&include, "abi_layout", &c_program()) else {
+        assert!(
+            !required,
+            "STOLON_CUDA_INCLUDE is set but the C program could not run"
+        );
         return;
     };
     let fallbacks = run_c(&include, "abi_fallbacks", &c_fallback_program()).unwrap();
