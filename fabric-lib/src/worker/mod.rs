@@ -32,6 +32,55 @@ mod watch;
 use control::{CtrlOut, Lease, LeaseState, Revocation};
 use idle::{Doorbell, Woke};
 
+/// The worker's message buffers: an anonymous mapping of its own, so closing an engine gives
+/// the memory back to the system at once (a heap block of this size, freed from the worker's
+/// thread, stays in that thread's malloc arena: engines opened and closed in a loop grew a
+/// process by gigabytes).
+pub(crate) struct MsgMem {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: MsgMem owns its mapping exclusively; it is plain memory, usable from any thread.
+unsafe impl Send for MsgMem {}
+
+impl MsgMem {
+    fn new(len: usize) -> Result<Self> {
+        // SAFETY: an anonymous private mapping; no pointer is passed in.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len.max(1),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::Config(format!(
+                "cannot map {len} bytes of message buffers: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(MsgMem {
+            ptr: p.cast(),
+            len: len.max(1),
+        })
+    }
+
+    fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+}
+
+impl Drop for MsgMem {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
 /// What keeps a transfer's local regions (and their memory) alive until its ops finish.
 pub(crate) type KeepAlive = Arc<dyn std::any::Any + Send + Sync>;
 
@@ -396,7 +445,7 @@ pub(crate) struct Worker {
     _pinned: Option<stolon_cuda::HostRegistration>,
     /// Backing store of message buffers: recv buffers of every domain, then send buffers.
     /// Each buffer is `HEADER + max_message` bytes.
-    msg_mem: Box<[u8]>,
+    msg_mem: MsgMem,
     free_send: Vec<u32>,
     waiting_sends: VecDeque<(u32, usize, u32)>,
     triggers: HashMap<u32, Trigger>,
@@ -453,7 +502,7 @@ impl Worker {
         let nd = domains.len();
         let buf_size = HEADER + cfg.max_message;
         let msg_len = SCRATCH + (nd * cfg.recv_buffers + cfg.send_buffers) * buf_size;
-        let msg_mem = vec![0u8; msg_len].into_boxed_slice();
+        let msg_mem = MsgMem::new(msg_len)?;
         let (copier, pinned) = match cfg.cuda_device {
             None => (Copier::Host, None),
             Some(dev) => {
@@ -753,6 +802,15 @@ impl Worker {
         }
         self.drain_before_stop();
         self.shutdown();
+        drop(self);
+        // libfabric's endpoint buffers were allocated on this thread, in its malloc arena,
+        // which glibc does not shrink by itself: give the freed pages back, or a process that
+        // opens and closes engines grows by tens of megabytes each time.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only releases free memory of the allocator's arenas.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 
     fn handle(&mut self, req: Request) {
