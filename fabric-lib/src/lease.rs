@@ -48,6 +48,10 @@ pub(crate) enum Ctrl {
     Landed { entries: Vec<(u64, bool)> },
     /// An engine that is stopping, to every peer it knows: fail what you have for me now.
     Bye,
+    /// The answer to `Bye`: nothing more will be sent to the stopping engine (which closes its
+    /// endpoint only then, so no peer posts to a closing connection: libfabric 1.17's rxm
+    /// crashed doing that).
+    ByeAck,
 }
 
 const LEASE_REQ: u8 = 1;
@@ -57,6 +61,7 @@ const REVOKE: u8 = 4;
 const REVOKE_ACK: u8 = 5;
 const LANDED: u8 = 6;
 const BYE: u8 = 7;
+const BYE_ACK: u8 = 8;
 
 /// Most `Landed` entries in one message (9 bytes each, far below a message buffer).
 pub(crate) const MAX_LANDED: usize = 1024;
@@ -107,6 +112,7 @@ impl Ctrl {
                 }
             }
             Ctrl::Bye => out.push(BYE),
+            Ctrl::ByeAck => out.push(BYE_ACK),
         }
         out
     }
@@ -146,6 +152,7 @@ impl Ctrl {
                 Ctrl::Landed { entries }
             }
             BYE => Ctrl::Bye,
+            BYE_ACK => Ctrl::ByeAck,
             _ => return None,
         };
         (r.at == b.len()).then_some(c)
@@ -200,6 +207,7 @@ mod tests {
                 entries: vec![(1, true), (u64::MAX, false)],
             },
             Ctrl::Bye,
+            Ctrl::ByeAck,
         ]
     }
 

@@ -324,7 +324,15 @@ impl Worker {
             }
             Ctrl::Bye => {
                 if let Some(peer) = self.shared.peer_of_engine(from) {
+                    // The answer leaves before the peer is marked gone (messages to gone
+                    // peers are dropped), and nothing is sent to it after.
+                    self.send_ctrl(peer, Ctrl::ByeAck);
                     self.peer_gone(peer);
+                }
+            }
+            Ctrl::ByeAck => {
+                if let Some(peer) = self.shared.peer_of_engine(from) {
+                    self.bye_waiting.remove(&peer);
                 }
             }
             Ctrl::Landed { entries } => {

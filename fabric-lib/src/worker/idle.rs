@@ -59,20 +59,20 @@ impl Worker {
             self.progress_once();
         }
         // Then every peer hears `Bye`, so its transfers here fail now rather than at their
-        // deadline; a short grace for those sends to complete.
+        // deadline, and answers once it will send nothing more here.
         let known: Vec<u32> = self
             .peers
             .iter()
             .filter(|(id, p)| p.addrs.is_ok() && !self.gone.contains(id))
             .map(|(&id, _)| id)
             .collect();
-        for peer in known {
+        for &peer in &known {
             self.send_ctrl(peer, Ctrl::Bye);
         }
-        let bye_deadline = Instant::now() + Duration::from_millis(200);
-        while !(self.ctrl_out.is_empty() && self.free_send.len() == self.cfg.send_buffers)
-            && Instant::now() < bye_deadline
-        {
+        self.bye_waiting = known.into_iter().collect();
+        // Live peers answer within microseconds; a dead one does not answer at all.
+        let bye_deadline = Instant::now() + Duration::from_millis(500);
+        while !self.bye_waiting.is_empty() && Instant::now() < bye_deadline {
             self.progress_once();
         }
     }

@@ -473,6 +473,8 @@ pub(crate) struct Worker {
     logged_refusals: HashSet<u64>,
     /// Peers that said `Bye`: ops to them fail at once.
     gone: HashSet<u32>,
+    /// While stopping: peers that have not answered this engine's `Bye` yet.
+    bye_waiting: HashSet<u32>,
     /// This engine's doorbell, where some domain has no wait descriptor.
     doorbell: Option<Doorbell>,
     /// Completion entries reused by every poll.
@@ -566,6 +568,7 @@ impl Worker {
             local_inflight: HashMap::new(),
             logged_refusals: HashSet::new(),
             gone: HashSet::new(),
+            bye_waiting: HashSet::new(),
             doorbell: None,
             cq_entries: cq_entry_buffer(64),
             cfg,
