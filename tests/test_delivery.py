@@ -324,10 +324,11 @@ def test_stop_with_a_thousand_transfers_in_flight() -> None:
     assert len(done) == 10, "callbacks of resolved futures did not all run"
 
 
-def _stream_until_error(eng, src, desc, stop_flag, errors) -> None:
+def _stream_until_error(eng, src, desc, stop_flag, errors, wrote) -> None:
     while not stop_flag.is_set():
         try:
             eng.write(src, 0, desc, 0, 1 << 16, imm=9).wait(T)
+            wrote.set()
         except stolon.StolonError as e:
             errors.append(type(e).__name__)
             return
@@ -343,13 +344,13 @@ def test_stopping_a_receiver_while_peers_stream_into_it_in_one_process() -> None
         src = a.register(np.full(1 << 16, 0x33, dtype=np.uint8))
         mem = np.zeros(1 << 16, dtype=np.uint8)
         dst = b.register(mem)
-        flag = threading.Event()
+        flag, wrote = threading.Event(), threading.Event()
         errors: list = []
         th = threading.Thread(
-            target=_stream_until_error, args=(a, src, dst.descriptor, flag, errors)
+            target=_stream_until_error, args=(a, src, dst.descriptor, flag, errors, wrote)
         )
         th.start()
-        time.sleep(0.01)
+        assert wrote.wait(T), "no write landed before the stop"
         b.stop()
         mem[:] = 0xCC
         th.join(T)
@@ -369,13 +370,14 @@ def test_stopping_a_receiver_process_while_streaming(peer_factory) -> None:
         src = eng.register(np.full(1 << 16, 0x44, dtype=np.uint8))
         for _ in range(runs):
             peer = peer_factory("tcp", 1, regions=(1 << 16,))
-            flag = threading.Event()
+            flag, wrote = threading.Event(), threading.Event()
             errors: list = []
             th = threading.Thread(
-                target=_stream_until_error, args=(eng, src, peer.descriptors[0], flag, errors)
+                target=_stream_until_error,
+                args=(eng, src, peer.descriptors[0], flag, errors, wrote),
             )
             th.start()
-            time.sleep(0.02)
+            assert wrote.wait(T), "no write landed before the stop"
             peer.close()
             th.join(T)
             flag.set()
