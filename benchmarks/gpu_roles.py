@@ -130,8 +130,16 @@ def receiver(cfg: Dict[str, Any], conn) -> None:
                 # Unregister (returns once no writer can write it), free it, let the caching
                 # allocator hand the memory to a new tensor, and paint that with a canary.
                 old_ptr = victim.data_ptr()
+                before = torch.cuda.memory_allocated(dst.device)
                 eng.unregister(vr)
                 del vr, victim
+                # The region's last handle hands the tensor to the engine's worker, which lets
+                # it go once the registration is closed: wait for the allocator to get it back.
+                deadline = time.monotonic() + 5
+                while torch.cuda.memory_allocated(dst.device) > before - cfg["size"]:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("the unregistered tensor was never released")
+                    time.sleep(0.001)
                 fresh = torch.empty(cfg["size"], dtype=torch.uint8, device=dst.device)
                 fresh.fill_(0xCC)
                 torch.cuda.synchronize()

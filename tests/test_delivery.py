@@ -387,3 +387,30 @@ def test_stopping_a_receiver_process_while_streaming(peer_factory) -> None:
         assert (np.asarray(last.view(0)) == 0x44).all()
     finally:
         eng.stop()
+
+
+def test_a_dropped_region_releases_its_memory_while_python_sleeps() -> None:
+    """The object a region keeps alive goes once the engine has closed the registration, even
+    if Python then only sleeps (a decref deferred to the next PyO3 call kept an unregistered
+    tensor allocated)."""
+    import weakref
+
+    class Buf(bytearray):
+        pass
+
+    eng = make_engine("tcp", 1, timeout=T)
+    try:
+        for explicit in (True, False):
+            buf = Buf(1 << 16)
+            gone = weakref.ref(buf)
+            region = eng.register(buf)
+            del buf
+            if explicit:
+                eng.unregister(region)
+            del region
+            deadline = time.monotonic() + 5
+            while gone() is not None:
+                assert time.monotonic() < deadline, "the registered object was never released"
+                time.sleep(0.01)
+    finally:
+        eng.stop()

@@ -55,8 +55,20 @@ impl Drop for CallbackThread {
         if let Some(h) = self.handle.take() {
             // A callback that stops its own engine cannot wait for itself: the thread ends
             // after that callback returns.
-            if h.thread().id() != std::thread::current().id() {
+            if h.thread().id() == std::thread::current().id() {
+                return;
+            }
+            // A queued job may need a lock the stopping thread holds (Python's GIL, when an
+            // engine is dropped by the garbage collector): wait a bounded time, then let the
+            // thread finish on its own rather than deadlock.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !h.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            if h.is_finished() {
                 let _ = h.join();
+            } else {
+                eprintln!("stolon: the callback thread is still running a callback; not waiting");
             }
         }
     }

@@ -60,7 +60,7 @@ pub(crate) struct MessageQueue {
     pub(super) q: Mutex<(VecDeque<Vec<u8>>, bool)>,
     pub(super) cv: Condvar,
     pub(super) callback: Mutex<Option<MessageCallback>>,
-    pub(super) sink: CallbackSink,
+    pub(crate) sink: CallbackSink,
 }
 
 /// What `on_message` installs: called with each received message.
@@ -129,6 +129,14 @@ pub(crate) struct PeerTable {
 }
 
 impl Shared {
+    /// Lets go of a region's owner on the callback thread: the owner's drop may wait for a lock
+    /// of the caller's runtime (Python's GIL), which the worker must never do.
+    pub(crate) fn release(&self, owner: Option<Box<dyn std::any::Any + Send + Sync>>) {
+        if let Some(o) = owner {
+            self.messages.sink.submit(Box::new(move || drop(o)));
+        }
+    }
+
     /// The id of `peer`, allocated on first sight (the caller tells the worker).
     pub(crate) fn peer_id(&self, peer: &PeerAddr) -> u32 {
         self.peer_id_new(peer).0

@@ -585,6 +585,18 @@ struct TransferEngine {
     inner: Arc<fl::TransferEngine>,
 }
 
+impl Drop for TransferEngine {
+    /// The garbage collector drops an engine with the GIL held; stopping it joins the worker
+    /// and the callback thread, whose last jobs may need the GIL. So the last Python handle
+    /// stops the engine with the GIL released.
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.inner) == 1 && !self.inner.is_stopped() {
+            let engine = self.inner.clone();
+            Python::with_gil(|py| py.allow_threads(move || engine.stop()));
+        }
+    }
+}
+
 impl TransferEngine {
     fn region<'a>(&self, r: &'a Bound<'_, MemoryRegion>) -> &'a fl::MemoryRegion {
         &r.get().inner
@@ -1323,8 +1335,22 @@ impl TransferEngine {
 }
 
 /// The Python object that owns registered memory, kept alive by the region.
+/// A Python object a region keeps alive. Dropped with the GIL held, so the object goes as soon
+/// as the engine lets go of it (PyO3 defers a decref made without the GIL until some thread
+/// next enters PyO3: an unregistered tensor stayed allocated while Python only slept). The
+/// engine drops owners on its callback thread, never on its worker.
+struct Owner(Option<PyObject>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        if let Some(o) = self.0.take() {
+            Python::with_gil(|_| drop(o));
+        }
+    }
+}
+
 fn boxed_owner(owner: Option<PyObject>) -> Option<Box<dyn std::any::Any + Send + Sync>> {
-    owner.map(|o| Box::new(o) as Box<dyn std::any::Any + Send + Sync>)
+    owner.map(|o| Box::new(Owner(Some(o))) as Box<dyn std::any::Any + Send + Sync>)
 }
 
 fn stats_dict<'py>(py: Python<'py>, s: &fl::StatsSnapshot) -> PyResult<Bound<'py, PyDict>> {

@@ -462,7 +462,7 @@ impl Worker {
         }
         if !self.regions.contains_key(&id) && !self.staged_regions.contains_key(&id) {
             // Already closed (an explicit unregister, then the drop): nothing can write it.
-            drop(owner);
+            self.shared.release(owner);
             if let Some(r) = reply {
                 let _ = r.send(Ok(()));
             }
@@ -507,7 +507,7 @@ impl Worker {
                 );
             }
             let result = self.close_region(r.id);
-            drop(r.owner);
+            self.shared.release(r.owner);
             for reply in r.replies {
                 let _ = reply.send(result.clone());
             }

@@ -1001,7 +1001,7 @@ impl Worker {
             self.copies.pop_front();
         }
         for r in self.revocations.drain(..) {
-            drop(r.owner);
+            self.shared.release(r.owner);
             for reply in r.replies {
                 let _ = reply.send(Ok(()));
             }
