@@ -97,9 +97,12 @@ impl Worker {
                 len,
                 token,
             } => {
-                let s = &self.shared.stats[domain as usize];
-                s.messages_sent.fetch_add(1, Ordering::Relaxed);
-                s.bytes_sent.fetch_add(len as u64, Ordering::Relaxed);
+                // The engine's own control messages are not the user's traffic.
+                if slot != CTRL {
+                    let s = &self.shared.stats[domain as usize];
+                    s.messages_sent.fetch_add(1, Ordering::Relaxed);
+                    s.bytes_sent.fetch_add(len as u64, Ordering::Relaxed);
+                }
                 self.free_send.push(buf);
                 // A delivered staged chunk is done when the owner says it landed (it is
                 // registered in `awaiting_landed` since it was posted).
@@ -107,12 +110,7 @@ impl Worker {
                     self.done(slot, lease, None, Ok(()));
                 }
             }
-            Tag::Recv { domain, buf } => {
-                self.shared.stats[d]
-                    .messages_received
-                    .fetch_add(1, Ordering::Relaxed);
-                self.on_message(domain, buf, len);
-            }
+            Tag::Recv { domain, buf } => self.on_message(domain, buf, len),
             Tag::StagedWrite {
                 slot,
                 lease,
@@ -137,6 +135,11 @@ impl Worker {
         // SAFETY: the provider wrote the message into this receive buffer of `size` bytes.
         let bytes = unsafe { std::slice::from_raw_parts(p, size) };
         let header = Header::decode(bytes).filter(|h| h.len as usize <= size - HEADER);
+        if header.is_some_and(|h| h.kind != KIND_CTRL) {
+            self.shared.stats[domain as usize]
+                .messages_received
+                .fetch_add(1, Ordering::Relaxed);
+        }
         match header {
             Some(h) if h.kind == KIND_USER => {
                 let msg = bytes[HEADER..HEADER + h.len as usize].to_vec();

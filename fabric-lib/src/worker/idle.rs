@@ -112,7 +112,10 @@ impl Worker {
             && self.mailbox.is_none()
             && self.n_pending == 0
             && self.ctrl_out.is_empty()
-            && (all_fds || (self.doorbell.is_some() && quiet));
+            // Where a domain has no wait descriptor, the doorbell only wakes a nap early: the
+            // provider may still need polling to answer a peer that cannot ring (a first
+            // connection, another host), so the worker never sleeps long on it alone.
+            && all_fds;
         let timeout = if blocking {
             // Every domain with a descriptor must agree that nothing is pending.
             if !self

@@ -128,6 +128,7 @@ impl Worker {
                             Ok(true)
                         }
                         Posted::Again => {
+                            self.ring(op.peer, d);
                             self.poll_domain(d);
                             Ok(false)
                         }
@@ -418,6 +419,9 @@ impl Worker {
                 self.take_ctx(ctx);
                 match other {
                     Ok(_) => {
+                        // "Again" may mean the peer has not progressed our connection yet: a
+                        // sleeping peer without a wait descriptor must be rung for that too.
+                        self.ring(peer, d);
                         self.poll_domain(d);
                         Ok(false)
                     }
