@@ -78,17 +78,6 @@ impl Worker {
                 s.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
                 self.done(slot, lease, Some(region), Ok(()));
             }
-            Tag::Triggered {
-                lease,
-                region,
-                domain,
-                len,
-            } => {
-                let s = &self.shared.stats[domain as usize];
-                s.write_ops.fetch_add(1, Ordering::Relaxed);
-                s.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
-                self.done(TRIGGERED, lease, Some(region), Ok(()));
-            }
             Tag::Send {
                 slot,
                 lease,
@@ -236,9 +225,6 @@ impl Worker {
                 region,
                 ..
             } => self.done(slot, lease, Some(region), Err(err)),
-            Tag::Triggered { lease, region, .. } => {
-                self.done(TRIGGERED, lease, Some(region), Err(err))
-            }
             Tag::Send {
                 slot: CTRL,
                 buf,

@@ -264,7 +264,7 @@ pub(crate) enum Request {
 #[derive(Clone, Copy)]
 enum Tag {
     Free,
-    /// A write from local region `region`.
+    /// A write from local region `region` (slot `TRIGGERED` for an op fired by a trigger).
     Transfer {
         slot: u32,
         lease: u32,
@@ -291,13 +291,6 @@ enum Tag {
         slot: u32,
         lease: u32,
         buf: u32,
-        domain: u8,
-        len: usize,
-    },
-    /// An op fired by a trigger; nobody waits for it.
-    Triggered {
-        lease: u32,
-        region: u64,
         domain: u8,
         len: usize,
     },

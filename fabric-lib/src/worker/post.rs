@@ -136,21 +136,12 @@ impl Worker {
                 }
                 let desc = mrs[d].desc();
                 let lease = op.lease;
-                let tag = if slot == TRIGGERED {
-                    Tag::Triggered {
-                        lease,
-                        region,
-                        domain: d as u8,
-                        len,
-                    }
-                } else {
-                    Tag::Transfer {
-                        slot,
-                        lease,
-                        region,
-                        domain: d as u8,
-                        len,
-                    }
+                let tag = Tag::Transfer {
+                    slot,
+                    lease,
+                    region,
+                    domain: d as u8,
+                    len,
                 };
                 let ctx = self.alloc_ctx(tag);
                 // SAFETY: src..src+len lies in a registered region (checked by the engine
