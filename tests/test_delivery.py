@@ -62,6 +62,28 @@ def forged(desc, *, length=None, key_delta=0):
 # ------------------------------------------------------------------------------------------------
 
 
+def stop_process(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP, then waits until every thread of `pid` is stopped: kill() returns before the
+    signal takes effect, and a worker thread spinning on another core can still take a write
+    posted in that window."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    tasks = f"/proc/{pid}/task"
+    while True:
+        states = []
+        for tid in os.listdir(tasks):
+            try:
+                with open(f"{tasks}/{tid}/stat") as f:
+                    # The state follows the command name, which is in parentheses.
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:
+                continue  # the thread exited
+        if states and all(s in ("T", "t") for s in states):
+            return
+        assert time.monotonic() < deadline, f"process {pid} did not stop: {states}"
+        time.sleep(0.001)
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("size", [64, 64 << 10, 16 << 20])
 def test_delivered_write_waits_for_a_stopped_target(peer_factory, provider: str, size: int) -> None:
@@ -78,7 +100,7 @@ def test_delivered_write_waits_for_a_stopped_target(peer_factory, provider: str,
         zero = eng.register(np.zeros(8, dtype=np.uint8))
         # Connection and lease in place first (the first write to a peer needs its progress).
         eng.write(zero, 0, peer.descriptors[0], 0, 8).wait(T)
-        os.kill(peer.pid, signal.SIGSTOP)
+        stop_process(peer.pid)
         try:
             fut = eng.write(region, 0, peer.descriptors[0], 0, size, imm=3)
             time.sleep(1.0)
