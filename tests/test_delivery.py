@@ -116,6 +116,27 @@ def test_delivered_write_waits_for_a_stopped_target(peer_factory, provider: str,
         eng.stop()
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("completion", ["delivered", "local"])
+def test_zero_byte_writes_complete(peer_factory, provider: str, completion: str) -> None:
+    """A write of no bytes (a bare immediate, or a zero-length region write) completes at every
+    completion level, and its immediate is counted exactly once. (libfabric 1.17's shm lost the
+    writer's completion of a zero-byte delivery-complete write: it hung until its deadline.)"""
+    require_provider(provider)
+    peer = peer_factory(provider, 1, regions=(4096,))
+    eng = make_engine(provider, 1, timeout=T)
+    try:
+        region = eng.register(np.ones(64, dtype=np.uint8))
+        for _ in range(3):
+            eng.write_imm(peer.address, 0x21, completion=completion).wait(T)
+            eng.write(region, 0, peer.descriptors[0], 0, 0, imm=0x22, completion=completion).wait(T)
+        left = peer.call("wait_imms", imms={"33": 3, "34": 3}, timeout=T)["left"]
+        assert left == {"33": 0, "34": 0}, f"immediates counted more than once: {left}"
+        assert not np.asarray(peer.view(0)).any(), "a zero-length write moved bytes"
+    finally:
+        eng.stop()
+
+
 def test_completion_argument_is_checked() -> None:
     eng = make_engine("tcp", 1)
     try:

@@ -67,6 +67,12 @@ pub struct DomainAttrs {
     /// The completion queue has a file descriptor the worker can sleep on (`FI_WAIT_FD` with
     /// `fi_trywait`); false where the provider offers none (shm, udp in 1.17).
     pub wait_fd: bool,
+    /// A zero-byte write asked for `FI_DELIVERY_COMPLETE` never completes on the writer
+    /// (shm before libfabric 1.19: its delivery path kept the transfer pending, though the
+    /// target counted the immediate). Such writes are posted with the default completion:
+    /// there are no bytes to deliver, and the immediate is queued in the target's shared
+    /// memory when the write completes.
+    pub zero_byte_delivery_lost: bool,
 }
 
 /// Outcome of posting an operation.

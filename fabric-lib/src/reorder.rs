@@ -144,6 +144,7 @@ impl ReorderDomain {
                 use_inject: false,
                 hmem: false,
                 wait_fd: false,
+                zero_byte_delivery_lost: false,
             },
             peers: Vec::new(),
             inflight: Vec::new(),

@@ -176,6 +176,10 @@ unsafe fn read_attrs(info: *const fi::fi_info) -> DomainAttrs {
             use_inject: inject_allowed(&cstr_or_empty(f.prov_name)),
             hmem: i.caps & fi::FI_HMEM != 0,
             wait_fd: false,
+            // Built-in providers report 100 * major + minor of the library as their major
+            // version (117.0 for libfabric 1.17.0); the fix came with 1.19.
+            zero_byte_delivery_lost: cstr_or_empty(f.prov_name) == "shm"
+                && f.prov_version < fi::fi_version(119, 0),
         }
     }
 }
@@ -638,6 +642,8 @@ impl FabricDomain {
     /// completion is `FI_DELIVERY_COMPLETE`: it is reported only once the target has placed
     /// the bytes (checked on tcp, net, shm and udp with a stopped target); without it the
     /// provider's default, which on tcp and shm means only that the source may be reused.
+    /// Zero-byte writes where the provider loses their delivery completion
+    /// ([`DomainAttrs::zero_byte_delivery_lost`]) take the default: nothing is there to deliver.
     ///
     /// # Safety
     /// `buf..buf+len` must stay valid and registered (with `desc`) until the completion for
@@ -657,7 +663,7 @@ impl FabricDomain {
         delivered: bool,
         ctx: *mut c_void,
     ) -> Result<Posted> {
-        if delivered {
+        if delivered && !(len == 0 && self.attrs.zero_byte_delivery_lost) {
             let iov = libc::iovec {
                 iov_base: buf as *mut c_void,
                 iov_len: len,

@@ -648,6 +648,7 @@ impl VerbsRcDomain {
             use_inject: false,
             hmem: spec.hmem,
             wait_fd: false,
+            zero_byte_delivery_lost: false,
         };
         Ok(VerbsRcDomain {
             dev,
