@@ -137,6 +137,35 @@ def test_zero_byte_writes_complete(peer_factory, provider: str, completion: str)
         eng.stop()
 
 
+def test_a_sleeping_shm_target_wakes_after_a_stream() -> None:
+    """shm has no completion-queue descriptor: an idle target sleeps until a writer rings its
+    doorbell. A stream of writes rings it faster than a spinning target drains it; a full
+    doorbell must still count as rung, or the writer stops ringing and later writes wait for
+    the target's nap (here 30 s, longer than their timeout)."""
+    require_provider("shm")
+    from conftest import spawn_peer
+
+    peer = spawn_peer("shm", 1, regions=(1 << 20,), engine={"max_sleep_us": 30_000_000})
+    eng = make_engine("shm", 1, timeout=T)
+    try:
+        src = np.frombuffer(os.urandom(1 << 20), dtype=np.uint8).copy()
+        region = eng.register(src)
+        for pause in (1.0, 1.7, 2.3):
+            end = time.monotonic() + 0.2  # about 200 rings while the target spins
+            while time.monotonic() < end:
+                eng.write(region, 0, peer.descriptors[0], 0, 4096).wait(T)
+            # The target goes to sleep (its spin is 20 ms); its naps grow towards 30 s, so a
+            # write that did not ring it waits for most of a nap of a second or more.
+            time.sleep(pause)
+            eng.write(region, 0, peer.descriptors[0], 0, 1 << 20, imm=5).wait(0.3)
+        assert np.array_equal(np.asarray(peer.view(0)), src)
+        left = peer.call("wait_imms", imms={"5": 3}, timeout=T)["left"]
+        assert left == {"5": 0}
+    finally:
+        eng.stop()
+        peer.close()
+
+
 def test_completion_argument_is_checked() -> None:
     eng = make_engine("tcp", 1)
     try:

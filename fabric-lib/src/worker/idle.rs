@@ -40,6 +40,15 @@ impl Doorbell {
     }
 }
 
+/// The longest sleep on a doorbell alone (see [`Worker::sleep`]): a peer that cannot ring waits
+/// at most this long for its transfer to progress.
+const BELL_ONLY_SLEEP: Duration = Duration::from_millis(10);
+
+/// Whether every peer of a domain of `provider` is on this host (and so can ring its doorbell).
+fn is_host_local(provider: &str) -> bool {
+    provider.split(';').next() == Some("shm")
+}
+
 /// Why the worker woke up.
 pub(super) enum Woke {
     Request(Request),
@@ -108,14 +117,21 @@ impl Worker {
         }
         let all_fds = self.domains.iter().all(|d| d.wait_fd().is_some());
         let quiet = self.active.iter().all(Option::is_none) && self.awaiting_landed.is_empty();
+        // A domain without a wait descriptor can be slept on only where every peer rings
+        // (shm: peers share the host), and only while nothing of ours is in flight (the
+        // answers to our own writes arrive without a ring). A peer that cannot ring (another
+        // network namespace) is served at the sleep's pace, `BELL_ONLY_SLEEP`.
+        let rung_only = self.doorbell.is_some()
+            && quiet
+            && self
+                .domains
+                .iter()
+                .all(|d| d.wait_fd().is_some() || is_host_local(&d.attrs().provider));
         let blocking = self.copies.is_empty()
             && self.mailbox.is_none()
             && self.n_pending == 0
             && self.ctrl_out.is_empty()
-            // Where a domain has no wait descriptor, the doorbell only wakes a nap early: the
-            // provider may still need polling to answer a peer that cannot ring (a first
-            // connection, another host), so the worker never sleeps long on it alone.
-            && all_fds;
+            && (all_fds || rung_only);
         let timeout = if blocking {
             // Every domain with a descriptor must agree that nothing is pending.
             if !self
@@ -130,6 +146,8 @@ impl Worker {
             // Deadlines, expiring waits and revocations are checked at this pace.
             if !quiet || !self.revocations.is_empty() || self.shared.imm.has_waiters() {
                 Duration::from_millis(5)
+            } else if !all_fds {
+                BELL_ONLY_SLEEP
             } else {
                 Duration::from_millis(100)
             }
@@ -212,9 +230,14 @@ impl Worker {
             return;
         }
         p.last_ring = Some(now);
-        if bell.sock.send_to_addr(&[1], addr).is_err() {
-            // No such engine on this host (a remote peer): it progresses on its own naps.
-            p.bell = None;
+        match bell.sock.send_to_addr(&[1], addr) {
+            Ok(_) => {}
+            // Its queue is full of rings it has not drained yet (it is awake, or will wake on
+            // them): rung enough.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            // No such engine on this host (a remote peer, or another network namespace): it
+            // progresses on its own naps.
+            Err(_) => p.bell = None,
         }
     }
 }
