@@ -50,9 +50,15 @@ struct Inner {
     callback: Option<Callback>,
 }
 
+/// How long [`Transfer::wait`] polls before it blocks.
+const WAIT_POLL: Duration = Duration::from_micros(50);
+
 /// Shared between the worker (which completes it) and the caller's [`Transfer`] handle.
 pub(crate) struct TransferState {
     inner: Mutex<Inner>,
+    /// Set (after `inner.result`) when the transfer finishes: what [`Transfer::wait`] polls
+    /// before it blocks.
+    done: std::sync::atomic::AtomicBool,
     cv: Condvar,
     sink: CallbackSink,
 }
@@ -61,6 +67,7 @@ impl TransferState {
     pub(crate) fn new(sink: CallbackSink) -> Arc<Self> {
         Arc::new(TransferState {
             inner: Mutex::new(Inner::default()),
+            done: std::sync::atomic::AtomicBool::new(false),
             cv: Condvar::new(),
             sink,
         })
@@ -74,6 +81,7 @@ impl TransferState {
         }
         g.result = Some(result.clone());
         let cb = g.callback.take();
+        self.done.store(true, std::sync::atomic::Ordering::Release);
         drop(g);
         self.cv.notify_all();
         if let Some(cb) = cb {
@@ -104,7 +112,16 @@ impl Transfer {
     /// The transfer's own error, or [`Error::Timeout`] if it is still running at the deadline
     /// (the transfer itself keeps its engine-side deadline).
     pub fn wait(&self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let start = Instant::now();
+        let deadline = start + timeout;
+        // A short transfer finishes within microseconds: poll for it, yielding the core (the
+        // worker that completes it may share it), before sleeping on the condition variable,
+        // whose wake-up costs a cross-core interrupt and a scheduler pass.
+        let poll = WAIT_POLL.min(timeout);
+        while !self.state.done.load(std::sync::atomic::Ordering::Acquire) && start.elapsed() < poll
+        {
+            std::thread::yield_now();
+        }
         let mut g = self.state.inner.lock().unwrap();
         loop {
             if let Some(r) = &g.result {

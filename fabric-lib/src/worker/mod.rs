@@ -793,7 +793,11 @@ impl Worker {
                     }
                 }
             } else {
-                std::hint::spin_loop();
+                // Spinning: give the core to any thread waiting for it (on a machine with
+                // fewer cores than busy threads, the caller waiting for this future, or a peer
+                // engine that must progress this write, would otherwise wait for a time
+                // slice: tcp delivered 4 KiB p50 42 -> 20 us on the 2-core VM).
+                std::thread::yield_now();
             }
         }
         self.drain_before_stop();
