@@ -100,7 +100,7 @@ impl MoeAllToAll {
         ranks_per_node: Option<usize>,
         capacity: Option<usize>,
         timeout: f64,
-        engine: Option<PyRef<'_, crate::TransferEngine>>,
+        engine: Option<PyRef<'_, crate::engine::TransferEngine>>,
     ) -> PyResult<Self> {
         if !(timeout.is_finite() && timeout > 0.0) {
             return Err(invalid(format!(
