@@ -3,12 +3,15 @@
 //! Work-completion failures are mapped to variants by what they mean for the caller
 //! ([`Error::PeerUnreachable`], [`Error::RemoteAccess`], [`Error::Flushed`], ...), not by their
 //! `ibv_wc_status` number; [`crate::completion::WcStatus`] keeps the number for logs.
+//!
+//! A leaf of the crate: besides `sys` (the loader's error) it names only plain data from the
+//! leaf modules `addr` (GID table entries) and `wc_status`, never a module that uses it.
 
 use std::time::Duration;
 
-use crate::completion::WcStatus;
-use crate::gid::GidEntry;
+use crate::addr::GidEntry;
 use crate::sys::LoadError;
+use crate::wc_status::WcStatus;
 
 /// An `errno` value returned by a libibverbs call, with the system's text for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

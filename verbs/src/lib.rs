@@ -48,6 +48,7 @@
 //! Nothing in [`domain`] has run against a real device yet; see the README for what is verified
 //! and how.
 
+mod addr;
 pub mod completion;
 pub mod domain;
 pub mod error;
@@ -55,6 +56,7 @@ pub mod gid;
 pub mod handshake;
 pub mod qp;
 pub mod sys;
+mod wc_status;
 pub mod wr;
 
 pub use error::{Error, Result};
