@@ -6,6 +6,7 @@
 //! (including failures held until drained), and the mapping of device errors to engine errors.
 //! What they cannot show: anything about a real NIC (see the README's support matrix).
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use stolon_verbs::Error as VError;
