@@ -7,6 +7,7 @@ use std::ffi::c_void;
 
 use crate::error::Result;
 use crate::libfabric::{CqError, DomainAttrs, DomainSpec, FabricDomain, Mr, Posted};
+#[cfg(feature = "test-doubles")]
 use crate::reorder::{LoopMr, ReorderDomain};
 use crate::sys::libfabric::{fi_addr_t, fi_cq_data_entry};
 use crate::verbs::{VerbsMr, VerbsRcDomain};
@@ -15,7 +16,9 @@ use crate::verbs::{VerbsMr, VerbsRcDomain};
 pub(crate) enum Domain {
     /// A libfabric RDM endpoint (efa, verbs;ofi_rxm, tcp;ofi_rxm, net, shm, udp;ofi_rxd).
     Fabric(FabricDomain),
-    /// The in-process reordering test double (provider name `reorder`); see [`crate::reorder`].
+    /// The in-process reordering test double (provider name `reorder`; only with the
+    /// `test-doubles` feature, which tests turn on); see `crate::reorder`.
+    #[cfg(feature = "test-doubles")]
     Reorder(ReorderDomain),
     /// A ConnectX port driven through libibverbs RC queue pairs (provider `verbs-rc`); see
     /// [`crate::verbs`].
@@ -25,6 +28,7 @@ pub(crate) enum Domain {
 /// A registration on one domain.
 pub(crate) enum MrHandle {
     Fabric(Mr),
+    #[cfg(feature = "test-doubles")]
     Reorder(LoopMr),
     Verbs(VerbsMr),
 }
@@ -33,6 +37,7 @@ impl MrHandle {
     pub(crate) fn key(&self) -> u64 {
         match self {
             MrHandle::Fabric(m) => m.key(),
+            #[cfg(feature = "test-doubles")]
             MrHandle::Reorder(m) => m.key,
             MrHandle::Verbs(m) => m.rkey as u64,
         }
@@ -40,6 +45,7 @@ impl MrHandle {
     pub(crate) fn desc(&self) -> *mut c_void {
         match self {
             MrHandle::Fabric(m) => m.desc(),
+            #[cfg(feature = "test-doubles")]
             MrHandle::Reorder(_) => std::ptr::null_mut(),
             // The verbs backend's local descriptor is the lkey.
             MrHandle::Verbs(m) => m.lkey as usize as *mut c_void,
@@ -65,6 +71,7 @@ impl Domain {
                 Box::new(dev),
             )?)));
         }
+        #[cfg(feature = "test-doubles")]
         if spec.provider == crate::reorder::PROVIDER {
             return Ok(Domain::Reorder(ReorderDomain::open(spec)?));
         }
@@ -74,6 +81,7 @@ impl Domain {
     pub(crate) fn attrs(&self) -> &DomainAttrs {
         match self {
             Domain::Fabric(d) => &d.attrs,
+            #[cfg(feature = "test-doubles")]
             Domain::Reorder(d) => &d.attrs,
             Domain::Verbs(d) => &d.attrs,
         }
@@ -82,6 +90,7 @@ impl Domain {
     pub(crate) fn name(&self) -> &[u8] {
         match self {
             Domain::Fabric(d) => d.name(),
+            #[cfg(feature = "test-doubles")]
             Domain::Reorder(d) => d.name(),
             Domain::Verbs(d) => d.name(),
         }
@@ -90,6 +99,7 @@ impl Domain {
     pub(crate) fn insert_addr(&mut self, name: &[u8]) -> Result<fi_addr_t> {
         match self {
             Domain::Fabric(d) => d.insert_addr(name),
+            #[cfg(feature = "test-doubles")]
             Domain::Reorder(d) => d.insert_addr(name),
             Domain::Verbs(d) => d.insert_addr(name),
         }
@@ -98,6 +108,7 @@ impl Domain {
     pub(crate) fn remove_addr(&mut self, addr: fi_addr_t) {
         match self {
             Domain::Fabric(d) => d.remove_addr(addr),
+            #[cfg(feature = "test-doubles")]
             Domain::Reorder(d) => d.remove_addr(addr),
             Domain::Verbs(d) => d.remove_addr(addr),
         }
@@ -114,6 +125,7 @@ impl Domain {
         match self {
             // SAFETY: forwarded contract.
             Domain::Fabric(d) => unsafe { d.register(ptr, len, key) }.map(MrHandle::Fabric),
+            #[cfg(feature = "test-doubles")]
             // SAFETY: forwarded contract.
             Domain::Reorder(d) => unsafe { d.register(ptr, len, key) }.map(MrHandle::Reorder),
             // SAFETY: forwarded contract (the device picks its own keys).
@@ -137,6 +149,7 @@ impl Domain {
                 // SAFETY: forwarded contract.
                 unsafe { d.register_hmem(ptr, len, key, device) }.map(MrHandle::Fabric)
             }
+            #[cfg(feature = "test-doubles")]
             Domain::Reorder(_) => Err(crate::error::Error::Config(
                 "the reorder double has no GPU memory".into(),
             )),
@@ -148,6 +161,7 @@ impl Domain {
     pub(crate) fn close_mr(&mut self, mr: MrHandle) -> Result<()> {
         match (self, mr) {
             (Domain::Fabric(d), MrHandle::Fabric(m)) => d.close_mr(m),
+            #[cfg(feature = "test-doubles")]
             (Domain::Reorder(d), MrHandle::Reorder(m)) => {
                 d.close_mr(m);
                 Ok(())
@@ -165,7 +179,7 @@ impl Domain {
     pub(crate) fn close_endpoint(&mut self) -> Result<()> {
         match self {
             Domain::Fabric(d) => d.close_endpoint(),
-            Domain::Reorder(_) | Domain::Verbs(_) => Ok(()),
+            _ => Ok(()),
         }
     }
 
@@ -173,7 +187,7 @@ impl Domain {
     pub(crate) fn wait_fd(&self) -> Option<std::os::fd::RawFd> {
         match self {
             Domain::Fabric(d) => d.wait_fd(),
-            Domain::Reorder(_) | Domain::Verbs(_) => None,
+            _ => None,
         }
     }
 
@@ -181,7 +195,7 @@ impl Domain {
     pub(crate) fn trywait(&mut self) -> bool {
         match self {
             Domain::Fabric(d) => d.trywait(),
-            Domain::Reorder(_) | Domain::Verbs(_) => false,
+            _ => false,
         }
     }
 
@@ -205,6 +219,7 @@ impl Domain {
             Domain::Fabric(d) => unsafe {
                 d.post_write(buf, len, desc, dest, raddr, key, data, delivered, ctx)
             },
+            #[cfg(feature = "test-doubles")]
             // SAFETY: forwarded contract.
             Domain::Reorder(d) => unsafe { d.post_write(buf, len, dest, raddr, key, data, ctx) },
             // SAFETY: forwarded contract; `desc` is the region's lkey.
@@ -228,7 +243,7 @@ impl Domain {
         match self {
             // SAFETY: forwarded contract.
             Domain::Fabric(d) => unsafe { d.inject_write(buf, len, dest, raddr, key, data) },
-            Domain::Reorder(_) | Domain::Verbs(_) => {
+            _ => {
                 unreachable!("only libfabric domains offer inject")
             }
         }
@@ -247,6 +262,7 @@ impl Domain {
         match self {
             // SAFETY: forwarded contract.
             Domain::Fabric(d) => unsafe { d.post_send(buf, len, desc, dest, ctx) },
+            #[cfg(feature = "test-doubles")]
             // SAFETY: forwarded contract.
             Domain::Reorder(d) => unsafe { d.post_send(buf, len, dest, ctx) },
             // SAFETY: forwarded contract.
@@ -266,6 +282,7 @@ impl Domain {
         match self {
             // SAFETY: forwarded contract.
             Domain::Fabric(d) => unsafe { d.post_recv(buf, len, desc, ctx) },
+            #[cfg(feature = "test-doubles")]
             // SAFETY: forwarded contract.
             Domain::Reorder(d) => unsafe { d.post_recv(buf, len, ctx) },
             // SAFETY: forwarded contract.
@@ -276,6 +293,7 @@ impl Domain {
     pub(crate) fn poll(&mut self, out: &mut [fi_cq_data_entry]) -> Result<usize, CqError> {
         match self {
             Domain::Fabric(d) => d.poll(out),
+            #[cfg(feature = "test-doubles")]
             Domain::Reorder(d) => d.poll(out),
             Domain::Verbs(d) => d.poll(out),
         }

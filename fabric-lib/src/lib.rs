@@ -47,6 +47,8 @@ pub mod imm;
 mod lease;
 pub mod libfabric;
 pub mod nvlink;
+/// The in-process reordering test double: only with the `test-doubles` feature (tests).
+#[cfg(feature = "test-doubles")]
 pub mod reorder;
 pub mod shard;
 mod shared;
