@@ -1,6 +1,7 @@
-//! Compiles `kernels/moe.cu` into one fatbin per CUDA toolkit, each with cubins for sm_80,
-//! sm_90a and (toolkits >= 12.8) sm_100a, plus compute_80 PTX so newer GPUs JIT it. The library
-//! embeds them all (`src/kernels.rs`) and loads the newest one the installed driver supports.
+//! Compiles `kernels/moe.cu` (which includes `common.cuh`, `dispatch.cuh` and `combine.cuh` from
+//! the same folder) into one fatbin per CUDA toolkit, each with cubins for sm_80, sm_90a and
+//! (toolkits >= 12.8) sm_100a, plus compute_80 PTX so newer GPUs JIT it. The library embeds them
+//! all (`src/kernels.rs`) and loads the newest one the installed driver supports.
 //!
 //! Toolkits:
 //! - nvcc, looked for in `$NVCC`, `$CUDA_HOME/bin`, `$CUDA_PATH/bin`, `PATH`, then in the
@@ -22,6 +23,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const SOURCE: &str = "kernels/moe.cu";
+/// The folder of `SOURCE` and the headers it includes (`common.cuh`, `dispatch.cuh`,
+/// `combine.cuh`): a change to any file in it rebuilds the kernels.
+const KERNELS_DIR: &str = "kernels";
 const NVRTC_SCRIPT: &str = "nvrtc_fatbin.py";
 
 struct Build {
@@ -53,7 +57,8 @@ a, b = ctypes.c_int(), ctypes.c_int()\nl.nvrtcVersion(ctypes.byref(a), ctypes.by
 print(f'{a.value}.{b.value}')";
 
 fn main() {
-    println!("cargo:rerun-if-changed={SOURCE}");
+    // A folder makes cargo watch every file in it, so a new header needs no line here.
+    println!("cargo:rerun-if-changed={KERNELS_DIR}");
     println!("cargo:rerun-if-changed={NVRTC_SCRIPT}");
     for var in [
         "NVCC",

@@ -96,7 +96,8 @@ def main() -> int:
                 "using cuda::std::uintptr_t; using cuda::std::intptr_t;\n"
                 "namespace std { using namespace cuda::std; }\n"
             )
-        includes = [shim] + a.include
+        # The source's folder: its `#include "..."` headers (NVRTC has only the source text).
+        includes = [shim, os.path.dirname(os.path.abspath(a.source))] + a.include
         name = os.path.basename(a.source).encode()
         handle = ctypes.c_void_p()
         _check(fb, "nvFatbinCreate", fb.nvFatbinCreate(ctypes.byref(handle), None, 0))
