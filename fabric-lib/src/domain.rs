@@ -7,10 +7,10 @@ use std::ffi::c_void;
 
 use crate::error::Result;
 use crate::libfabric::{CqError, DomainAttrs, DomainSpec, FabricDomain, Mr, Posted};
+use crate::rc::{RcDomain, RcMr};
 #[cfg(feature = "test-doubles")]
 use crate::reorder::{LoopMr, ReorderDomain};
 use crate::sys::libfabric::{fi_addr_t, fi_cq_data_entry};
-use crate::verbs::{VerbsMr, VerbsRcDomain};
 
 /// One endpoint of some backend.
 pub(crate) enum Domain {
@@ -21,8 +21,8 @@ pub(crate) enum Domain {
     #[cfg(feature = "test-doubles")]
     Reorder(ReorderDomain),
     /// A ConnectX port driven through libibverbs RC queue pairs (provider `verbs-rc`); see
-    /// [`crate::verbs`].
-    Verbs(Box<VerbsRcDomain>),
+    /// [`crate::rc`].
+    Rc(Box<RcDomain>),
 }
 
 /// A registration on one domain.
@@ -30,7 +30,7 @@ pub(crate) enum MrHandle {
     Fabric(Mr),
     #[cfg(feature = "test-doubles")]
     Reorder(LoopMr),
-    Verbs(VerbsMr),
+    Rc(RcMr),
 }
 
 impl MrHandle {
@@ -39,7 +39,7 @@ impl MrHandle {
             MrHandle::Fabric(m) => m.key(),
             #[cfg(feature = "test-doubles")]
             MrHandle::Reorder(m) => m.key,
-            MrHandle::Verbs(m) => m.rkey as u64,
+            MrHandle::Rc(m) => m.rkey as u64,
         }
     }
     pub(crate) fn desc(&self) -> *mut c_void {
@@ -48,7 +48,7 @@ impl MrHandle {
             #[cfg(feature = "test-doubles")]
             MrHandle::Reorder(_) => std::ptr::null_mut(),
             // The verbs backend's local descriptor is the lkey.
-            MrHandle::Verbs(m) => m.lkey as usize as *mut c_void,
+            MrHandle::Rc(m) => m.lkey as usize as *mut c_void,
         }
     }
 }
@@ -57,16 +57,13 @@ impl Domain {
     /// Opens the backend `spec` names; `max_message` is the largest message the worker sends
     /// (its header included).
     pub(crate) fn open(spec: &DomainSpec, max_message: usize) -> Result<Self> {
-        if crate::verbs::is_verbs_provider(&spec.provider) {
-            return Ok(Domain::Verbs(Box::new(VerbsRcDomain::open(
-                spec,
-                max_message,
-            )?)));
+        if crate::rc::is_rc_provider(&spec.provider) {
+            return Ok(Domain::Rc(Box::new(RcDomain::open(spec, max_message)?)));
         }
         #[cfg(test)]
-        if spec.provider == crate::verbs::double::PROVIDER {
-            let dev = crate::verbs::double::MemDevice::open(spec, max_message)?;
-            return Ok(Domain::Verbs(Box::new(VerbsRcDomain::with_device(
+        if spec.provider == crate::rc::double::PROVIDER {
+            let dev = crate::rc::double::MemDevice::open(spec, max_message)?;
+            return Ok(Domain::Rc(Box::new(RcDomain::with_device(
                 spec,
                 Box::new(dev),
             )?)));
@@ -83,7 +80,7 @@ impl Domain {
             Domain::Fabric(d) => &d.attrs,
             #[cfg(feature = "test-doubles")]
             Domain::Reorder(d) => &d.attrs,
-            Domain::Verbs(d) => &d.attrs,
+            Domain::Rc(d) => &d.attrs,
         }
     }
 
@@ -92,7 +89,7 @@ impl Domain {
             Domain::Fabric(d) => d.name(),
             #[cfg(feature = "test-doubles")]
             Domain::Reorder(d) => d.name(),
-            Domain::Verbs(d) => d.name(),
+            Domain::Rc(d) => d.name(),
         }
     }
 
@@ -101,7 +98,7 @@ impl Domain {
             Domain::Fabric(d) => d.insert_addr(name),
             #[cfg(feature = "test-doubles")]
             Domain::Reorder(d) => d.insert_addr(name),
-            Domain::Verbs(d) => d.insert_addr(name),
+            Domain::Rc(d) => d.insert_addr(name),
         }
     }
 
@@ -110,7 +107,7 @@ impl Domain {
             Domain::Fabric(d) => d.remove_addr(addr),
             #[cfg(feature = "test-doubles")]
             Domain::Reorder(d) => d.remove_addr(addr),
-            Domain::Verbs(d) => d.remove_addr(addr),
+            Domain::Rc(d) => d.remove_addr(addr),
         }
     }
 
@@ -129,7 +126,7 @@ impl Domain {
             // SAFETY: forwarded contract.
             Domain::Reorder(d) => unsafe { d.register(ptr, len, key) }.map(MrHandle::Reorder),
             // SAFETY: forwarded contract (the device picks its own keys).
-            Domain::Verbs(d) => unsafe { d.register(ptr, len) }.map(MrHandle::Verbs),
+            Domain::Rc(d) => unsafe { d.register(ptr, len) }.map(MrHandle::Rc),
         }
     }
 
@@ -154,7 +151,7 @@ impl Domain {
                 "the reorder double has no GPU memory".into(),
             )),
             // SAFETY: forwarded contract.
-            Domain::Verbs(d) => unsafe { d.register_hmem(ptr, len, device) }.map(MrHandle::Verbs),
+            Domain::Rc(d) => unsafe { d.register_hmem(ptr, len, device) }.map(MrHandle::Rc),
         }
     }
 
@@ -167,7 +164,7 @@ impl Domain {
                 Ok(())
             }
             // Dropping the registration deregisters it.
-            (Domain::Verbs(_), MrHandle::Verbs(m)) => {
+            (Domain::Rc(_), MrHandle::Rc(m)) => {
                 drop(m);
                 Ok(())
             }
@@ -223,9 +220,7 @@ impl Domain {
             // SAFETY: forwarded contract.
             Domain::Reorder(d) => unsafe { d.post_write(buf, len, dest, raddr, key, data, ctx) },
             // SAFETY: forwarded contract; `desc` is the region's lkey.
-            Domain::Verbs(d) => unsafe {
-                d.post_write(buf, len, desc, dest, raddr, key, data, ctx)
-            },
+            Domain::Rc(d) => unsafe { d.post_write(buf, len, desc, dest, raddr, key, data, ctx) },
         }
     }
 
@@ -266,7 +261,7 @@ impl Domain {
             // SAFETY: forwarded contract.
             Domain::Reorder(d) => unsafe { d.post_send(buf, len, dest, ctx) },
             // SAFETY: forwarded contract.
-            Domain::Verbs(d) => unsafe { d.post_send(buf, len, dest, ctx) },
+            Domain::Rc(d) => unsafe { d.post_send(buf, len, dest, ctx) },
         }
     }
 
@@ -286,7 +281,7 @@ impl Domain {
             // SAFETY: forwarded contract.
             Domain::Reorder(d) => unsafe { d.post_recv(buf, len, ctx) },
             // SAFETY: forwarded contract.
-            Domain::Verbs(d) => unsafe { d.post_recv(buf, len, ctx) },
+            Domain::Rc(d) => unsafe { d.post_recv(buf, len, ctx) },
         }
     }
 
@@ -295,7 +290,7 @@ impl Domain {
             Domain::Fabric(d) => d.poll(out),
             #[cfg(feature = "test-doubles")]
             Domain::Reorder(d) => d.poll(out),
-            Domain::Verbs(d) => d.poll(out),
+            Domain::Rc(d) => d.poll(out),
         }
     }
 }

@@ -47,6 +47,10 @@ pub mod imm;
 mod lease;
 pub mod libfabric;
 pub mod nvlink;
+/// The RC queue-pair backend over libibverbs (provider `verbs-rc`). Naming: "verbs" is the
+/// libibverbs binding crate (`stolon_verbs`); "rc" is this backend; `verbs;ofi_rxm` is
+/// libfabric's own provider, driven by [`libfabric`] like any other.
+pub mod rc;
 /// The in-process reordering test double: only with the `test-doubles` feature (tests).
 #[cfg(feature = "test-doubles")]
 pub mod reorder;
@@ -55,7 +59,6 @@ mod shared;
 mod staging;
 pub mod sys;
 pub mod transfer;
-pub mod verbs;
 pub mod vmm_share;
 mod worker;
 

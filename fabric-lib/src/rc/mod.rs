@@ -87,7 +87,7 @@ pub const PROVIDER: &str = "verbs-rc";
 pub const PROVIDER_ALIAS: &str = "ibverbs";
 
 /// Whether `provider` selects the libibverbs RC backend.
-pub fn is_verbs_provider(provider: &str) -> bool {
+pub fn is_rc_provider(provider: &str) -> bool {
     provider == PROVIDER || provider == PROVIDER_ALIAS
 }
 
@@ -101,7 +101,7 @@ const MAX_CHAIN: usize = 64;
 const DATAGRAMS_PER_POLL: usize = 64;
 
 /// A registration on a verbs device: its keys, and the object that keeps it registered.
-pub(crate) struct VerbsMr {
+pub(crate) struct RcMr {
     pub lkey: u32,
     pub rkey: u32,
     pub _keep: Box<dyn Send>,
@@ -258,7 +258,7 @@ pub(crate) struct ChannelStats {
 }
 
 /// One port driven by the worker.
-pub(crate) struct VerbsRcDomain {
+pub(crate) struct RcDomain {
     // Dropped first: QPs and registrations before anything else goes.
     dev: Box<dyn Device>,
     sock: UdpSocket,
@@ -285,7 +285,7 @@ pub(crate) struct VerbsRcDomain {
 
 // SAFETY: the raw pointers held are integers naming worker-owned buffers; the domain is driven
 // by one thread at a time (the worker), and the device is Send.
-unsafe impl Send for VerbsRcDomain {}
+unsafe impl Send for RcDomain {}
 
 fn entry(ctx: usize, flags: u64, len: usize, data: u64) -> fi_cq_data_entry {
     fi_cq_data_entry {
@@ -297,7 +297,7 @@ fn entry(ctx: usize, flags: u64, len: usize, data: u64) -> fi_cq_data_entry {
     }
 }
 
-impl VerbsRcDomain {
+impl RcDomain {
     /// Opens the device named by `spec.interface` (any active port when `None`, with the
     /// `STOLON_IB_*` overrides) and the handshake socket on `spec.node` (else the port's own
     /// address). `max_message` is the largest message the worker sends (header included).
@@ -357,7 +357,7 @@ impl VerbsRcDomain {
             wait_fd: false,
             zero_byte_delivery_lost: false,
         };
-        Ok(VerbsRcDomain {
+        Ok(RcDomain {
             dev,
             sock,
             name: me.encode(),
@@ -420,7 +420,7 @@ impl VerbsRcDomain {
 
     /// # Safety
     /// The memory must stay valid until the registration is closed.
-    pub(crate) unsafe fn register(&mut self, ptr: *const u8, len: usize) -> Result<VerbsMr> {
+    pub(crate) unsafe fn register(&mut self, ptr: *const u8, len: usize) -> Result<RcMr> {
         // SAFETY: forwarded contract.
         unsafe { self.dev.register(ptr as *mut u8, len) }.map_err(engine_error)
     }
@@ -445,7 +445,7 @@ impl VerbsRcDomain {
         ptr: u64,
         len: usize,
         device: usize,
-    ) -> Result<VerbsMr> {
+    ) -> Result<RcMr> {
         let support = GpuRegSupport {
             rdma_core_dmabuf: self.dev.supports_dmabuf(),
             cuda_dmabuf: self.gpu.dmabuf_supported(device),

@@ -10,7 +10,7 @@ use stolon_verbs::domain::{DomainEvent, PeerId};
 use stolon_verbs::wr::WriteSeg;
 use stolon_verbs::Error as VError;
 
-use super::VerbsMr;
+use super::RcMr;
 
 /// The device layer as this backend drives it: `stolon_verbs::domain::VerbsDomain` on
 /// hardware, an in-memory double in tests. Events are the device layer's [`DomainEvent`]s.
@@ -28,14 +28,14 @@ pub(crate) trait Device: Send {
     ///
     /// # Safety
     /// The memory must stay mapped until the returned registration is dropped.
-    unsafe fn register(&mut self, ptr: *mut u8, len: usize) -> Result<VerbsMr, VError>;
+    unsafe fn register(&mut self, ptr: *mut u8, len: usize) -> Result<RcMr, VError>;
 
     /// Registers GPU memory (a CUDA device pointer) peers may write, by its address: needs the
     /// nvidia-peermem kernel module.
     ///
     /// # Safety
     /// The device memory must stay allocated until the returned registration is dropped.
-    unsafe fn register_gpu(&mut self, ptr: u64, len: usize) -> Result<VerbsMr, VError>;
+    unsafe fn register_gpu(&mut self, ptr: u64, len: usize) -> Result<RcMr, VError>;
 
     /// Whether the device layer can register dma-bufs (`ibv_reg_dmabuf_mr` exported).
     fn supports_dmabuf(&self) -> bool;
@@ -51,7 +51,7 @@ pub(crate) trait Device: Send {
         offset: u64,
         len: usize,
         iova: u64,
-    ) -> Result<VerbsMr, VError>;
+    ) -> Result<RcMr, VError>;
 
     fn connect(&mut self, peer: PeerId, now: Instant) -> Result<Vec<DomainEvent>, VError>;
     fn on_handshake(
@@ -134,24 +134,24 @@ impl Device for stolon_verbs::domain::VerbsDomain {
             .copied()
     }
 
-    unsafe fn register(&mut self, ptr: *mut u8, len: usize) -> Result<VerbsMr, VError> {
+    unsafe fn register(&mut self, ptr: *mut u8, len: usize) -> Result<RcMr, VError> {
         // SAFETY: forwarded contract.
         let mr = unsafe { stolon_verbs::domain::VerbsDomain::register(self, ptr, len, true) }?;
-        Ok(VerbsMr {
+        Ok(RcMr {
             lkey: mr.lkey(),
             rkey: mr.rkey(),
             _keep: Box::new(mr),
         })
     }
 
-    unsafe fn register_gpu(&mut self, ptr: u64, len: usize) -> Result<VerbsMr, VError> {
+    unsafe fn register_gpu(&mut self, ptr: u64, len: usize) -> Result<RcMr, VError> {
         // Registration by device address, which needs the nvidia-peermem kernel module: the
         // fallback when dma-buf registration is not possible (see `gpu_registration_order`).
         // SAFETY: forwarded contract (the pointer names device memory kept allocated).
         let mr = unsafe {
             stolon_verbs::domain::VerbsDomain::register(self, ptr as *mut u8, len, true)
         }?;
-        Ok(VerbsMr {
+        Ok(RcMr {
             lkey: mr.lkey(),
             rkey: mr.rkey(),
             _keep: Box::new(mr),
@@ -168,7 +168,7 @@ impl Device for stolon_verbs::domain::VerbsDomain {
         offset: u64,
         len: usize,
         iova: u64,
-    ) -> Result<VerbsMr, VError> {
+    ) -> Result<RcMr, VError> {
         // SAFETY: forwarded contract; the kernel takes its own reference to the dma-buf.
         let mr = unsafe {
             stolon_verbs::domain::VerbsDomain::register_dmabuf(
@@ -180,7 +180,7 @@ impl Device for stolon_verbs::domain::VerbsDomain {
                 true,
             )
         }?;
-        Ok(VerbsMr {
+        Ok(RcMr {
             lkey: mr.lkey(),
             rkey: mr.rkey(),
             _keep: Box::new(mr),

@@ -158,12 +158,12 @@ fn every_transfer_kind_lands_over_the_double() {
 #[test]
 fn writes_to_a_peer_not_yet_connected_wait_and_then_land() {
     // Below the engine: two adapters over the double, polled by hand.
-    let mut a = VerbsRcDomain::with_device(
+    let mut a = RcDomain::with_device(
         &spec("direct-a"),
         Box::new(double::MemDevice::open(&spec("direct-a"), 4096).unwrap()),
     )
     .unwrap();
-    let mut b = VerbsRcDomain::with_device(
+    let mut b = RcDomain::with_device(
         &spec("direct-b"),
         Box::new(double::MemDevice::open(&spec("direct-b"), 4096).unwrap()),
     )
@@ -448,7 +448,7 @@ fn device_errors_map_to_engine_errors() {
 
 #[test]
 fn a_failure_is_reported_to_the_worker_only_after_it_drained() {
-    let mut d = VerbsRcDomain::with_device(
+    let mut d = RcDomain::with_device(
         &spec("drain"),
         Box::new(double::MemDevice::open(&spec("drain"), 4096).unwrap()),
     )
@@ -566,7 +566,7 @@ fn all_write_ends_closed(read: &OwnedFd) -> bool {
 }
 
 struct GpuCase {
-    dom: VerbsRcDomain,
+    dom: RcDomain,
     exports: std::sync::Arc<std::sync::Mutex<Vec<OwnedFd>>>,
     mem: Vec<u8>,
 }
@@ -575,7 +575,7 @@ fn gpu_case(name: &str, faults: Faults, supported: bool, fail: bool) -> GpuCase 
     double::set_faults(name, faults);
     let s = spec(name);
     let dev = double::MemDevice::open(&s, 4096).unwrap();
-    let mut dom = VerbsRcDomain::with_device(&s, Box::new(dev)).unwrap();
+    let mut dom = RcDomain::with_device(&s, Box::new(dev)).unwrap();
     let exports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     dom.set_gpu_exporter(Box::new(PipeExporter {
         supported,
@@ -687,13 +687,13 @@ fn gpu_registration_that_fails_every_way_is_a_typed_error_naming_each() {
 // as one chain; completions map back to every op exactly once.
 
 struct Pair {
-    a: VerbsRcDomain,
-    b: VerbsRcDomain,
+    a: RcDomain,
+    b: RcDomain,
     to_b: fi_addr_t,
     src: Vec<u8>,
     dst: Vec<u8>,
-    src_mr: VerbsMr,
-    dst_mr: VerbsMr,
+    src_mr: RcMr,
+    dst_mr: RcMr,
     a_name: String,
 }
 
@@ -702,7 +702,7 @@ fn pair(a_name: &str, b_name: &str) -> Pair {
     let open = |n: &str| {
         let s = spec(n);
         let dev = double::MemDevice::open(&s, 4096).unwrap();
-        VerbsRcDomain::with_device(&s, Box::new(dev)).unwrap()
+        RcDomain::with_device(&s, Box::new(dev)).unwrap()
     };
     let (mut a, mut b) = (open(a_name), open(b_name));
     let to_b = a.insert_addr(b.name()).unwrap();

@@ -38,7 +38,7 @@ use stolon_verbs::qp::{LocalPath, Mtu, QpConfig};
 use stolon_verbs::wr::{SendQueue, WriteSeg};
 use stolon_verbs::Error as VError;
 
-use super::{Device, VerbsMr};
+use super::{Device, RcMr};
 use crate::error::Result;
 use crate::libfabric::DomainSpec;
 
@@ -513,14 +513,14 @@ impl Device for MemDevice {
         Some(std::net::Ipv4Addr::LOCALHOST.into())
     }
 
-    unsafe fn register(&mut self, ptr: *mut u8, len: usize) -> Result<VerbsMr, VError> {
+    unsafe fn register(&mut self, ptr: *mut u8, len: usize) -> Result<RcMr, VError> {
         let key = next_number();
         self.target
             .lock()
             .unwrap()
             .mrs
             .insert(key, (ptr as usize, len));
-        Ok(VerbsMr {
+        Ok(RcMr {
             lkey: key,
             rkey: key,
             _keep: Box::new(MrGuard {
@@ -530,7 +530,7 @@ impl Device for MemDevice {
         })
     }
 
-    unsafe fn register_gpu(&mut self, ptr: u64, len: usize) -> Result<VerbsMr, VError> {
+    unsafe fn register_gpu(&mut self, ptr: u64, len: usize) -> Result<RcMr, VError> {
         // "GPU memory" in tests is host memory standing in for it.
         if self.fault_flag(|f| f.no_peermem) {
             return Err(VError::Verbs {
@@ -552,7 +552,7 @@ impl Device for MemDevice {
         _offset: u64,
         len: usize,
         iova: u64,
-    ) -> Result<VerbsMr, VError> {
+    ) -> Result<RcMr, VError> {
         use std::os::fd::AsRawFd;
         if self.fault_flag(|f| f.no_dmabuf) {
             return Err(VError::Unsupported {

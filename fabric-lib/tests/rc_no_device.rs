@@ -6,10 +6,7 @@ use fabric_lib::{EngineConfig, Error, TransferEngine};
 
 #[test]
 fn verbs_rc_without_a_device_is_a_typed_error_listing_what_was_found() {
-    for provider in [
-        fabric_lib::verbs::PROVIDER,
-        fabric_lib::verbs::PROVIDER_ALIAS,
-    ] {
+    for provider in [fabric_lib::rc::PROVIDER, fabric_lib::rc::PROVIDER_ALIAS] {
         let err = match TransferEngine::new(EngineConfig::new(provider, 1)) {
             Ok(_) => {
                 eprintln!("an RDMA port is usable here; nothing to check");
