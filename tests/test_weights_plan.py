@@ -469,8 +469,8 @@ def test_column_shards_through_staging_are_one_write_each_and_the_model_agrees(o
     range is one write, not one per row; so do short bf16 rows, packed there too. The cost
     model counts the same writes."""
     from stolon.weights import CostModel
-    from stolon.weights.execute import _Program
     from stolon.weights.layout import numpy_dtype
+    from stolon.weights.program import _Program
 
     params = (ParamSpec("w", (256, 192)), ParamSpec("v", (256, 96)))
     train = TrainingLayout(params, 2, {"w": (row_shard((0, 1)),), "v": (row_shard((1, 0)),)})

@@ -11,6 +11,9 @@ hold it, with one-sided writes; inference ranks only register memory and wait.
 - :mod:`~stolon.weights.execute`: :class:`WeightSender` / :class:`WeightReceiver` (double-buffered
   slots, immediate-count completion, release credits) and :func:`simulate`.
 
+:mod:`~stolon.weights.plan` and :mod:`~stolon.weights.execute` gather their names from modules of
+one concern each (their docstrings say which), which import one way only.
+
 See ``docs/weights.md``.
 """
 

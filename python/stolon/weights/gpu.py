@@ -1,6 +1,6 @@
 """The executor's torch path: training buffers, staging, scales and stamps as torch tensors.
 
-:class:`TorchProgram` is the training rank's program of :mod:`.execute` with its memory on a
+:class:`TorchProgram` is the training rank's program of :mod:`.program` with its memory on a
 torch device (``"cuda:N"``; ``"cpu"`` runs the same code on the host): the gather into the
 staging ring, the per-tile ``max |x|`` pass and the bf16 -> fp8 e4m3 conversion run as torch
 ops on that device, with the arithmetic of :mod:`.convert` (float32 ``x / scale``, clip to
@@ -18,10 +18,12 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import WeightTransferError
 from .convert import DEFAULT_BLOCK, FP8_MAX
-from .execute import WeightTransferError, _Batch, _Program, _split
 from .layout import ITEMSIZE, TrainingLayout
 from .plan import WeightPlan
+from .program import _Batch, _Program, _split
+from .torch_dtypes import torch_dtype
 
 __all__ = [
     "torch_dtype",
@@ -32,22 +34,6 @@ __all__ = [
 
 #: Elements per torch op of the tile-maxima pass (bounds its temporary memory).
 _CHUNK = 1 << 24
-
-
-def torch_dtype(name: str) -> Any:
-    """The torch dtype of a layout dtype name."""
-    import torch
-
-    try:
-        return {
-            "bfloat16": torch.bfloat16,
-            "float16": torch.float16,
-            "float32": torch.float32,
-            "float8_e4m3fn": torch.float8_e4m3fn,
-            "uint8": torch.uint8,
-        }[name]
-    except KeyError:
-        raise WeightTransferError(f"no torch dtype for {name!r}") from None
 
 
 def _scales(amax: Any) -> Any:
