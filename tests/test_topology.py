@@ -1,11 +1,12 @@
 """Tests for ``stolon.topology`` on fake sysfs trees (see ``fixtures_sysfs.py``) and on ``/sys``.
 
-The module is loaded by file path so these tests do not need the native extension built.
+The module is loaded from its file, under a stand-in package, so these tests do not need the
+native extension built.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import shutil
@@ -19,19 +20,21 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_sysfs as fx
 
-_TOPOLOGY_PY = Path(__file__).resolve().parents[1] / "python" / "stolon" / "topology.py"
+_STOLON_DIR = Path(__file__).resolve().parents[1] / "python" / "stolon"
 
 
 def _load_topology() -> ModuleType:
-    name = "_stolon_topology_under_test"
+    # A stand-in for the package, so topology.py's imports of its sibling modules resolve
+    # without running stolon/__init__.py (which loads the native extension).
+    package = "_stolon_under_test"
+    name = f"{package}.topology"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, _TOPOLOGY_PY)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    if package not in sys.modules:
+        stand_in = ModuleType(package)
+        stand_in.__path__ = [str(_STOLON_DIR)]
+        sys.modules[package] = stand_in
+    return importlib.import_module(name)
 
 
 topo = _load_topology()
