@@ -15,8 +15,8 @@ namespace {
 
 constexpr int kThreads = 256;
 // Blocks per SM the registers must allow (the host launches up to this many per SM, see
-// `DEFAULT_BLOCKS_PER_SM` in src/gpu.rs): at prefill sizes the phases are bandwidth-bound and
-// need many loads and NVLink stores in flight.
+// `DEFAULT_BLOCKS_PER_SM` in src/gpu/tuning.rs): at prefill sizes the phases are
+// bandwidth-bound and need many loads and NVLink stores in flight.
 constexpr int kMinBlocks = 4;
 constexpr int kMaxWorld = 64;
 constexpr int kMaxTopk = 16;
@@ -35,7 +35,7 @@ constexpr uint32_t kErrCapacity = 3;
 constexpr uint32_t kErrTooManyTokens = 4;
 
 // Per peer: where this rank writes what is meant for the peer (remote side), and where it
-// reads what the peer sent (local side). Layout mirrored by `PeerEntry` in src/lib.rs.
+// reads what the peer sent (local side). Layout mirrored by `PeerEntry` in src/gpu/params.rs.
 struct Peer {
     uint8_t* data;      // peer's receive slots for tokens from this rank
     uint8_t* meta;      // peer's routing entries for tokens from this rank
@@ -79,7 +79,7 @@ struct Error {
     uint64_t progress[4];  // last completed step of each phase, readable without the stream
 };
 
-// Mirrored by `KernelParams` in src/lib.rs: same order, same types.
+// Mirrored by `KernelParams` in src/gpu/params.rs: same order, same types.
 struct Params {
     const Peer* peers;
     State* st;

@@ -70,11 +70,11 @@ pub const MAX_EXPERTS: usize = 1024;
 /// Largest top-k.
 pub const MAX_TOPK: usize = 16;
 /// Most tokens behind one chunk flag of the overlapped dispatch (`kMaxChunkTokens` in
-/// kernels/moe.cu).
+/// kernels/common.cuh).
 pub const MAX_CHUNK_TOKENS: usize = 16;
 
 /// Ints between two experts' running counts in the dispatch (one 128-byte line each); keep in
-/// sync with `kCountStride` in kernels/moe.cu.
+/// sync with `kCountStride` in kernels/common.cuh.
 pub const ECOUNT_STRIDE: usize = 32;
 
 /// What one rank's all-to-all is built for. Every rank of a group must use the same values
