@@ -1,7 +1,7 @@
 //! What a launch hands the kernels: the public argument structs of the phases, their checks,
 //! and the mirrors of the kernels' `Params` and `Peer` (kernels/common.cuh).
 
-use stolon_cuda::sys::CUdeviceptr;
+use stolon_cuda::CUdeviceptr;
 
 use crate::{Error, Result, PEER_BYTES};
 

@@ -1,7 +1,6 @@
 //! How the phases launch: blocks per SM, the senders of the overlapped forms, and the early
 //! launch of the fused dispatch, each from its environment variable or a measured default.
 
-use stolon_cuda::sys;
 use stolon_cuda::Device;
 
 use crate::Result;
@@ -56,7 +55,7 @@ pub(super) fn early_launch(dev: &Device) -> Result<bool> {
     if std::env::var("STOLON_MOE_EARLY_LAUNCH").is_ok_and(|v| v.trim() == "0") {
         return Ok(false);
     }
-    Ok(dev.attribute(sys::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? >= 9)
+    Ok(dev.compute_capability()?.0 >= 9)
 }
 
 fn senders_from_env(var: &str, default: i32) -> i32 {
