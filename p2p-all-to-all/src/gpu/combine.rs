@@ -6,6 +6,9 @@ use super::params::{check_rows, CombineArgs, KernelParams};
 use super::AllToAll;
 use crate::Result;
 
+#[cfg(doc)]
+use crate::Error;
+
 impl AllToAll {
     /// Queues `combine_send` on `stream`.
     ///

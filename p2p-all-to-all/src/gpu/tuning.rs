@@ -5,6 +5,9 @@ use stolon_cuda::Device;
 
 use crate::Result;
 
+#[cfg(doc)]
+use super::AllToAll;
+
 /// Blocks per SM the phases launch (`STOLON_MOE_BLOCKS_PER_SM`, 1..=8; default
 /// [`DEFAULT_BLOCKS_PER_SM`], which the kernels' launch bounds keep resident). More blocks keep
 /// more loads and NVLink stores in flight: at prefill sizes the phases are bandwidth-bound
