@@ -27,6 +27,9 @@ Command line::
 
 Only stdlib; needs root (CAP_NET_ADMIN) and iproute2 (``ip``, ``tc``).  All traffic it
 generates stays on the 10.77.x.x veth addresses inside the namespaces it created.
+
+Beside it: ``netns_ops.py`` (errors, ``ip``/``tc`` plumbing, tbf sizing) and ``netns_probes.py``
+(the programs run inside the namespaces); their names are importable from here too.
 """
 
 from __future__ import annotations
@@ -47,6 +50,28 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, Self
 
+# The testbed's helper modules sit beside this file. Run as a script, or imported with scripts/
+# on sys.path, they are found already; the tests also load this file by its path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in (os.path.abspath(p or os.curdir) for p in sys.path):
+    sys.path.append(_HERE)
+
+from netns_ops import (  # noqa: E402
+    _ROOT_MSG,
+    TestbedError,
+    TestbedNeedsRoot,
+    TestbedUnavailable,
+    _netns_add,
+    _netns_delete,
+    _normalize_rate,
+    _require_root,
+    _require_tools,
+    _run,
+    list_netns,
+    tbf_params,
+)
+from netns_probes import _PING_SRC, _SINK_SRC, _SOURCE_SRC  # noqa: E402
+
 NS_PREFIX = "stolon-"
 MAX_LINKS = 4
 SUBNET_FMT = "10.77.{i}.0/24"
@@ -57,255 +82,6 @@ IF_B_FMT = "stB{i}"
 PREFIX_LEN = 24
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
-_CMD_TIMEOUT = 20.0  # seconds for any single ip/tc invocation
-
-
-# --------------------------------------------------------------------------------------------
-# errors
-
-
-class TestbedError(Exception):
-    """Base class for testbed errors."""
-
-    __test__ = False  # not a pytest test class
-
-
-class TestbedUnavailable(TestbedError):
-    """The testbed cannot be built on this machine (missing tools, namespace creation failed)."""
-
-
-class TestbedNeedsRoot(TestbedUnavailable, PermissionError):
-    """Raised when not running as root / without CAP_NET_ADMIN."""
-
-
-_ROOT_MSG = (
-    "the netns testbed needs root (CAP_NET_ADMIN) to create network namespaces, veth pairs "
-    "and tc qdiscs; run as root (e.g. sudo) or skip"
-)
-
-
-# --------------------------------------------------------------------------------------------
-# small helpers
-
-
-def _run(argv: Sequence[str], check: bool = True, **kw: Any) -> subprocess.CompletedProcess:
-    """Run a command, capturing output.  Raises TestbedError with stderr on failure."""
-    try:
-        cp = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=_CMD_TIMEOUT, check=False, **kw
-        )
-    except FileNotFoundError as e:
-        raise TestbedUnavailable(f"command not found: {argv[0]} ({e})") from e
-    except subprocess.TimeoutExpired as e:
-        raise TestbedError(f"command timed out after {_CMD_TIMEOUT}s: {' '.join(argv)}") from e
-    if check and cp.returncode != 0:
-        raise TestbedError(
-            f"command failed (rc={cp.returncode}): {' '.join(argv)}: {cp.stderr.strip()}"
-        )
-    return cp
-
-
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        raise TestbedNeedsRoot(_ROOT_MSG)
-
-
-def _require_tools() -> None:
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            raise TestbedUnavailable(f"'{tool}' (iproute2) not found in PATH")
-
-
-def list_netns() -> list[str]:
-    """Names of all named network namespaces (``ip netns list``)."""
-    cp = _run(["ip", "netns", "list"], check=False)
-    if cp.returncode != 0:
-        return []
-    return [line.split()[0] for line in cp.stdout.splitlines() if line.strip()]
-
-
-def _netns_add(ns: str) -> None:
-    cmd = ["ip", "netns", "add", ns]
-    cp = _run(cmd, check=False)
-    if cp.returncode != 0:
-        err = cp.stderr.strip()
-        if "Operation not permitted" in err or "Permission denied" in err:
-            raise TestbedNeedsRoot(f"{_ROOT_MSG}; `{' '.join(cmd)}` failed: {err}")
-        raise TestbedUnavailable(f"`{' '.join(cmd)}` failed (rc={cp.returncode}): {err}")
-
-
-def _kill_netns_pids(ns: str, grace: float = 2.0) -> None:
-    """Terminate every process still inside namespace ``ns`` (SIGTERM, then SIGKILL).
-
-    A namespace with live processes survives ``ip netns del`` (only its name goes away), and
-    with it the veths; so processes left in *our* namespaces are ended before deleting them.
-    """
-    me = {os.getpid(), os.getppid()}
-
-    def pids() -> list[int]:
-        cp = _run(["ip", "netns", "pids", ns], check=False)
-        if cp.returncode != 0:
-            return []
-        return [int(p) for p in cp.stdout.split() if p.isdigit() and int(p) not in me]
-
-    left = pids()
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if not left:
-            return
-        for pid in left:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            left = pids()
-            if not left:
-                return
-            time.sleep(0.05)
-
-
-def _netns_delete(ns: str) -> bool:
-    """Delete namespace ``ns`` (ending its processes first).  Returns True if it is gone."""
-    if ns not in list_netns():
-        return True
-    _kill_netns_pids(ns)
-    _run(["ip", "netns", "del", ns], check=False)
-    return ns not in list_netns()
-
-
-# tbf sizing -------------------------------------------------------------------------------
-#
-# burst: tbf refills its bucket continuously (hrtimer based), but the dequeue path is driven
-#   by softirq/timer wakeups, which on a HZ=250 kernel can be ~4 ms apart.  The bucket must
-#   hold at least the bytes the link is allowed to send in one such interval, otherwise the
-#   shaper undershoots its rate: burst >= rate_bytes / 250 (4 ms worth).  It must also hold
-#   one maximal GSO/TSO super-packet (veth does TSO; 64 KiB), else tbf has to software-segment
-#   every skb.  Hence burst = max(rate_bytes / 250, 64 KiB).
-# limit: the byte queue behind the bucket.  TCP on a veth has a sub-millisecond base RTT, so a
-#   short queue already keeps the link busy; we allow ~10 ms of data at the configured rate
-#   (plus the burst), at least 256 KiB.  That keeps the added queueing latency under load at
-#   ~10 ms while avoiding tail drops that would make TCP undershoot the cap.
-_HZ = 250
-_MIN_BURST = 64 * 1024
-_QUEUE_SECONDS = 0.010
-_MIN_LIMIT = 256 * 1024
-
-
-def tbf_params(rate_mbit: float) -> dict[str, int]:
-    """tbf parameters used for ``rate_mbit`` (Mbit/s = 10^6 bit/s): rate_bit, burst, limit."""
-    if rate_mbit <= 0:
-        raise ValueError(f"rate must be > 0 Mbit/s, got {rate_mbit}")
-    rate_bit = round(rate_mbit * 1_000_000)
-    rate_bytes = rate_bit / 8
-    burst = max(int(rate_bytes / _HZ), _MIN_BURST)
-    limit = max(burst + int(rate_bytes * _QUEUE_SECONDS), _MIN_LIMIT)
-    return {"rate_bit": rate_bit, "burst": burst, "limit": limit}
-
-
-def _normalize_rate(r: float | None) -> float | None:
-    if r is None:
-        return None
-    r = float(r)
-    if r < 0:
-        raise ValueError(f"rate must be >= 0 Mbit/s (0 or None = uncapped), got {r}")
-    return r or None
-
-
-# --------------------------------------------------------------------------------------------
-# scripts run inside the namespaces (a separate interpreter per namespace)
-
-# ICMP echo with a raw socket (no dependency on iputils-ping).  argv: src dst count timeout
-_PING_SRC = r"""
-import os, select, socket, struct, sys, time
-src, dst, count, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-def csum(b):
-    if len(b) % 2:
-        b += b"\0"
-    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
-    s = (s >> 16) + (s & 0xFFFF)
-    s += s >> 16
-    return ~s & 0xFFFF
-ident = os.getpid() & 0xFFFF
-try:
-    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-    s.bind((src, 0))
-except OSError as e:
-    print("socket:", e)
-    sys.exit(2)
-ok = 0
-for seq in range(1, count + 1):
-    payload = struct.pack("!d", time.time()) + b"stolon-testbed"
-    hdr = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
-    pkt = struct.pack("!BBHHH", 8, 0, csum(hdr + payload), ident, seq) + payload
-    try:
-        s.sendto(pkt, (dst, 0))
-    except OSError as e:
-        print(f"seq={seq} send failed: {e}")
-        continue
-    t0 = time.monotonic()
-    deadline = t0 + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([s], [], [], left)[0]:
-            print(f"seq={seq} timeout")
-            break
-        data, addr = s.recvfrom(4096)
-        ihl = (data[0] & 0x0F) * 4
-        if len(data) < ihl + 8:
-            continue
-        typ, _code, _ck, rid, rseq = struct.unpack("!BBHHH", data[ihl:ihl + 8])
-        if typ == 0 and rid == ident and rseq == seq and addr[0] == dst:
-            ok += 1
-            print(f"seq={seq} reply from {dst} {1e3 * (time.monotonic() - t0):.3f} ms")
-            break
-sys.exit(0 if ok == count else 1)
-"""
-
-# TCP sink: prints its port, accepts one connection, reads to EOF, prints a JSON result.
-# argv: bind_ip timeout
-_SINK_SRC = r"""
-import json, socket, sys, time
-ip, timeout = sys.argv[1], float(sys.argv[2])
-ls = socket.socket()
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind((ip, 0))
-ls.listen(1)
-ls.settimeout(timeout)
-print(ls.getsockname()[1], flush=True)
-c, peer = ls.accept()
-c.settimeout(timeout)
-buf = bytearray(1 << 20)
-n = 0
-t0 = t1 = None
-while True:
-    k = c.recv_into(buf)
-    if not k:
-        break
-    now = time.monotonic()
-    if t0 is None:
-        t0 = now  # bytes of the first read are not counted: the clock starts after them
-    else:
-        n += k
-    t1 = now
-secs = (t1 - t0) if t0 is not None else 0.0
-print(json.dumps({"bytes": n, "seconds": secs, "peer": peer[0]}), flush=True)
-"""
-
-# TCP source: sends zeros for a fixed time, then closes.  argv: src_ip dst_ip port seconds
-_SOURCE_SRC = r"""
-import socket, sys, time
-src, dst, port, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-s = socket.create_connection((dst, port), timeout=10, source_address=(src, 0))
-buf = memoryview(bytes(256 * 1024))
-end = time.monotonic() + secs
-while time.monotonic() < end:
-    s.sendall(buf)
-s.shutdown(socket.SHUT_WR)
-s.settimeout(30)
-s.recv(1)
-s.close()
-"""
 
 
 # --------------------------------------------------------------------------------------------
