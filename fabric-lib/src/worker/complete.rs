@@ -16,7 +16,7 @@ impl Worker {
         }
         let mut total = 0;
         loop {
-            match self.domains[d].poll(&mut entries) {
+            match self.group[d].poll(&mut entries) {
                 Ok(0) => break,
                 Ok(n) => {
                     total += n;
@@ -301,8 +301,7 @@ impl Worker {
                             // Queue full: the buffer was released; redo the copy later (under
                             // a new token).
                             self.awaiting_landed.remove(&token);
-                            self.pending[op.domain].push_back(Pending { op, slot });
-                            self.n_pending += 1;
+                            self.group.queue(Pending { op, slot });
                         }
                         Err(e) => {
                             self.awaiting_landed.remove(&token);

@@ -520,7 +520,7 @@ impl Worker {
         let mut result = Ok(());
         if let Some(mrs) = self.regions.remove(&id) {
             for (d, mr) in mrs.into_iter().enumerate() {
-                if let Err(e) = self.domains[d].close_mr(mr) {
+                if let Err(e) = self.group[d].close_mr(mr) {
                     result = Err(e);
                 }
             }

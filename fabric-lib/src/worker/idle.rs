@@ -44,11 +44,6 @@ impl Doorbell {
 /// at most this long for its transfer to progress.
 const BELL_ONLY_SLEEP: Duration = Duration::from_millis(10);
 
-/// Whether every peer of a domain of `provider` is on this host (and so can ring its doorbell).
-fn is_host_local(provider: &str) -> bool {
-    provider.split(';').next() == Some("shm")
-}
-
 /// Why the worker woke up.
 pub(super) enum Woke {
     Request(Request),
@@ -89,7 +84,7 @@ impl Worker {
     /// One round of progress while stopping: completions, copies, control messages,
     /// revocations.
     fn progress_once(&mut self) {
-        for d in 0..self.domains.len() {
+        for d in 0..self.group.len() {
             self.poll_domain(d);
         }
         if !self.copies.is_empty() {
@@ -115,31 +110,21 @@ impl Worker {
             waker.sleeping.store(false, Ordering::SeqCst);
             return Woke::Request(req);
         }
-        let all_fds = self.domains.iter().all(|d| d.wait_fd().is_some());
+        let all_fds = self.group.all_wait_fds();
         let quiet = self.active.iter().all(Option::is_none) && self.awaiting_landed.is_empty();
         // A domain without a wait descriptor can be slept on only where every peer rings
         // (shm: peers share the host), and only while nothing of ours is in flight (the
         // answers to our own writes arrive without a ring). A peer that cannot ring (another
         // network namespace) is served at the sleep's pace, `BELL_ONLY_SLEEP`.
-        let rung_only = self.doorbell.is_some()
-            && quiet
-            && self
-                .domains
-                .iter()
-                .all(|d| d.wait_fd().is_some() || is_host_local(&d.attrs().provider));
+        let rung_only = self.doorbell.is_some() && quiet && self.group.rung_or_waitable();
         let blocking = self.copies.is_empty()
             && self.mailbox.is_none()
-            && self.n_pending == 0
+            && self.group.n_queued() == 0
             && self.ctrl_out.is_empty()
             && (all_fds || rung_only);
         let timeout = if blocking {
             // Every domain with a descriptor must agree that nothing is pending.
-            if !self
-                .domains
-                .iter_mut()
-                .filter(|d| d.wait_fd().is_some())
-                .all(|d| d.trywait())
-            {
+            if !self.group.trywait() {
                 waker.sleeping.store(false, Ordering::SeqCst);
                 return Woke::Timeout;
             }
@@ -154,7 +139,7 @@ impl Worker {
         } else {
             nap
         };
-        let mut fds = Vec::with_capacity(2 + self.domains.len());
+        let mut fds = Vec::with_capacity(2 + self.group.len());
         fds.push(libc::pollfd {
             fd: waker.fd,
             events: libc::POLLIN,
@@ -169,7 +154,7 @@ impl Worker {
             });
         }
         if blocking {
-            for fd in self.domains.iter().filter_map(|d| d.wait_fd()) {
+            for fd in self.group.wait_fds() {
                 fds.push(libc::pollfd {
                     fd,
                     events: libc::POLLIN,
@@ -214,7 +199,7 @@ impl Worker {
     /// An op was posted to `peer` on domain `d`: where the peer's provider has no wait
     /// descriptor, ring its doorbell (at most once a millisecond) so it wakes to progress it.
     pub(super) fn ring(&mut self, peer: u32, d: usize) {
-        if self.domains[d].wait_fd().is_some() {
+        if self.group[d].wait_fd().is_some() {
             return;
         }
         let (Some(bell), Some(p)) = (&self.doorbell, self.peers.get_mut(&peer)) else {

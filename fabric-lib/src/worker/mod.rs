@@ -25,12 +25,14 @@ use crate::transfer::TransferState;
 
 mod complete;
 mod control;
+mod group;
 mod idle;
 mod post;
 mod run;
 mod watch;
 
 use control::{CtrlOut, Lease, LeaseState, Revocation};
+use group::DomainGroup;
 use idle::{Doorbell, Woke};
 
 /// The worker's message buffers: an anonymous mapping of its own, so closing an engine gives
@@ -403,7 +405,8 @@ enum AfterCopy {
 }
 
 pub(crate) struct Worker {
-    domains: Vec<Domain>,
+    /// The endpoints this worker drives and the ops they could not take yet.
+    group: DomainGroup,
     rx: Receiver<Request>,
     shared: Arc<Shared>,
     cfg: WorkerConfig,
@@ -415,10 +418,6 @@ pub(crate) struct Worker {
     free_ctx: Vec<u32>,
     active: Vec<Option<Active>>,
     free_active: Vec<u32>,
-    /// Ops waiting for queue space, per domain (FIFO, retried front first).
-    pending: Vec<VecDeque<Pending>>,
-    /// Ops waiting in all queues.
-    n_pending: usize,
     peers: HashMap<u32, PeerEntry>,
     regions: HashMap<u64, Vec<MrHandle>>,
     /// Regions peers write through staging: id -> (first byte, length).
@@ -525,7 +524,7 @@ impl Worker {
             None => None,
         };
         let mut w = Worker {
-            domains,
+            group: DomainGroup::new(domains),
             rx,
             shared,
             ctxs: Vec::new(),
@@ -533,8 +532,6 @@ impl Worker {
             free_ctx: Vec::new(),
             active: Vec::new(),
             free_active: Vec::new(),
-            pending: (0..nd).map(|_| VecDeque::new()).collect(),
-            n_pending: 0,
             peers: HashMap::new(),
             regions: HashMap::new(),
             staged_regions: HashMap::new(),
@@ -567,14 +564,14 @@ impl Worker {
             cq_entries: cq_entry_buffer(64),
             cfg,
         };
-        if w.domains.iter().any(|d| d.wait_fd().is_none()) {
+        if !w.group.all_wait_fds() {
             w.doorbell = Doorbell::bind(w.shared.engine_id);
         }
         let ptr = w.msg_mem.as_ptr() as usize;
         let keys = w.register(INTERNAL_REGION, ptr, msg_len)?;
         let mut addrs = Vec::with_capacity(nd);
         let mut attrs = Vec::with_capacity(nd);
-        for (d, dom) in w.domains.iter().enumerate() {
+        for (d, dom) in w.group.iter().enumerate() {
             addrs.push(crate::desc::DomainAddr {
                 provider: dom.attrs().provider.clone(),
                 name: dom.name().to_vec(),
@@ -615,14 +612,14 @@ impl Worker {
         id: u64,
         reg: impl Fn(&mut Domain, u64) -> Result<MrHandle>,
     ) -> Result<Vec<u64>> {
-        let mut mrs = Vec::with_capacity(self.domains.len());
+        let mut mrs = Vec::with_capacity(self.group.len());
         let key = self.shared.next_key.fetch_add(1, Ordering::Relaxed);
-        for d in 0..self.domains.len() {
-            match reg(&mut self.domains[d], key) {
+        for d in 0..self.group.len() {
+            match reg(&mut self.group[d], key) {
                 Ok(mr) => mrs.push(mr),
                 Err(e) => {
                     for (dd, mr) in mrs.into_iter().enumerate() {
-                        let _ = self.domains[dd].close_mr(mr);
+                        let _ = self.group[dd].close_mr(mr);
                     }
                     return Err(e);
                 }
@@ -688,7 +685,7 @@ impl Worker {
 
     /// Address of send buffer `buf`.
     fn send_buf(&self, buf: u32) -> *mut u8 {
-        let index = self.domains.len() * self.cfg.recv_buffers + buf as usize;
+        let index = self.group.len() * self.cfg.recv_buffers + buf as usize;
         self.msg_buf(index).0 as *mut u8
     }
 
@@ -706,7 +703,7 @@ impl Worker {
         loop {
             // SAFETY: the buffer is part of the internal region, registered for the worker's
             // lifetime; ctx is a stable slab block released when the completion is read.
-            match unsafe { self.domains[d].post_recv(p as *mut u8, len, desc, ctx) } {
+            match unsafe { self.group[d].post_recv(p as *mut u8, len, desc, ctx) } {
                 Ok(Posted::Yes) => return Ok(()),
                 Ok(Posted::Again) => {
                     self.poll_domain(d);
@@ -722,12 +719,12 @@ impl Worker {
         if self.peers.contains_key(&id) {
             return;
         }
-        let r = self.domains.len();
+        let r = self.group.len();
         let mut addrs = Vec::with_capacity(r);
         let mut err = None;
         for d in 0..r {
             let remote = &addr.domains[d % addr.domains.len()];
-            match self.domains[d].insert_addr(&remote.name) {
+            match self.group[d].insert_addr(&remote.name) {
                 Ok(a) => addrs.push(a),
                 Err(e) => {
                     err = Some(e);
@@ -739,7 +736,7 @@ impl Worker {
             None => Ok(addrs),
             Some(e) => {
                 for (d, a) in addrs.into_iter().enumerate() {
-                    self.domains[d].remove_addr(a);
+                    self.group[d].remove_addr(a);
                 }
                 Err(e)
             }

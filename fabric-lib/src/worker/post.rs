@@ -61,17 +61,13 @@ impl Worker {
 
     /// [`Self::post_or_queue`] for an op already counted.
     pub(super) fn post_or_queue_counted(&mut self, op: Op, slot: u32) {
-        if !self.pending[op.domain].is_empty() {
-            self.pending[op.domain].push_back(Pending { op, slot });
-            self.n_pending += 1;
+        if self.group.has_queued(op.domain) {
+            self.group.queue(Pending { op, slot });
             return;
         }
         match self.try_post(op, slot) {
             Ok(true) => {}
-            Ok(false) => {
-                self.pending[op.domain].push_back(Pending { op, slot });
-                self.n_pending += 1;
-            }
+            Ok(false) => self.group.queue(Pending { op, slot }),
             Err(e) => self.op_done(op, slot, Err(e)),
         }
     }
@@ -103,13 +99,13 @@ impl Worker {
                 let Some(mrs) = self.regions.get(&region) else {
                     return Err(Error::Unregistered(format!("region {region} is gone")));
                 };
-                let dom = &self.domains[d];
+                let dom = &self.group[d];
                 if !op.delivered && dom.attrs().use_inject && len <= dom.attrs().inject_size {
                     // SAFETY: src..src+len lies in a registered region (checked by the engine)
                     // and is only read during the call; raddr/rkey come from a validated
                     // descriptor.
                     let r = unsafe {
-                        self.domains[d].inject_write(
+                        self.group[d].inject_write(
                             src as *const u8,
                             len,
                             dest,
@@ -149,7 +145,7 @@ impl Worker {
                 // raddr/rkey were derived from a validated descriptor; ctx is a stable slab
                 // block released only when its completion is read.
                 let r = unsafe {
-                    self.domains[d].post_write(
+                    self.group[d].post_write(
                         src as *const u8,
                         len,
                         desc,
@@ -359,7 +355,7 @@ impl Worker {
                 // lifetime and reserved until this op completes; raddr/rkey come from a
                 // validated descriptor; ctx is a stable slab block.
                 let r = unsafe {
-                    self.domains[d].post_write(
+                    self.group[d].post_write(
                         p,
                         len,
                         desc,
@@ -383,7 +379,7 @@ impl Worker {
                     token,
                 });
                 // SAFETY: as above; the message is the header plus `len` bytes.
-                let r = unsafe { self.domains[d].post_send(p, HEADER + len, desc, dest, ctx) };
+                let r = unsafe { self.group[d].post_send(p, HEADER + len, desc, dest, ctx) };
                 self.finish_post(op.peer, d, ctx, r)
             }
         };
@@ -425,9 +421,8 @@ impl Worker {
     /// Retries queued ops, front first, until a domain says "again".
     pub(super) fn retry_pending(&mut self) -> bool {
         let mut progressed = false;
-        for d in 0..self.pending.len() {
-            while let Some(p) = self.pending[d].pop_front() {
-                self.n_pending -= 1;
+        for d in 0..self.group.len() {
+            while let Some(p) = self.group.take_queued(d) {
                 if !self.is_live(p.slot) {
                     // Its transfer already failed or timed out: drop the op.
                     self.op_done(p.op, p.slot, Ok(()));
@@ -437,8 +432,7 @@ impl Worker {
                 match self.try_post(p.op, p.slot) {
                     Ok(true) => progressed = true,
                     Ok(false) => {
-                        self.pending[d].push_front(p);
-                        self.n_pending += 1;
+                        self.group.requeue_front(d, p);
                         break;
                     }
                     Err(e) => {

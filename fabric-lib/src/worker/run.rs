@@ -25,7 +25,7 @@ impl Worker {
                     Err(TryRecvError::Disconnected) => break 'outer,
                 }
             }
-            for d in 0..self.domains.len() {
+            for d in 0..self.group.len() {
                 busy |= self.poll_domain(d) > 0;
             }
             if !self.copies.is_empty() {
@@ -37,7 +37,7 @@ impl Worker {
             if !self.watches.is_empty() {
                 busy |= self.poll_watches();
             }
-            if self.n_pending > 0 {
+            if self.group.n_queued() > 0 {
                 busy |= self.retry_pending();
             }
             if !self.landed_out.is_empty() {
@@ -230,7 +230,7 @@ impl Worker {
         // Endpoints first: once closed, nothing a peer sends can land and nothing posted can
         // still read or write; then the registrations; then the memory of regions being
         // unregistered, once no staged copy can touch it.
-        let mut domains = std::mem::take(&mut self.domains);
+        let mut domains = self.group.take_domains();
         for (d, dom) in domains.iter_mut().enumerate() {
             if let Err(e) = dom.close_endpoint() {
                 eprintln!("stolon: closing the endpoint of domain {d}: {e}");
@@ -259,8 +259,6 @@ impl Worker {
         }
         domains.clear();
         self.active.clear();
-        self.pending.clear();
-        self.n_pending = 0;
     }
 }
 
