@@ -102,6 +102,14 @@ impl Device {
         ))
     }
 
+    /// The device's streaming multiprocessors.
+    ///
+    /// # Errors
+    /// A driver error.
+    pub fn multiprocessor_count(&self) -> Result<i32> {
+        self.attribute(sys::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+    }
+
     /// Whether host and device share one virtual address space (needed for IPC, mapped pinned
     /// memory at the same address, and [`crate::memory::copy`]).
     ///

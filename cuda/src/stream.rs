@@ -79,6 +79,16 @@ impl Stream {
         }
     }
 
+    /// [`Self::from_raw`] for a stream handle given as an integer, as Python frameworks pass it
+    /// (`torch.cuda.Stream.cuda_stream`); 0 is the legacy default stream.
+    ///
+    /// # Safety
+    /// As for [`Self::from_raw`].
+    pub unsafe fn from_handle(ctx: &Arc<Context>, handle: usize) -> Stream {
+        // SAFETY: forwarded contract; a CUstream is a pointer-sized handle.
+        unsafe { Self::from_raw(ctx, handle as CUstream) }
+    }
+
     /// The driver's `CUstream`.
     pub fn raw(&self) -> CUstream {
         self.raw

@@ -99,9 +99,8 @@ impl Classify for stolon_cuda::Error {
             E::LibraryNotFound(_) | E::NoDevice | E::Forked | E::Unsupported { .. } => {
                 Class::CudaUnavailable
             }
-            E::Driver { code, .. } if *code == stolon_cuda::sys::CUDA_ERROR_STUB_LIBRARY => {
-                Class::CudaUnavailable
-            }
+            // The driver's stub library (a container without the real driver).
+            E::Driver { .. } if self.is_unavailable() => Class::CudaUnavailable,
             E::Driver { .. }
             | E::InvalidDevice { .. }
             | E::InvalidArgument(_)

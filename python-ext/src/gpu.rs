@@ -48,9 +48,7 @@ impl HostCounter {
         let c = self.cuda()?;
         // SAFETY: the caller passes a live CUstream of this counter's device's primary context
         // (e.g. torch.cuda.current_stream().cuda_stream) or 0; it outlives this call.
-        Ok(unsafe {
-            stolon_cuda::Stream::from_raw(c.context(), stream as stolon_cuda::sys::CUstream)
-        })
+        Ok(unsafe { stolon_cuda::Stream::from_handle(c.context(), stream) })
     }
 }
 
@@ -156,7 +154,7 @@ fn wait_value_on_stream(
 ) -> PyResult<()> {
     // SAFETY: the caller passes a live CUstream of this context (e.g.
     // torch.cuda.current_stream().cuda_stream) or 0; it outlives this call.
-    let s = unsafe { stolon_cuda::Stream::from_raw(ctx, stream as stolon_cuda::sys::CUstream) };
+    let s = unsafe { stolon_cuda::Stream::from_handle(ctx, stream) };
     // SAFETY: dptr is a counter or flag its owner keeps alive; the wait is only queued.
     unsafe {
         stolon_cuda::stream_wait_value64(

@@ -28,9 +28,7 @@ impl MoeAllToAll {
         let a = self.get()?;
         // SAFETY: Python passes a stream handle of this device's primary context (torch's
         // current stream) or 0, alive for the duration of the call that uses it.
-        Ok(unsafe {
-            stolon_cuda::Stream::from_raw(a.context(), stream as stolon_cuda::sys::CUstream)
-        })
+        Ok(unsafe { stolon_cuda::Stream::from_handle(a.context(), stream) })
     }
 }
 

@@ -10,8 +10,6 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
-// The SM count is the one raw driver item left: stolon-cuda's `Device` has no wrapper for it.
-use stolon_cuda::sys::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
 use stolon_cuda::{Context, Device, DeviceBuffer, Function, IpcMapping, Module, PinnedHostBuffer};
 
 use fabric_lib::TransferEngine;
@@ -139,7 +137,7 @@ impl AllToAll {
         let mut err = PinnedHostBuffer::alloc(&ctx, 64)?;
         // SAFETY: no kernel uses the buffer yet; we own it exclusively.
         unsafe { err.as_mut_slice().fill(0) };
-        let sms = dev.attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let sms = dev.multiprocessor_count()? as u32;
         let remote = match engine {
             Some(engine) if cfg.ranks_per_node < cfg.world => {
                 Some(Remote::new(&ctx, engine, &cfg, &layout, &rx)?)
