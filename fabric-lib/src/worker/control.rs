@@ -373,12 +373,7 @@ impl Worker {
                 self.op_done(p.op, p.slot, Err(err.clone()));
             }
         }
-        for a in self.active.iter_mut().flatten() {
-            if !a.reported && a.peers.contains(&peer) {
-                a.reported = true;
-                a.state.complete(Err(err.clone()));
-            }
-        }
+        self.group.transfers.fail_peer(peer, &err);
         for h in self.holders.values_mut() {
             h.remove(&peer);
         }

@@ -111,7 +111,7 @@ impl Worker {
             return Woke::Request(req);
         }
         let all_fds = self.group.all_wait_fds();
-        let quiet = self.active.iter().all(Option::is_none) && self.awaiting_landed.is_empty();
+        let quiet = self.group.transfers.is_empty() && self.awaiting_landed.is_empty();
         // A domain without a wait descriptor can be slept on only where every peer rings
         // (shm: peers share the host), and only while nothing of ours is in flight (the
         // answers to our own writes arrive without a ring). A peer that cannot ring (another

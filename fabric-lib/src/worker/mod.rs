@@ -416,8 +416,6 @@ pub(crate) struct Worker {
     ctxs: Vec<Box<[OpCtx]>>,
     n_ctx: usize,
     free_ctx: Vec<u32>,
-    active: Vec<Option<Active>>,
-    free_active: Vec<u32>,
     peers: HashMap<u32, PeerEntry>,
     regions: HashMap<u64, Vec<MrHandle>>,
     /// Regions peers write through staging: id -> (first byte, length).
@@ -530,8 +528,6 @@ impl Worker {
             ctxs: Vec::new(),
             n_ctx: 0,
             free_ctx: Vec::new(),
-            active: Vec::new(),
-            free_active: Vec::new(),
             peers: HashMap::new(),
             regions: HashMap::new(),
             staged_regions: HashMap::new(),

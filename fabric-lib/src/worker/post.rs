@@ -19,17 +19,10 @@ impl Worker {
             state.complete(Ok(()));
             return;
         }
-        let slot = match self.free_active.pop() {
-            Some(s) => s,
-            None => {
-                self.active.push(None);
-                (self.active.len() - 1) as u32
-            }
-        };
         let mut peers: Vec<u32> = ops.iter().map(|o| o.peer).collect();
         peers.sort_unstable();
         peers.dedup();
-        self.active[slot as usize] = Some(Active {
+        let slot = self.group.transfers.start(Active {
             remaining: ops.len(),
             state,
             deadline,
@@ -163,8 +156,10 @@ impl Worker {
                 let Some(buf) = self.free_send.pop() else {
                     return Ok(false);
                 };
-                let payload = self.active[slot as usize]
-                    .as_ref()
+                let payload = self
+                    .group
+                    .transfers
+                    .get(slot)
                     .and_then(|a| a.payload.as_ref());
                 let Some(payload) = payload else {
                     self.free_send.push(buf);
@@ -448,12 +443,7 @@ impl Worker {
     /// Whether ops of `slot` should still be posted: a triggered op or control message (no
     /// transfer), or a transfer that has not failed or timed out.
     pub(super) fn is_live(&self, slot: u32) -> bool {
-        slot == TRIGGERED
-            || slot == CTRL
-            || self
-                .active
-                .get(slot as usize)
-                .is_some_and(|a| a.as_ref().is_some_and(|a| !a.reported))
+        slot == TRIGGERED || slot == CTRL || self.group.transfers.is_live(slot)
     }
 
     /// Accounts one finished op: releases what [`Self::post_or_queue`] counted, then the op's
@@ -483,32 +473,11 @@ impl Worker {
         if slot == TRIGGERED || slot == CTRL {
             return;
         }
-        let Some(Some(a)) = self.active.get_mut(slot as usize) else {
-            return;
-        };
-        a.remaining -= 1;
-        if let Err(e) = result {
-            if !a.reported {
-                a.reported = true;
-                a.state.complete(Err(e));
-            }
-        }
-        if a.remaining == 0 {
-            if !a.reported {
-                a.state.complete(Ok(()));
-            }
-            self.active[slot as usize] = None;
-            self.free_active.push(slot);
-        }
+        self.group.transfers.op_finished(slot, result);
     }
 
     pub(super) fn check_deadlines(&mut self, now: Instant) {
-        for a in self.active.iter_mut().flatten() {
-            if !a.reported && a.deadline <= now {
-                a.reported = true;
-                a.state.complete(Err(Error::Timeout(a.timeout)));
-            }
-        }
+        self.group.transfers.expire(now);
         let _ = &self.waiting_sends;
     }
 }

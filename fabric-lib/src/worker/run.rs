@@ -214,12 +214,7 @@ impl Worker {
     }
 
     fn shutdown(&mut self) {
-        for a in self.active.iter_mut().flatten() {
-            if !a.reported {
-                a.reported = true;
-                a.state.complete(Err(Error::Stopped));
-            }
-        }
+        self.group.transfers.fail_all(&Error::Stopped);
         for w in self.watches.drain(..) {
             for req in w.steps {
                 req.state.complete(Err(Error::Stopped));
@@ -258,7 +253,7 @@ impl Worker {
             }
         }
         domains.clear();
-        self.active.clear();
+        self.group.transfers.clear();
     }
 }
 
