@@ -5,8 +5,9 @@
 
 use std::ffi::c_void;
 
+use crate::domain_types::{CqError, DomainAttrs, DomainSpec, Posted};
 use crate::error::Result;
-use crate::libfabric::{CqError, DomainAttrs, DomainSpec, FabricDomain, Mr, Posted};
+use crate::libfabric::{FabricDomain, Mr};
 use crate::rc::{RcDomain, RcMr};
 #[cfg(feature = "test-doubles")]
 use crate::reorder::{LoopMr, ReorderDomain};

@@ -17,8 +17,8 @@ use std::collections::{HashMap, VecDeque};
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use crate::domain_types::{CqError, DomainAttrs, DomainSpec, Posted};
 use crate::error::{Error, Result};
-use crate::libfabric::{CqError, DomainAttrs, DomainSpec, Posted};
 use crate::sys::libfabric::{self as fi, fi_addr_t, fi_cq_data_entry};
 
 /// Provider name that selects this double.

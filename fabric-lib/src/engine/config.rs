@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 pub use crate::domain_types::is_socket_provider;
-use crate::libfabric::DomainSpec;
+use crate::domain_types::DomainSpec;
 use crate::shard::Sharding;
 use crate::transfer::Completion;
 

@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use crate::callbacks::{CallbackSink, CallbackThread};
 use crate::desc::{MemDesc, PeerAddr, MAX_DOMAINS};
+use crate::domain_types::DomainAttrs;
 use crate::error::{Error, Result};
 use crate::imm::ImmCounter;
 use crate::lease::NO_LEASE;
-use crate::libfabric::DomainAttrs;
 use crate::nvlink::{NvlinkMap, Route};
 use crate::shard::{OpPlan, PagedSpec, ScatterItem, ShardParams, Sharding};
 use crate::transfer::{Completion, Transfer, TransferState};

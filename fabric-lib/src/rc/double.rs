@@ -39,8 +39,8 @@ use stolon_verbs::wr::{SendQueue, WriteSeg};
 use stolon_verbs::Error as VError;
 
 use super::{Device, RcMr};
+use crate::domain_types::DomainSpec;
 use crate::error::Result;
-use crate::libfabric::DomainSpec;
 
 /// Provider name that selects this double (test builds only).
 pub(crate) const PROVIDER: &str = "verbs-double";

@@ -73,8 +73,8 @@ use stolon_verbs::domain::{DomainEvent, PeerId};
 use stolon_verbs::wr::WriteSeg;
 use stolon_verbs::Error as VError;
 
+use crate::domain_types::{CqError, DomainAttrs, DomainSpec, Posted};
 use crate::error::{Error, Result};
-use crate::libfabric::{CqError, DomainAttrs, DomainSpec, Posted};
 use crate::sys::libfabric::{self as fi, fi_addr_t, fi_cq_data_entry};
 pub(crate) use device::Device;
 use gpu::{dmabuf_allowed_by_env, CudaExporter};

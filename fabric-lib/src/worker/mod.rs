@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use crate::desc::PeerAddr;
 use crate::domain::{Domain, MrHandle};
+use crate::domain_types::{CqError, Posted};
 use crate::error::{Error, Result};
 use crate::lease::{Ctrl, MAX_LANDED, NO_LEASE};
-use crate::libfabric::{CqError, Posted};
 use crate::shared::Shared;
 use crate::staging::{Copier, Header, Mem, Ticket, HEADER, KIND_CTRL, KIND_STAGED, KIND_USER};
 use crate::sys::libfabric::{self as fi, fi_addr_t};
@@ -479,14 +479,14 @@ impl Worker {
     /// Opens every domain, registers the internal buffers and returns the worker with the
     /// per-domain (name, scratch key, virt_addr, scratch address) it exposes.
     pub(crate) fn open(
-        specs: &[crate::libfabric::DomainSpec],
+        specs: &[crate::domain_types::DomainSpec],
         rx: Receiver<Request>,
         shared: Arc<Shared>,
         cfg: WorkerConfig,
     ) -> Result<(
         Self,
         Vec<crate::desc::DomainAddr>,
-        Vec<crate::libfabric::DomainAttrs>,
+        Vec<crate::domain_types::DomainAttrs>,
     )> {
         let mut domains = Vec::with_capacity(specs.len());
         for s in specs {
