@@ -177,20 +177,8 @@ pub fn queue_sizes(cfg: &DomainConfig, caps: &DeviceCaps) -> Result<QueueSizes> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::discovery::tests::caps;
     use std::collections::HashMap;
-
-    fn caps() -> DeviceCaps {
-        DeviceCaps {
-            max_qp_wr: 32768,
-            max_sge: 30,
-            max_cqe: 4_194_303,
-            max_srq_wr: 32767,
-            max_srq_sge: 31,
-            max_qp_rd_atom: 16,
-            max_qp_init_rd_atom: 16,
-            max_mr_size: u64::MAX,
-        }
-    }
 
     #[test]
     fn queue_sizing() {

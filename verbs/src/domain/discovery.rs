@@ -577,7 +577,7 @@ pub(super) fn open_all() -> Result<Vec<(Arc<Context>, DeviceInfo)>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn port(p: u8, state: PortState, link: LinkLayer) -> PortInfo {
@@ -597,7 +597,8 @@ mod tests {
         }
     }
 
-    fn caps() -> DeviceCaps {
+    /// A ConnectX-7-like device's limits (the configuration tests use them too).
+    pub(in crate::domain) fn caps() -> DeviceCaps {
         DeviceCaps {
             max_qp_wr: 32768,
             max_sge: 30,
